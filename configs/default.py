@@ -1,0 +1,83 @@
+"""The paper setup: 512 -> 1024 px, i.e. SD latents 64^2 -> 128^2 (reference 3.1 and 5).
+
+Every other config starts from this one and changes a few fields.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 2024
+
+  # First stage: 'identity' trains in pixel space; the SD KL-f8 autoencoder plugs in here.
+  config.first_stage = ml_collections.ConfigDict()
+  config.first_stage.name = 'identity'
+
+  # Velocity network v_theta(concat[x_t, context], t) (reference 3: UNet-base).
+  config.model = ml_collections.ConfigDict()
+  config.model.model_channels = 128
+  config.model.channel_mult = (1, 2, 4, 8)
+  config.model.num_res_blocks = 3
+  config.model.attention_levels = (3,)  # Level indices (0 = full resolution); the middle always attends.
+  config.model.num_heads = 4
+  config.model.head_dim = 64
+  config.model.compute_dtype = 'float32'  # 'bfloat16' computes in bf16 with float32 master weights.
+
+  # What is learned (fmboost_jax/flow.py).
+  config.flow = ml_collections.ConfigDict()
+  config.flow.objective = 'cfm'  # 'cfm' | 'fm' (source N(0, I)) | 'l1' | 'l2' (regression).
+  config.flow.schedule = 'linear'  # 'linear' | 'gvp'.
+  config.flow.sigma_min = 0.0
+  config.flow.noising_step = 400  # Cosine noise augmentation of the source; 0 disables it.
+  config.flow.num_noising_steps = 1000
+  config.flow.upsampling_mode = 'psu'  # 'psu' | 'bilinear' | 'nearest' | 'identity'.
+
+  # Data (fmboost_jax/input_pipeline.py). Images are float32 NHWC in [-1, 1].
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'skimage'  # 'skimage' | 'folder' | 'tfds'.
+  config.data.path = ''  # Folder of images when source='folder'.
+  config.data.tfds_name = ''  # e.g. 'oxford_flowers102' when source='tfds'.
+  config.data.tfds_split = 'train'
+  config.data.tfds_data_dir = ''
+  config.data.high_res_size = 1024
+  config.data.low_res_size = 512
+  config.data.batch_size = 64  # Global, over all processes and devices.
+  config.data.num_val_images = 64
+  config.data.num_threads = 8
+  config.data.prefetch_buffer_size = 32
+
+  # Adam with linear warm-up (reference 5.1).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 3e-5
+  config.optim.warmup_steps = 1000
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip_norm = 0.0  # 0 disables clipping.
+
+  # EMA with warm-up (reference 5.4).
+  config.ema = ml_collections.ConfigDict()
+  config.ema.decay = 0.999
+  config.ema.power = 0.75
+  config.ema.start_step = 1000
+  config.ema.use_for_sampling = True
+
+  # Sampler used by validation.
+  config.sample = ml_collections.ConfigDict()
+  config.sample.solver = 'euler'
+  config.sample.nfe = 40
+
+  # Device mesh: -1 fills the remaining devices.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 500_000
+  config.train.log_every = 50
+  config.train.eval_every = 5000
+  config.train.checkpoint_every = 10_000
+  config.train.keep_checkpoints = 3  # The latest ones; 0 keeps all.
+  config.train.num_grid_images = 8
+
+  return config

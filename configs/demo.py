@@ -1,0 +1,36 @@
+"""The embedded default: pixel-space CFM on random crops of the bundled photographs.
+
+Finishes on 2 CPU cores in under 10 minutes and beats bilinear upsampling on held-out PSNR.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.first_stage.name = 'identity'
+
+  config.model.model_channels = 32
+  config.model.channel_mult = (1, 2, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_levels = (2,)
+  config.model.num_heads = 2
+  config.model.head_dim = 32
+
+  config.data.source = 'skimage'
+  config.data.high_res_size = 64
+  config.data.low_res_size = 32
+  config.data.batch_size = 16
+  config.data.num_val_images = 32
+
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 100
+  config.ema.start_step = 100
+
+  config.sample.nfe = 10
+
+  config.train.num_steps = 2000
+  config.train.log_every = 50
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+  return config

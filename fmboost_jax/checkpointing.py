@@ -1,0 +1,62 @@
+"""Orbax checkpoints in `<workdir>/checkpoints`: the train state and the data iterator, together.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a process killed
+mid-save leaves the previous checkpoint as the latest usable one.
+"""
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from fmboost_jax.errors import UserError
+
+
+class Checkpointer:
+  """Saves and restores `{'state': pytree, 'data': grain iterator}` by step."""
+
+  def __init__(self, directory: str, *, keep: int):
+    """`keep` latest checkpoints are preserved; 0 keeps all."""
+    directory = os.path.abspath(directory)
+    policy = ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                           enable_async_checkpointing=True)
+    try:
+      self._manager = ocp.CheckpointManager(directory, options=options,
+                                            item_names=('state', 'data'))
+    except OSError as e:
+      raise UserError(f'cannot create the checkpoint directory {directory} ({e.strerror}); '
+                      'choose a writable --workdir.') from None
+    self.directory = directory
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator) -> None:
+    """Starts an asynchronous save of `state` and the iterator position at `step`."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+
+  def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
+    """Restores the state onto `abstract_state` (ShapeDtypeStructs with shardings).
+
+    The iterator is restored in place. Errors propagate: a checkpoint that does not fit the
+    target is never silently replaced by a fresh start.
+    """
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored['state']
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs with the shardings of the arrays in `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,361 @@
+"""Training loop: `train_and_evaluate(config, workdir)`.
+
+The loop knows a loss, a sampler and a first stage; what they compute lives in flow.py,
+sampling.py, upsampling.py and models/.
+"""
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from flax import nnx
+from PIL import Image
+
+from fmboost_jax import checkpointing, flow, input_pipeline, metrics, sampling, sharding
+from fmboost_jax import upsampling
+from fmboost_jax.errors import UserError
+from fmboost_jax.models import unet
+
+
+class TrainingDiverged(UserError):
+  """The loss or gradient became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of optimizer updates done.
+  params: Any  # Nested dict of float32 arrays (nnx.to_pure_dict of the model's Params).
+  opt_state: Any
+  ema_params: Any
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def learning_rate_schedule(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Constant rate after linear warm-up; update k (0-based) uses lr * min(1, (k+1)/warmup)."""
+  lr, warmup = optim_config.learning_rate, max(optim_config.warmup_steps, 1)
+  return lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup)
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam (no weight decay) with warm-up, after optional global-norm clipping."""
+  adam = optax.adam(learning_rate_schedule(optim_config), b1=optim_config.b1, b2=optim_config.b2,
+                    eps=optim_config.eps)
+  if optim_config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), adam)
+  return adam
+
+
+def ema_decay(step: jax.Array, ema_config: ml_collections.ConfigDict) -> jax.Array:
+  """Decay after `step` updates: 0 (copy) until start_step, then min(decay, 1-(1+e)^-power)."""
+  e = (step - ema_config.start_step).astype(jnp.float32)
+  d = jnp.minimum(ema_config.decay, 1.0 - (1.0 + jnp.maximum(e, 0.0))**(-ema_config.power))
+  return jnp.where(e <= 0, 0.0, d)
+
+
+def ema_update(ema_params, params, step: jax.Array, ema_config: ml_collections.ConfigDict):
+  d = ema_decay(step, ema_config)
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+
+# ----------------------------------------------------------------------------- model and state
+
+
+def velocity_fn(graphdef: nnx.GraphDef, params) -> flow.VelocityFn:
+  """The network as v(x_t, context, t), from its graph and a pure-dict of parameters."""
+  model = nnx.merge(graphdef, nnx.State(params))
+  return lambda x_t, context, t: model(jnp.concatenate([x_t, context], axis=-1), t)
+
+
+def model_graphdef(config: ml_collections.ConfigDict, channels: int) -> nnx.GraphDef:
+  abstract = nnx.eval_shape(
+      lambda: unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract, nnx.Param)
+  return graphdef
+
+
+def init_state(config: ml_collections.ConfigDict, channels: int,
+               tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  model = unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(key))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
+               graphdef: nnx.GraphDef, first_stage: upsampling.FirstStage,
+               tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+  """One optimizer update on a global batch {'image': [B, S, S, 3]}; returns (state, metrics)."""
+  step_key = jax.random.fold_in(key, state.step)
+  x1, x_up = upsampling.training_pair(first_stage, batch['image'], config.data.low_res_size,
+                                      config.flow.upsampling_mode)
+
+  def loss_fn(params):
+    return flow.loss(velocity_fn(graphdef, params), x1, x_up, step_key, config.flow)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  step = state.step + 1
+  measurements = {
+      'loss': loss,
+      'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),
+      'learning_rate': learning_rate_schedule(config.optim)(state.step),
+  }
+  new_state = TrainState(step=step, params=params, opt_state=opt_state,
+                         ema_params=ema_update(state.ema_params, params, step, config.ema))
+  return new_state, measurements
+
+
+def eval_step(params, images: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
+              first_stage: upsampling.FirstStage, config: ml_collections.ConfigDict):
+  """Upsamples held-out images [B, S, S, 3] from their low-res version, with the model and with
+  bilinear interpolation; returns per-image PSNR/SSIM of both and the images."""
+  size = images.shape[1:3]
+  low_res = upsampling.low_res_images(images, config.data.low_res_size)
+  bilinear = upsampling.resize(low_res, size, 'linear')
+  latent_size = (size[0] // first_stage.factor, size[1] // first_stage.factor)
+  model_out = sampling.boost(velocity_fn(graphdef, params), first_stage, low_res, latent_size,
+                             key, config.flow, config.sample)
+  scores = {
+      'psnr_bilinear': metrics.psnr(bilinear, images),
+      'psnr_model': metrics.psnr(model_out, images),
+      'ssim_bilinear': metrics.ssim(bilinear, images),
+      'ssim_model': metrics.ssim(model_out, images),
+  }
+  outputs = {'low_res': low_res, 'bilinear': bilinear, 'model': model_out}
+  return scores, outputs
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError with one sentence for a config that cannot train."""
+  try:
+    flow.check_config(config.flow)
+    sampling.check_config(config.sample)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if config.flow.upsampling_mode not in upsampling.MODES or config.flow.upsampling_mode == 'identity':
+    raise UserError(f'config.flow.upsampling_mode={config.flow.upsampling_mode!r} cannot train from '
+                    "images; use 'psu', 'bilinear' or 'nearest'.")
+  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
+    if config.train[name] < 1:
+      raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
+  if config.data.num_val_images % config.data.batch_size:
+    raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a multiple of '
+                    f'config.data.batch_size={config.data.batch_size}.')
+
+
+def ensure_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'the workdir {workdir} is not writable ({e.strerror}); '
+                    'choose another --workdir.') from None
+
+
+def image_grid(columns: list[np.ndarray]) -> np.ndarray:
+  """Rows of images side by side: columns of [N, H, W, 3] in [-1, 1] -> uint8 [N*H, len*W, 3]."""
+  rows = np.concatenate([np.asarray(metrics.to_uint8(c)) for c in columns], axis=2)
+  return rows.reshape(-1, *rows.shape[2:])
+
+
+def results_table(scores: dict[str, float]) -> str:
+  return '\n'.join([
+      '| method | PSNR (dB) | SSIM |',
+      '|---|---|---|',
+      f"| bilinear | {scores['psnr_bilinear']:.2f} | {scores['ssim_bilinear']:.4f} |",
+      f"| model | {scores['psnr_model']:.2f} | {scores['ssim_model']:.4f} |",
+  ])
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGUSR1 (preemption, SLURM time limit); checked after each step."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    del frame
+    self.signal = signum
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, and checkpoints.
+
+  Returns the last evaluation's mean scores.
+  """
+  check_config(config)
+  ensure_writable(workdir)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  first_stage = upsampling.first_stage_from_config(config)
+  tx = make_optimizer(config.optim)
+  graphdef = model_graphdef(config, first_stage.channels)
+  init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+
+  train_iter = input_pipeline.create_train_iterator(config)
+  val_images = input_pipeline.validation_images(config)
+
+  # The state is created directly on the mesh (replicated over the data axis).
+  replicated = sharding.replicated(mesh)
+  abstract_state = jax.eval_shape(lambda k: init_state(config, first_stage.channels, tx, k),
+                                  init_key)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding)
+
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                            keep=config.train.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info('Resuming from the checkpoint at step %d in %s.', latest, checkpointer.directory)
+    state = checkpointer.restore(latest, abstract_state, train_iter)
+  else:
+    state = jax.jit(lambda k: init_state(config, first_stage.channels, tx, k),
+                    out_shardings=state_sharding)(init_key)
+  step = int(jax.device_get(state.step))
+  if is_main:
+    parameter_overview.log_parameter_overview(state.params)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # One compiled step, ahead of the loop, with explicit shardings and the state donated.
+  batch_sharding = sharding.batch_sharded(mesh)
+  size = config.data.high_res_size
+  per_step_batch = {'image': jax.ShapeDtypeStruct((config.data.batch_size, size, size, 3),
+                                                  jnp.float32, sharding=batch_sharding)}
+  t0 = time.perf_counter()
+  compiled_step = jax.jit(
+      lambda s, b: train_step(s, b, train_key, graphdef=graphdef, first_stage=first_stage, tx=tx,
+                              config=config),
+      in_shardings=(state_sharding, {'image': batch_sharding}),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0).lower(abstract_state, per_step_batch).compile()
+  logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
+  jitted_eval = jax.jit(lambda p, x, k: eval_step(p, x, k, graphdef=graphdef,
+                                                   first_stage=first_stage, config=config),
+                        in_shardings=(None, batch_sharding, replicated),
+                        out_shardings=replicated)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
+                                                    writer=writer)
+  stop = _StopFlag()
+  previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+  pending: list[dict[str, jax.Array]] = []
+  last_saved = step if latest is not None else None
+  last_scores: dict[str, float] = {}
+
+  def flush_measurements():
+    """Checks every pending step's measurements and writes their mean; stops loudly on NaN."""
+    if not pending:
+      return
+    values = jax.device_get(pending)
+    first = step - len(values) + 1
+    for i, m in enumerate(values):
+      if not all(np.isfinite(v) for v in m.values()):
+        raise TrainingDiverged(
+            f'training diverged at step {first + i}: {m}; the last good checkpoint '
+            f'(step {last_saved}) in {checkpointer.directory} is intact; lower '
+            'config.optim.learning_rate or set config.optim.grad_clip_norm.')
+    writer.write_scalars(step, {k: float(np.mean([m[k] for m in values])) for k in values[0]})
+    pending.clear()
+
+  def evaluate():
+    params = state.ema_params if config.ema.use_for_sampling else state.params
+    per_image = {}
+    grid_columns = None
+    batch_size = config.data.batch_size
+    for i in range(0, len(val_images), batch_size):
+      chunk = val_images[i:i + batch_size]
+      images = jax.make_array_from_callback(chunk.shape, batch_sharding, lambda idx: chunk[idx])
+      scores, outputs = jitted_eval(params, images, jax.random.fold_in(eval_key, i))
+      for k, v in jax.device_get(scores).items():
+        per_image.setdefault(k, []).append(v)
+      if grid_columns is None:
+        n = config.train.num_grid_images
+        outputs = jax.device_get(outputs)
+        low_res = np.asarray(upsampling.resize(outputs['low_res'][:n], chunk.shape[1:3],
+                                               'nearest'))
+        grid_columns = [low_res, outputs['bilinear'][:n], outputs['model'][:n], chunk[:n]]
+    scores = {k: float(np.mean(np.concatenate(v))) for k, v in per_image.items()}
+    writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
+    if is_main:
+      grid = image_grid(grid_columns)
+      writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
+      os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+      Image.fromarray(grid).save(os.path.join(workdir, 'samples', f'step_{step:07d}.png'))
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump({'step': step, 'num_images': len(val_images), **scores}, f, indent=2)
+      with open(os.path.join(workdir, 'results.md'), 'w') as f:
+        f.write(f'Held-out images: {len(val_images)}, step {step}, solver '
+                f'{config.sample.solver} with {config.sample.nfe} NFE, '
+                f"{'EMA' if config.ema.use_for_sampling else 'online'} weights.\n\n")
+        f.write(results_table(scores) + '\n')
+    return scores
+
+  def save():
+    nonlocal last_saved
+    flush_measurements()  # Never save a state whose steps were not all finite.
+    checkpointer.save(step, state, train_iter)
+    last_saved = step
+
+  try:
+    while step < config.train.num_steps:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, measurements = compiled_step(state, batch)
+      step += 1
+      pending.append(measurements)
+      report_progress(step)
+      if step % config.train.log_every == 0:
+        flush_measurements()
+      if step % config.train.eval_every == 0 or step == config.train.num_steps:
+        flush_measurements()
+        with report_progress.timed('eval'):
+          last_scores = evaluate()
+      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+        save()
+      if stop.signal is not None:
+        logging.info('Received signal %d: saving at step %d and exiting.', stop.signal, step)
+        if last_saved != step:
+          save()
+        break
+    flush_measurements()
+    if not last_scores and stop.signal is None:
+      last_scores = evaluate()
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.flush()
+    for s, h in previous_handlers.items():
+      signal.signal(s, h)
+  if last_scores and is_main:
+    table = results_table(last_scores)
+    logging.info('Held-out results at step %d:\n%s', step, table)
+    print(f'\nHeld-out results at step {step} ({len(val_images)} images):\n{table}')
+  return last_scores

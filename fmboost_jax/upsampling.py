@@ -1,0 +1,109 @@
+"""The first stage (pixels <-> latents) and the ways a low-res input reaches the target grid.
+
+Images are float32 NHWC in [-1, 1]. A first stage maps images [B, H, W, 3] to latents
+[B, H/f, W/f, C] and back; the identity first stage (f=1, C=3) gives pixel-space CFM, the SD
+KL-f8 autoencoder plugs into the same interface.
+
+Upsampling modes (config.flow.upsampling_mode):
+  psu:      pixel-space upsampling E(UP(x_lr)); from a latent alone, E(UP(D(z_lr))).
+  bilinear: resize the low-res latent directly (jax.image.resize 'linear', antialias=False, which
+            equals torch's bilinear with align_corners=False).
+  nearest:  resize the low-res latent directly with nearest neighbours.
+  identity: the input is already on the target grid (e.g. precomputed PSU latents).
+"""
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+MODES = ('psu', 'bilinear', 'nearest', 'identity')
+
+
+class FirstStage(Protocol):
+  """Maps images [B, H, W, 3] in [-1, 1] to latents [B, H/factor, W/factor, channels] and back."""
+
+  channels: int
+  factor: int
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    ...
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    ...
+
+
+class IdentityFirstStage:
+  """Pixel space: the 'latent' is the image itself."""
+
+  channels = 3
+  factor = 1
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    return images
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    return latents
+
+
+def first_stage_from_config(config) -> FirstStage:
+  """The first stage named by config.first_stage.name."""
+  name = config.first_stage.name
+  if name == 'identity':
+    return IdentityFirstStage()
+  raise ValueError(f"config.first_stage.name={name!r} is unknown; use 'identity'.")
+
+
+def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
+  """Resizes [B, H, W, C] to [B, *size, C] ('linear' or 'nearest', no antialiasing)."""
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method, antialias=False)
+
+
+def low_res_images(images: jax.Array, low_res_size: int) -> jax.Array:
+  """The low-res input of training: the high-res images [B, S, S, 3] bilinearly downsized."""
+  return resize(images, (low_res_size, low_res_size), 'linear')
+
+
+def upsample(first_stage: FirstStage, mode: str, target_size: tuple[int, int], *,
+             low_res_images: jax.Array | None = None,
+             low_res_latents: jax.Array | None = None) -> jax.Array:
+  """Brings a low-res input to the target latent grid.
+
+  Args:
+    first_stage: the autoencoder (or identity).
+    mode: one of MODES.
+    target_size: (H, W) of the target latent grid.
+    low_res_images: [B, h, w, 3] low-res pixels, if available (training).
+    low_res_latents: [B, h', w', C] low-res latents (inference from a diffusion model).
+
+  Returns:
+    [B, *target_size, C] latents.
+  """
+  if mode not in MODES:
+    raise ValueError(f'upsampling mode {mode!r} is unknown; use one of {MODES}.')
+  if mode == 'psu':
+    if low_res_images is None:
+      low_res_images = first_stage.decode(low_res_latents)
+    pixel_size = (target_size[0] * first_stage.factor, target_size[1] * first_stage.factor)
+    return first_stage.encode(resize(low_res_images, pixel_size, 'linear'))
+  if low_res_latents is None:
+    low_res_latents = first_stage.encode(low_res_images)
+  if mode == 'identity':
+    if low_res_latents.shape[1:3] != tuple(target_size):
+      raise ValueError(f'identity upsampling needs inputs of size {tuple(target_size)}, '
+                       f'got {low_res_latents.shape[1:3]}; use psu, bilinear or nearest.')
+    return low_res_latents
+  return resize(low_res_latents, target_size, 'linear' if mode == 'bilinear' else 'nearest')
+
+
+def training_pair(first_stage: FirstStage, images: jax.Array, low_res_size: int,
+                  mode: str) -> tuple[jax.Array, jax.Array]:
+  """The (x1, x_up) pair of one training batch of high-res images [B, S, S, 3].
+
+  x1 = E(images) is the target; x_up is the bilinearly downsized image brought back to the target
+  grid with `mode`. Both are [B, S/f, S/f, C] and carry no gradient to the first stage.
+  """
+  x1 = jax.lax.stop_gradient(first_stage.encode(images))
+  lr = low_res_images(images, low_res_size)
+  x_up = upsample(first_stage, mode, x1.shape[1:3], low_res_images=lr)
+  return x1, jax.lax.stop_gradient(x_up)

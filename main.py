@@ -1,0 +1,44 @@
+"""fmboost_jax entry point.
+
+  python main.py --config=configs/demo.py --workdir=workdirs/demo
+  python main.py --config=configs/default.py --workdir=... --config.train.num_steps=200
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
+flags.DEFINE_enum('mode', 'train', ['train'], 'What to do.')
+config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  import jax  # noqa: PLC0415  (after flags, so XLA_FLAGS from the environment apply)
+  import tensorflow as tf  # noqa: PLC0415
+
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only writes logs; keep it off accelerators.
+  from fmboost_jax import train  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  logging.info('JAX process %d of %d, %d local / %d global devices.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
