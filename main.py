@@ -20,6 +20,18 @@ config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections confi
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """Parses flags; a bad flag or config override is one line on stderr and exit code 2."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (absl, ml_collections and the config file raise many kinds)
+    message = str(e.args[0] if isinstance(e, KeyError) and e.args else e).replace('\n', ' ')
+    print(f'error: {message}', file=sys.stderr)
+    print(f'usage: {argv[0]} --config=configs/demo.py --workdir=DIR [--config.FIELD=VALUE ...]',
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -41,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

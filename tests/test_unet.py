@@ -1,0 +1,193 @@
+"""Tests for fmboost_jax/models/unet.py (sizes against reference section 3, numerics, init)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from fmboost_jax.models import unet as unet_lib
+
+SMALL = dict(in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
+             num_res_blocks=1, attention_levels=(2,), num_heads=2, head_dim=16)
+
+
+def _attention_modules(model):
+  return [node for _, node in nnx.iter_graph(model)
+          if isinstance(node, unet_lib.SpatialSelfAttention)]
+
+
+def _perturb(model, seed=0, std=0.05):
+  """Replaces every zero-initialised parameter by small random values (in place)."""
+  key = jax.random.key(seed)
+  for i, (_, var) in enumerate(nnx.iter_graph(model)):
+    if isinstance(var, nnx.Param) and not np.any(np.asarray(var[...])):
+      var[...] = std * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
+
+
+@pytest.fixture(scope='module')
+def small_model():
+  return unet_lib.UNet(**SMALL, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def perturbed_model():
+  model = unet_lib.UNet(**SMALL, rngs=nnx.Rngs(0))
+  _perturb(model)
+  return model
+
+
+def test_reference_config_parameter_counts():
+  config = default.get_config()
+  model = nnx.eval_shape(lambda: unet_lib.unet_from_config(config.model, 4, rngs=nnx.Rngs(0)))
+  assert unet_lib.count_params(model) == 305_806_340
+  count = unet_lib.count_params
+  assert count(model.time_dense1) + count(model.time_dense2) == 328_704
+  assert count(model.out_norm) + count(model.out_conv) == 4_868
+  attention = _attention_modules(model)
+  assert len(attention) == 8
+  assert sum(unet_lib.count_params(a) for a in attention) == 8_419_328
+  # The state of the abstract model counts the same.
+  assert unet_lib.count_params(nnx.state(model, nnx.Param)) == 305_806_340
+  # Layer sequence of reference 3.7: 16 input blocks, 16 output blocks, stem 8 -> 128.
+  assert len(model.input_blocks) == 16 and len(model.output_blocks) == 16
+  assert model.input_blocks[0].kernel.shape == (3, 3, 8, 128)
+  assert model.out_conv.kernel.shape == (3, 3, 128, 4)
+  assert model.output_blocks[0].res.in_conv.kernel.shape == (3, 3, 2048, 1024)
+  assert model.output_blocks[3].res.in_conv.kernel.shape == (3, 3, 1536, 1024)
+  assert model.output_blocks[3].upsample is not None
+  assert model.output_blocks[12].res.in_conv.kernel.shape == (3, 3, 384, 128)
+  assert model.output_blocks[15].upsample is None
+
+
+def test_block_parameter_counts():
+  res = nnx.eval_shape(lambda: unet_lib.ResBlock(128, 128, 512, rngs=nnx.Rngs(0)))
+  assert unet_lib.count_params(res) == 427_008
+  attn = nnx.eval_shape(lambda: unet_lib.SpatialSelfAttention(1024, 4, 64, rngs=nnx.Rngs(0)))
+  assert unet_lib.count_params(attn) == 1_052_416
+
+
+def test_timestep_embedding_values():
+  emb = np.asarray(unet_lib.timestep_embedding(jnp.array([1.0, 0.5]), 128))
+  assert emb.shape == (2, 128) and emb.dtype == np.float32
+  np.testing.assert_allclose(emb[0, [0, 64]], [0.5403, 0.8415], atol=1e-4)
+  np.testing.assert_allclose(emb[1, [0, 1, 64, 65]], [0.8776, 0.9077, 0.4794, 0.4196], atol=1e-4)
+  freqs = np.exp(-math.log(10000.0) * np.arange(64) / 64)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.cos(0.5 * freqs), np.sin(0.5 * freqs)]),
+                             atol=1e-6)
+
+
+def test_pytorch_style_initialisation(small_model):
+  block = small_model.input_blocks[1].res
+  bound = 1 / math.sqrt(3 * 3 * 32)
+  kernel = np.asarray(block.in_conv.kernel[...])
+  bias = np.asarray(block.in_conv.bias[...])
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+  assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.5 * bound
+  np.testing.assert_array_equal(block.in_norm.scale[...], 1.0)
+  np.testing.assert_array_equal(block.in_norm.bias[...], 0.0)
+  assert block.in_norm.epsilon == 1e-5
+  for layer in (block.out_conv, small_model.out_conv, _attention_modules(small_model)[0].proj_out):
+    assert not np.any(np.asarray(layer.kernel[...])) and not np.any(np.asarray(layer.bias[...]))
+
+
+@pytest.mark.parametrize('height,width', [(16, 16), (16, 24)])
+def test_output_is_zero_at_init(small_model, height, width):
+  x = jax.random.normal(jax.random.key(1), (2, height, width, 6))
+  t = jnp.array([0.1, 0.9])
+  out = small_model(x, t)
+  assert out.shape == (2, height, width, 3) and out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_perturbed_output_nonzero_and_time_dependent(perturbed_model):
+  x = jax.random.normal(jax.random.key(1), (2, 16, 24, 6))
+  out0 = perturbed_model(x, jnp.array([0.0, 0.0]))
+  out1 = perturbed_model(x, jnp.array([1.0, 1.0]))
+  assert out0.shape == (2, 16, 24, 3) and out0.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(out0)))
+  assert float(jnp.abs(out0).mean()) > 1e-3
+  assert float(jnp.abs(out1 - out0).mean()) > 1e-5
+
+
+def test_attention_matches_spatial_mhsa_reference():
+  heads, head_dim, channels = 2, 16, 64
+  attn = unet_lib.SpatialSelfAttention(channels, heads, head_dim, rngs=nnx.Rngs(3))
+  _perturb(attn, std=0.2)
+  x = np.asarray(jax.random.normal(jax.random.key(4), (2, 4, 6, channels)), np.float64)
+  out = np.asarray(attn(jnp.asarray(x, jnp.float32)), np.float64)
+
+  # Plain float64 reference: GroupNorm(32, eps 1e-5) -> per-head [q|k|v] -> softmax over H*W.
+  b, h, w, c = x.shape
+  g = x.reshape(b, h * w, 32, c // 32)
+  mean = g.mean(axis=(1, 3), keepdims=True)
+  var = g.var(axis=(1, 3), keepdims=True)
+  normed = ((g - mean) / np.sqrt(var + 1e-5)).reshape(b, h * w, c)
+  normed = normed * np.asarray(attn.norm.scale[...]) + np.asarray(attn.norm.bias[...])
+  qkv = normed @ np.asarray(attn.qkv.kernel[...], np.float64) + np.asarray(attn.qkv.bias[...])
+  qkv = qkv.reshape(b, h * w, heads, 3, head_dim)
+  q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head_dim)
+  weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  weights /= weights.sum(axis=-1, keepdims=True)
+  o = np.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, h * w, heads * head_dim)
+  o = o @ np.asarray(attn.proj_out.kernel[...], np.float64) + np.asarray(attn.proj_out.bias[...])
+  expected = x + o.reshape(b, h, w, c)
+
+  delta, ref_delta = out - x, expected - x
+  assert np.abs(ref_delta).mean() > 1e-2
+  rel = np.linalg.norm(delta - ref_delta) / np.linalg.norm(ref_delta)
+  assert rel < 1e-5, rel
+
+  # Spatial attention is equivariant to permutations of the pixels.
+  perm = np.random.default_rng(0).permutation(h * w)
+  x_perm = x.reshape(b, h * w, c)[:, perm].reshape(b, h, w, c)
+  out_perm = np.asarray(attn(jnp.asarray(x_perm, jnp.float32)))
+  np.testing.assert_allclose(out_perm, out.reshape(b, h * w, c)[:, perm].reshape(b, h, w, c),
+                             atol=1e-5)
+
+
+def test_bfloat16_compute(perturbed_model):
+  model_bf16 = nnx.eval_shape(lambda: unet_lib.UNet(**SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  nnx.update(model_bf16, nnx.state(perturbed_model, nnx.Param))
+  for leaf in jax.tree.leaves(nnx.state(model_bf16, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 6))
+  t = jnp.array([0.3, 0.7])
+  ref = perturbed_model(x, t)
+  out = model_bf16(x, t)
+  assert out.dtype == jnp.float32 and out.shape == ref.shape
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert 1e-4 < rel < 5e-2, rel  # Really computed in bfloat16, yet close.
+
+
+def test_unet_from_config_small():
+  config = default.get_config()
+  config.model.model_channels = 32
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_levels = (1,)
+  config.model.num_heads = 2
+  config.model.head_dim = 16
+  config.model.compute_dtype = 'bfloat16'
+  model = nnx.eval_shape(lambda: unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0)))
+  assert model.input_blocks[0].kernel.shape == (3, 3, 6, 32)
+  assert model.out_conv.kernel.shape == (3, 3, 32, 3)
+  assert model.dtype == jnp.bfloat16
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(lambda s, x, t: nnx.merge(graphdef, s)(x, t), state,
+                       jax.ShapeDtypeStruct((1, 8, 8, 6), jnp.float32),
+                       jax.ShapeDtypeStruct((1,), jnp.float32))
+  assert out.shape == (1, 8, 8, 3) and out.dtype == jnp.float32
+  config.model.compute_dtype = 'float16'
+  with pytest.raises(ValueError, match='compute_dtype'):
+    unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+
+
+def test_bad_spatial_size_is_a_clear_error(small_model):
+  with pytest.raises(ValueError, match='not divisible by 4'):
+    small_model(jnp.zeros((1, 10, 16, 6)), jnp.zeros((1,)))
