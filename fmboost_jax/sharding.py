@@ -17,7 +17,8 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
   if data != n:
     raise UserError(f'config.mesh.data={mesh_config.data} does not match the {n} devices; '
                     f'set it to {n} or -1.')
-  return jax.make_mesh((data,), (DATA_AXIS,))
+  # Auto axes: the compiler propagates shardings from the step's in/out shardings.
+  return jax.make_mesh((data,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

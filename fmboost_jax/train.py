@@ -110,8 +110,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   step = state.step + 1
   measurements = {
       'loss': loss,
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree.norm(grads),
+      'param_norm': optax.tree.norm(params),
       'learning_rate': learning_rate_schedule(config.optim)(state.step),
   }
   new_state = TrainState(step=step, params=params, opt_state=opt_state,
@@ -208,6 +208,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   check_config(config)
   ensure_writable(workdir)
+  stop = _StopFlag()
+  previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+  try:
+    return _train_and_evaluate(config, workdir, stop)
+  finally:
+    for s, h in previous_handlers.items():
+      signal.signal(s, h)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: _StopFlag) -> dict[str, float]:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
@@ -264,9 +275,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                                     writer=writer)
-  stop = _StopFlag()
-  previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-
   pending: list[dict[str, jax.Array]] = []
   last_saved = step if latest is not None else None
   last_scores: dict[str, float] = {}
@@ -352,8 +360,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.wait()
     checkpointer.close()
     writer.flush()
-    for s, h in previous_handlers.items():
-      signal.signal(s, h)
   if last_scores and is_main:
     table = results_table(last_scores)
     logging.info('Held-out results at step %d:\n%s', step, table)

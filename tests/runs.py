@@ -1,0 +1,66 @@
+"""Helpers for tests that run `main.py` in a subprocess and read what it wrote."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env(devices: int = 1) -> dict[str, str]:
+  e = dict(os.environ)
+  e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  e['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return e
+
+
+def command(workdir, *overrides, config='configs/demo.py:tiny', mode='train') -> list[str]:
+  return [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}', f'--mode={mode}',
+          *overrides]
+
+
+def run_main(workdir, *overrides, devices: int = 1, config='configs/demo.py:tiny',
+             mode='train', timeout: float = 600) -> subprocess.CompletedProcess:
+  return subprocess.run(command(workdir, *overrides, config=config, mode=mode), cwd=ROOT,
+                        env=env(devices), capture_output=True, text=True, timeout=timeout)
+
+
+def scalars(workdir, tag: str) -> dict[int, float]:
+  """All values of a scalar written by the clu writer, by step."""
+  from tensorflow.core.util import event_pb2  # noqa: PLC0415
+  from tensorflow.python.lib.io import tf_record  # noqa: PLC0415
+  from tensorflow.python.framework import tensor_util  # noqa: PLC0415
+
+  values = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for record in tf_record.tf_record_iterator(path):
+      event = event_pb2.Event.FromString(record)
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = float(tensor_util.MakeNdarray(v.tensor))
+  return values
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def restore_state(workdir, step: int) -> dict:
+  """The saved train state as a nested dict of numpy arrays."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(path)
+  import jax  # noqa: PLC0415
+  return jax.tree.map(np.asarray, tree)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  import jax  # noqa: PLC0415
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -1,0 +1,142 @@
+"""Specification of the training loop: sharding, resume, preemption, divergence, bad input."""
+
+import os
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from fmboost_jax import checkpointing, flow, train
+from fmboost_jax.errors import UserError
+from tests import runs
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  results = {}
+  for devices in (1, 8):
+    workdir = tmp_path / f'd{devices}'
+    proc = runs.run_main(workdir, '--config.train.num_steps=3', devices=devices)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[devices] = (runs.scalars(workdir, 'loss'), runs.flat(runs.restore_state(workdir, 3)))
+  (loss1, state1), (loss8, state8) = results[1], results[8]
+  assert sorted(loss1) == [1, 2, 3]
+  np.testing.assert_allclose([loss8[s] for s in (1, 2, 3)], [loss1[s] for s in (1, 2, 3)],
+                             rtol=1e-5)
+  assert state1.keys() == state8.keys()
+  # Relative L2 error over all parameters, and over the EMA parameters.
+  for part in ('params', 'ema_params'):
+    keys = [k for k in state1 if k.startswith(f"['{part}']")]
+    diff = np.sqrt(sum(np.sum((state8[k] - state1[k])**2) for k in keys))
+    norm = np.sqrt(sum(np.sum(state1[k]**2) for k in keys))
+    assert diff / norm < 1e-5, (part, diff / norm)
+  assert int(state8["['step']"]) == int(state1["['step']"]) == 3
+
+
+def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
+  steps = 20
+  straight = tmp_path / 'straight'
+  proc = runs.run_main(straight, f'--config.train.num_steps={steps}',
+                       '--config.train.checkpoint_every=1000')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  interrupted = tmp_path / 'interrupted'
+  p = subprocess.Popen(runs.command(interrupted, f'--config.train.num_steps={steps}',
+                                    '--config.train.checkpoint_every=1000'),
+                       cwd=runs.ROOT, env=runs.env(), stderr=subprocess.PIPE, text=True)
+  log = []
+  for line in p.stderr:
+    log.append(line)
+    if 'Compiled the train step' in line:
+      p.send_signal(signal.SIGTERM)
+      break
+  log.extend(p.stderr)
+  assert p.wait(timeout=300) == 0, ''.join(log[-50:])
+  (stopped_at,) = runs.checkpoint_steps(interrupted)
+  assert 1 <= stopped_at < steps
+  assert any('Received signal' in line for line in log)
+
+  proc = runs.run_main(interrupted, f'--config.train.num_steps={steps}',
+                       '--config.train.checkpoint_every=1000')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step' in proc.stderr
+  assert runs.checkpoint_steps(interrupted) == [stopped_at, steps]
+
+  loss_a, loss_b = runs.scalars(straight, 'loss'), runs.scalars(interrupted, 'loss')
+  assert sorted(loss_a) == sorted(loss_b) == list(range(1, steps + 1))
+  assert loss_a == loss_b  # Exactly equal floats, step by step.
+  a, b = runs.flat(runs.restore_state(straight, steps)), runs.flat(runs.restore_state(interrupted,
+                                                                                        steps))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_nan_loss_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  config = demo.get_config('tiny')
+  config.train.num_steps = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  assert runs.checkpoint_steps(tmp_path) == [3]
+  before = runs.flat(runs.restore_state(tmp_path, 3))
+
+  real_loss = flow.loss
+  monkeypatch.setattr(flow, 'loss', lambda *a, **k: real_loss(*a, **k) * np.nan)
+  config.train.num_steps = 6
+  with pytest.raises(train.TrainingDiverged, match=r'diverged at step 4.*step 3\)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert runs.checkpoint_steps(tmp_path) == [3]
+  after = runs.flat(runs.restore_state(tmp_path, 3))
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_ema_follows_the_reference_schedule():
+  c = demo.get_config().ema
+  c.start_step, c.decay, c.power = 1000, 0.999, 0.75
+  d = lambda s: float(train.ema_decay(jax.numpy.asarray(s), c))  # noqa: E731
+  assert d(1000) == 0.0 and d(500) == 0.0
+  assert d(1001) == pytest.approx(0.405, abs=1e-3)
+  assert d(1100) == pytest.approx(0.968, abs=1e-3)
+  assert d(2000) == pytest.approx(0.9944, abs=1e-4)
+  assert d(10000) == pytest.approx(0.9989, abs=1e-4)
+  assert d(50000) == pytest.approx(0.999, abs=1e-7)
+
+
+def test_learning_rate_warms_up_linearly():
+  c = demo.get_config().optim
+  c.learning_rate, c.warmup_steps = 3e-5, 1000
+  lr = train.learning_rate_schedule(c)
+  assert float(lr(0)) == pytest.approx(3e-8)
+  assert float(lr(499)) == pytest.approx(1.5e-5)
+  assert float(lr(999)) == pytest.approx(3e-5)
+  assert float(lr(5000)) == pytest.approx(3e-5)
+
+
+def _error_line(proc):
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  line = proc.stderr.strip().splitlines()[-2 if proc.returncode == 2 else -1]
+  assert line.startswith('error: ')
+  return line
+
+
+@pytest.mark.parametrize('overrides,devices,expected', [
+    (['--config.trian.num_steps=3'], 1, 'Did you mean "train"'),
+    (['--config.data.low_res_size=6'], 1, 'low_res_size'),
+    (['--config.data.batch_size=12', '--config.data.num_val_images=12'], 8, 'not divisible by the 8'),
+    (['--config.data.source=folder', '--config.data.path=/nonexistent/photos'], 1,
+     '/nonexistent/photos'),
+    (['--config.flow.objective=dm'], 1, 'objective'),
+])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
+  proc = runs.run_main(tmp_path / 'w', *overrides, devices=devices, timeout=120)
+  assert expected in _error_line(proc)
+
+
+def test_unwritable_workdir_is_one_clear_line(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  proc = runs.run_main(blocker / 'workdir', timeout=120)
+  assert 'not writable' in _error_line(proc)
