@@ -10,9 +10,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 2024
 
-  # First stage: 'identity' trains in pixel space; the SD KL-f8 autoencoder plugs in here.
+  # First stage: 'sd_vae' is the SD KL-f8 autoencoder (latents are its posterior mean x 0.18215);
+  # 'identity' trains in pixel space.
   config.first_stage = ml_collections.ConfigDict()
-  config.first_stage.name = 'identity'
+  config.first_stage.name = 'sd_vae'
 
   # Velocity network v_theta(concat[x_t, context], t) (reference 3: UNet-base).
   config.model = ml_collections.ConfigDict()
@@ -35,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data (fmboost_jax/input_pipeline.py). Images are float32 NHWC in [-1, 1].
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'skimage'  # 'skimage' | 'folder' | 'tfds'.
-  config.data.path = ''  # Folder of images when source='folder'.
+  config.data.source = 'folder'  # 'folder' | 'tfds' | 'skimage' (the bundled photographs).
+  config.data.path = ''  # Folder of images when source='folder' (set it on the command line).
   config.data.tfds_name = ''  # e.g. 'oxford_flowers102' when source='tfds'.
   config.data.tfds_split = 'train'
   config.data.tfds_data_dir = ''

@@ -7,7 +7,6 @@ mid-save leaves the previous checkpoint as the latest usable one.
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from fmboost_jax.errors import UserError
@@ -56,7 +55,3 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
-
-def abstract_like(tree):
-  """ShapeDtypeStructs with the shardings of the arrays in `tree`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -15,7 +15,8 @@ Upsampling modes (config.flow.upsampling_mode):
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
+
+from fmboost_jax.errors import UserError
 
 MODES = ('psu', 'bilinear', 'nearest', 'identity')
 
@@ -51,7 +52,10 @@ def first_stage_from_config(config) -> FirstStage:
   name = config.first_stage.name
   if name == 'identity':
     return IdentityFirstStage()
-  raise ValueError(f"config.first_stage.name={name!r} is unknown; use 'identity'.")
+  if name == 'sd_vae':
+    raise UserError("the SD autoencoder first stage ('sd_vae') is not part of this version yet; "
+                    'train in pixel space with --config.first_stage.name=identity.')
+  raise UserError(f"config.first_stage.name={name!r} is unknown; use 'identity'.")
 
 
 def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:

@@ -1,7 +1,7 @@
 """Specification of the training loop: sharding, resume, preemption, divergence, bad input."""
 
-import os
 import signal
+import shutil
 import subprocess
 
 import jax
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from fmboost_jax import checkpointing, flow, train
-from fmboost_jax.errors import UserError
+from fmboost_jax import flow, train
 from tests import runs
 
 
@@ -57,6 +56,15 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
   (stopped_at,) = runs.checkpoint_steps(interrupted)
   assert 1 <= stopped_at < steps
   assert any('Received signal' in line for line in log)
+
+  # A process killed while writing the next checkpoint leaves an unfinished temporary directory
+  # (Orbax renames it only when complete): plant one, with a truncated array file, and resume.
+  ckpt_dir = interrupted / 'checkpoints'
+  partial = ckpt_dir / f'{stopped_at + 1}.orbax-checkpoint-tmp-1795000000'
+  shutil.copytree(ckpt_dir / str(stopped_at), partial)
+  for f in partial.rglob('*'):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(f.read_bytes()[:50])
 
   proc = runs.run_main(interrupted, f'--config.train.num_steps={steps}',
                        '--config.train.checkpoint_every=1000')
@@ -140,3 +148,17 @@ def test_unwritable_workdir_is_one_clear_line(tmp_path):
   blocker.write_text('not a directory')
   proc = runs.run_main(blocker / 'workdir', timeout=120)
   assert 'not writable' in _error_line(proc)
+
+
+def test_bf16_compute_keeps_float32_master_weights(tmp_path):
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    workdir = tmp_path / dtype
+    proc = runs.run_main(workdir, '--config.train.num_steps=3',
+                         f'--config.model.compute_dtype={dtype}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses[dtype] = runs.scalars(workdir, 'loss')
+    state = runs.flat(runs.restore_state(workdir, 3))
+    assert {a.dtype for k, a in state.items() if 'params' in k} == {np.dtype('float32')}
+  np.testing.assert_allclose(losses['bfloat16'][1], losses['float32'][1], rtol=2e-2)
+  assert losses['bfloat16'][1] != losses['float32'][1]  # bf16 really computed.
