@@ -2,7 +2,9 @@
 
   python main.py --config=configs/demo.py --workdir=workdirs/demo
 
-Finishes on 2 CPU cores in under 10 minutes and beats bilinear upsampling on held-out PSNR.
+2x upsampling of 16 px to 32 px crops; 1500 steps take about 7 minutes on 2 CPU cores. The noise
+augmentation is step 100 rather than the latent-space default 400: in pixel space and at this budget
+the smaller step converges much faster (README, "Demo results").
 `--config=configs/demo.py:tiny` is the same setup shrunk to seconds, for tests and smoke runs.
 """
 
@@ -14,15 +16,15 @@ def get_config(variant: str = ''):
   config.first_stage.name = 'identity'
 
   config.model.model_channels = 32
-  config.model.channel_mult = (1, 2, 2)
+  config.model.channel_mult = (1, 1, 2)
   config.model.num_res_blocks = 1
   config.model.attention_levels = (2,)
   config.model.num_heads = 2
   config.model.head_dim = 32
 
   config.data.source = 'skimage'
-  config.data.high_res_size = 64
-  config.data.low_res_size = 32
+  config.data.high_res_size = 32
+  config.data.low_res_size = 16
   config.data.batch_size = 16
   config.data.num_val_images = 32
 
@@ -30,9 +32,10 @@ def get_config(variant: str = ''):
   config.optim.warmup_steps = 100
   config.ema.start_step = 100
 
+  config.flow.noising_step = 100
   config.sample.nfe = 10
 
-  config.train.num_steps = 2000
+  config.train.num_steps = 1500
   config.train.log_every = 50
   config.train.eval_every = 500
   config.train.checkpoint_every = 500

@@ -287,6 +287,14 @@ def validation_tile_offsets(height: int, width: int, size: int) -> list[tuple[in
   return [(height - size, left) for left in range(0, width - size + 1, size)]
 
 
+def _spread_order(n: int) -> list[int]:
+  """A permutation of range(n) whose prefixes spread evenly: 0, n/2, n/4, 3n/4, ..."""
+  def bit_reversed(j):
+    bits = max(1, (n - 1).bit_length())
+    return int(format(j, f'0{bits}b')[::-1], 2)
+  return sorted(range(n), key=lambda j: (bit_reversed(j), j))
+
+
 def _train_example(image: np.ndarray | None, rng: np.random.Generator,
                    size: int) -> dict[str, np.ndarray] | None:
   """random_map transform: crop + horizontal flip; None (dropped) for a missing or small image."""
@@ -613,8 +621,9 @@ def create_train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetIte
 def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
   """Returns the deterministic held-out validation tiles (the same on every process).
 
-  Tiles are the non-overlapping S x S squares along the bottom S rows of each usable image, left
-  to right, image after image in source order, until `config.data.num_val_images` are collected.
+  Tiles are non-overlapping S x S squares along the bottom S rows of the usable images, taken
+  round-robin (one per image per round, spread over each image's width) until
+  `config.data.num_val_images` are collected.
   No training crop overlaps them.
 
   Args:
@@ -630,18 +639,28 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
   data = config.data
   size, wanted = data.high_res_size, data.num_val_images
   images = _open_images(config)
-  tiles, num_images = [], 0
-  for i in range(len(images)):
-    if len(tiles) >= wanted:
-      break
-    image = images[i]
-    if image is None:
-      continue
-    num_images += 1
-    for top, left in validation_tile_offsets(image.shape[0], image.shape[1], size):
-      tiles.append(normalize(image[top:top + size, left:left + size]))
-      if len(tiles) == wanted:
+  # Round-robin over the images, one tile per image per round, so that the held-out set spans as
+  # many photographs as possible; within an image, successive rounds spread over its width.
+  tiles, num_images, cache, exhausted = [], 0, {}, set()
+  for round_index in range(len(images) and max(1, wanted)):
+    for i in range(len(images)):
+      if len(tiles) >= wanted:
         break
+      if i in exhausted:
+        continue
+      if i not in cache:
+        cache[i] = images[i]
+        num_images += cache[i] is not None
+      image = cache[i]
+      offsets = [] if image is None else validation_tile_offsets(image.shape[0], image.shape[1],
+                                                                 size)
+      if round_index >= len(offsets):
+        exhausted.add(i)
+        continue
+      top, left = offsets[_spread_order(len(offsets))[round_index]]
+      tiles.append(normalize(image[top:top + size, left:left + size]))
+    if len(tiles) >= wanted or len(exhausted) == len(images):
+      break
   if len(tiles) < wanted:
     raise DataError(
         f'Only {len(tiles)} validation tiles of {size}x{size} px exist along the bottom strips of '

@@ -224,11 +224,14 @@ def test_skimage_batches_and_validation():
 
   val = ip.validation_images(config)
   assert val.shape == (20, 32, 32, 3) and val.dtype == np.float32
-  astronaut = ip.load_skimage_photos()[0][1]  # 512 x 512: 16 tiles, then coffee.
+  # Round-robin: the first tile of each of the 15 photographs, then a second tile per photograph
+  # from the middle of its width (astronaut: 512 wide, 16 tiles, the 9th starts at column 256).
+  photos = ip.load_skimage_photos()
+  assert len(photos) == 15
+  astronaut, coffee = photos[0][1], photos[1][1]
   np.testing.assert_array_equal(val[0], ip.normalize(astronaut[480:512, 0:32]))
-  np.testing.assert_array_equal(val[15], ip.normalize(astronaut[480:512, 480:512]))
-  coffee = ip.load_skimage_photos()[1][1]
-  np.testing.assert_array_equal(val[16], ip.normalize(coffee[368:400, 0:32]))
+  np.testing.assert_array_equal(val[1], ip.normalize(coffee[368:400, 0:32]))
+  np.testing.assert_array_equal(val[15], ip.normalize(astronaut[480:512, 256:288]))
   np.testing.assert_array_equal(ip.validation_images(config), val)
 
 
@@ -312,13 +315,11 @@ def test_folder_recursive_mixed_extensions_and_held_out(tmp_path):
 
   val = to_uint8(ip.validation_images(config))
   assert val.shape == (5, size, size, 3)
-  # a/0.Png (24 wide): 1 tile at rows 24..39; a/b/1.PNG (32 wide): 2 tiles at rows 32..47, cols
-  # 0 and 16; a/b/3.jpg (48 wide): the first 2 of its 3 tiles.
-  np.testing.assert_array_equal(val[0, :, 0, 1], np.arange(24, 40))
-  np.testing.assert_array_equal(val[2, :, 0, 1], np.arange(32, 48))
-  np.testing.assert_array_equal(val[2, 0, :, 2], np.arange(16, 32))
-  assert np.abs(val[4, :, 0, 1] - np.arange(20, 36)).max() <= 3
-  assert np.abs(val[4, 0, :, 2] - np.arange(16, 32)).max() <= 3
+  # One tile per image, at column 0 of its bottom strip, in scan order: a/0.Png (rows 24..39),
+  # a/b/1.PNG (32..47), a/b/3.jpg (20..35, JPEG: approximate), c/2.webp (16..31), c/4.BMP (48..63).
+  for i, top in enumerate((24, 32, 20, 16, 48)):
+    assert np.abs(val[i, :, 0, 1] - np.arange(top, top + 16)).max() <= (3 if i == 2 else 0)
+    assert np.abs(val[i, 0, :, 2] - np.arange(0, 16)).max() <= (3 if i == 2 else 0)
 
 
 def test_folder_skips_bad_and_small_files(tmp_path, caplog):
@@ -438,12 +439,12 @@ def test_tfds_source(tmp_path):
   assert seen == {0, 2, 3}  # The 20 x 20 image is skipped.
 
   val = to_uint8(ip.validation_images(config))
-  # Image 0 (40 x 32): 2 tiles; image 1 skipped; image 2 (36 x 16): 1 tile; image 3: first tile.
-  np.testing.assert_array_equal(val[:, 0, 0, 0], [10, 10, 70, 100])
+  # Round-robin: the first tile of images 0, 2 and 3 (image 1 is too small), then image 0's second.
+  np.testing.assert_array_equal(val[:, 0, 0, 0], [10, 70, 100, 10])
   np.testing.assert_array_equal(val[0], coded_image(0, 40, 32)[24:40, 0:16])
-  np.testing.assert_array_equal(val[1], coded_image(0, 40, 32)[24:40, 16:32])
-  np.testing.assert_array_equal(val[2], coded_image(2, 36, 16)[20:36, 0:16])
-  np.testing.assert_array_equal(val[3], coded_image(3, 64, 24)[48:64, 0:16])
+  np.testing.assert_array_equal(val[1], coded_image(2, 36, 16)[20:36, 0:16])
+  np.testing.assert_array_equal(val[2], coded_image(3, 64, 24)[48:64, 0:16])
+  np.testing.assert_array_equal(val[3], coded_image(0, 40, 32)[24:40, 16:32])
 
   config.data.tfds_split = 'validation'
   with pytest.raises(ip.DataError, match="split 'validation'.*tfds build"):

@@ -1,0 +1,292 @@
+"""PyTorch autoencoder weights (LDM `.ckpt` or diffusers `.safetensors`) -> Flax NNX state, strictly.
+
+Two on-disk formats are read:
+  * LDM / CompVis checkpoints (`.ckpt`, `.pt`, `.bin`): a bare state dict or one under
+    `'state_dict'`, read with `torch.load(weights_only=True)` (tensors only, never code). Keys of a
+    full SD checkpoint carry a `first_stage_model.` prefix, which is stripped; discriminator
+    (`loss.*`) and any other non-autoencoder keys are ignored.
+  * safetensors files (`diffusion_pytorch_model.safetensors` of a diffusers `vae/` folder, or an
+    LDM-named `.safetensors`), read with the safetensors numpy API (no PyTorch needed). The format
+    is recognised from the file's header, not from its name.
+
+Diffusers names are mapped to LDM names (reference `official_fmboost.md` 4.5; the pre-0.14 attention
+names query/key/value/proj_attn too), and LDM names are the attribute paths of
+`fmboost_jax.models.autoencoder.AutoencoderKL`. Loading is strict: every expected key present, no
+unknown key, every shape right, else one `UserError` listing the offending keys.
+
+Layout conversion: conv `[O, I, kh, kw]` -> kernel `[kh, kw, I, O]`; attention q/k/v/proj_out
+(`[C, C, 1, 1]` 1x1 convs in LDM, `[C, C]` Linear in diffusers) -> Dense kernel `[in, out]`;
+GroupNorm weight -> scale; biases unchanged. Every array becomes float32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fmboost_jax.errors import UserError
+
+AUTOENCODER_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
+FULL_MODEL_PREFIX = 'first_stage_model.'
+DIFFUSERS_FILENAME = 'diffusion_pytorch_model.safetensors'
+TORCH_PIN = 'torch==2.13.0'
+
+_ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out',
+               'query': 'q', 'key': 'k', 'value': 'v', 'proj_attn': 'proj_out'}
+
+
+def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
+  """Maps one diffusers `AutoencoderKL` key to its LDM name (unchanged if it is not diffusers-style).
+
+  Args:
+    key: e.g. `decoder.up_blocks.0.resnets.2.conv_shortcut.weight`.
+    num_levels: Resolution levels of the model (len(ch_mult)); decoder `up_blocks.i` is LDM
+      `up.(num_levels - 1 - i)`.
+
+  Returns:
+    e.g. `decoder.up.3.block.2.nin_shortcut.weight`.
+  """
+  k = re.sub(r'^(encoder|decoder)\.conv_norm_out\.', r'\1.norm_out.', key)
+  k = re.sub(r'\.mid_block\.resnets\.([01])\.',
+             lambda m: f'.mid.block_{int(m.group(1)) + 1}.', k)
+  m = re.match(r'^(encoder|decoder)\.mid_block\.attentions\.0\.'
+               r'(group_norm|to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.(weight|bias)$', k)
+  if m:
+    k = f'{m.group(1)}.mid.attn_1.{_ATTN_NAMES[m.group(2)]}.{m.group(3)}'
+  k = re.sub(r'^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.', r'encoder.down.\1.block.\2.', k)
+  k = re.sub(r'^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.',
+             r'encoder.down.\1.downsample.conv.', k)
+
+  def up(m: re.Match) -> str:
+    level = num_levels - 1 - int(m.group(1))
+    if level < 0:  # More levels than the model: keep the name so it is reported as unexpected.
+      return m.group(0)
+    rest = m.group(2)
+    rest = re.sub(r'^resnets\.(\d+)\.', r'block.\1.', rest)
+    rest = re.sub(r'^upsamplers\.0\.conv\.', 'upsample.conv.', rest)
+    return f'decoder.up.{level}.{rest}'
+
+  k = re.sub(r'^decoder\.up_blocks\.(\d+)\.(.*)$', up, k)
+  if '.block.' in k:
+    k = k.replace('.conv_shortcut.', '.nin_shortcut.')
+  return k
+
+
+def _expected_torch_shape(flax_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The PyTorch (LDM) shape of a Flax parameter."""
+  if flax_name == 'kernel' and len(shape) == 4:  # Conv [kh, kw, I, O] <- [O, I, kh, kw].
+    return (shape[3], shape[2], shape[0], shape[1])
+  if flax_name == 'kernel' and len(shape) == 2:  # Dense [I, O] <- 1x1 conv [O, I, 1, 1].
+    return (shape[1], shape[0], 1, 1)
+  return tuple(shape)
+
+
+def _to_flax(array: np.ndarray, flax_name: str, flax_shape: tuple[int, ...]) -> np.ndarray:
+  """Converts a PyTorch-layout array (already shape-checked) to the Flax layout."""
+  array = np.asarray(array, np.float32)
+  if flax_name == 'kernel' and len(flax_shape) == 4:
+    return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+  if flax_name == 'kernel' and len(flax_shape) == 2:
+    return np.ascontiguousarray(array.reshape(flax_shape[1], flax_shape[0]).T)
+  return array
+
+
+def _ldm_name(path: tuple[Any, ...]) -> str:
+  """('encoder', 'down', 0, 'block', 1, 'norm1', 'scale') -> 'encoder.down.0.block.1.norm1.weight'."""
+  last = {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])
+  return '.'.join(str(p) for p in (*path[:-1], last))
+
+
+def _listing(keys: list[str], limit: int = 6) -> str:
+  shown = ', '.join(keys[:limit])
+  more = f', and {len(keys) - limit} more' if len(keys) > limit else ''
+  return f'{shown}{more}'
+
+
+def _resolve_path(path: str | os.PathLike) -> str:
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for candidate in (DIFFUSERS_FILENAME, os.path.join('vae', DIFFUSERS_FILENAME)):
+      if os.path.isfile(os.path.join(path, candidate)):
+        return os.path.join(path, candidate)
+    raise UserError(f'weights directory {path} holds no {DIFFUSERS_FILENAME} (nor vae/'
+                    f'{DIFFUSERS_FILENAME}); point config.first_stage.weights at the .ckpt or '
+                    '.safetensors file itself.')
+  if not os.path.isfile(path):
+    raise UserError(f'autoencoder weights file {path} does not exist; set '
+                    'config.first_stage.weights to an SD VAE .ckpt or diffusers '
+                    f'{DIFFUSERS_FILENAME}.')
+  return path
+
+
+def _is_safetensors(path: str) -> bool:
+  """True if the file starts like a safetensors file (u64 header length, then a JSON object)."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  if len(head) < 9:
+    return False
+  (header_len,) = struct.unpack('<Q', head[:8])
+  return head[8:9] == b'{' and 8 + header_len <= size
+
+
+def _short(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ''
+  text = text if len(text) <= 160 else text[:157] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    # framework='numpy' also returns bfloat16 tensors (as ml_dtypes arrays).
+    with safe_open(path, framework='numpy') as f:
+      return {key: f.get_tensor(key) for key in f.keys()}
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{path} is not a readable safetensors file ({_short(e)}); the file may be '
+                    'truncated or corrupt, so download or convert it again.') from None
+
+
+def _read_torch(path: str) -> dict[str, Any]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError(f'reading the PyTorch checkpoint {path} needs PyTorch: pip install '
+                    f'{TORCH_PIN}, or convert the file to .safetensors.') from None
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if 'Weights only load failed' in str(e):
+      raise UserError(
+          f'{path} holds Python objects besides tensors, which are not unpickled for safety; '
+          "re-save only its state dict (torch.save(ckpt['state_dict'], ...)) or convert it to "
+          '.safetensors.') from None
+    raise UserError(f'{path} is not a readable PyTorch checkpoint ({_short(e)}); the file may be '
+                    'truncated or of another kind, so download or convert it again.') from None
+  if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
+    obj = obj['state_dict']
+  if not isinstance(obj, Mapping):
+    raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; save the model with '
+                    'torch.save(model.state_dict(), path).')
+  out = {}
+  for key, value in obj.items():
+    if isinstance(value, torch.Tensor):
+      out[str(key)] = value.detach().to(device='cpu', dtype=torch.float32).numpy()
+    else:
+      out[str(key)] = value
+  return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads the raw name -> array mapping of a `.ckpt`/`.pt`/`.bin` or `.safetensors` file.
+
+  Args:
+    path: A file, or a diffusers model directory holding `diffusion_pytorch_model.safetensors`.
+
+  Returns:
+    The state dict (unwrapped from `'state_dict'`), with numpy arrays for tensors.
+  """
+  path = _resolve_path(path)
+  if _is_safetensors(path):
+    return _read_safetensors(path)
+  if path.endswith('.safetensors'):
+    raise UserError(f'{path} is not a safetensors file (its header is not a safetensors header); '
+                    'the file may be truncated or corrupt, so download or convert it again.')
+  return _read_torch(path)
+
+
+def autoencoder_state_dict(raw: Mapping[str, Any], num_levels: int) -> tuple[dict[str, Any], list[str]]:
+  """Selects the autoencoder keys of a raw state dict and renames them to LDM names.
+
+  Args:
+    raw: A state dict of an LDM or diffusers autoencoder, or of a full SD model.
+    num_levels: Resolution levels of the target model (for diffusers' decoder numbering).
+
+  Returns:
+    `(state, ignored)`: LDM-named autoencoder entries, and the names of the ignored keys.
+  """
+  keys = list(raw)
+  if any(k.startswith(FULL_MODEL_PREFIX) for k in keys):
+    ignored = [k for k in keys if not k.startswith(FULL_MODEL_PREFIX)]
+    raw = {k[len(FULL_MODEL_PREFIX):]: v for k, v in raw.items() if k.startswith(FULL_MODEL_PREFIX)}
+  else:
+    ignored = []
+  state = {}
+  for key, value in raw.items():
+    if key.startswith(AUTOENCODER_PREFIXES):
+      state[diffusers_to_ldm_key(key, num_levels)] = value
+    else:
+      ignored.append(key)
+  return state, ignored
+
+
+def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: Any) -> nnx.State:
+  """Loads SD autoencoder weights onto the parameter structure of an `AutoencoderKL`.
+
+  Args:
+    path: LDM `.ckpt` (bare, under 'state_dict', or a full SD checkpoint), diffusers
+      `diffusion_pytorch_model.safetensors` (or its directory), or an LDM-named `.safetensors`.
+    model_or_abstract_state: An `AutoencoderKL` (concrete or from `nnx.eval_shape`) or its
+      `nnx.state(model, nnx.Param)`; only the parameter paths and shapes are used.
+
+  Returns:
+    An `nnx.State` of float32 `nnx.Param`s with the target's structure; apply it with
+    `nnx.update(model, state)` or `nnx.merge(graphdef, state)`.
+
+  Raises:
+    UserError: missing file, unreadable/truncated file, or keys / shapes that do not match the
+      model (one message listing the offending keys).
+  """
+  target = model_or_abstract_state
+  if isinstance(target, nnx.Module):
+    target = nnx.state(target, nnx.Param)
+  flat = list(nnx.to_flat_state(target))
+  down = {p[2] for p, _ in flat if p[:2] == ('encoder', 'down') and len(p) > 2}
+  num_levels = len(down)
+  expected = {_ldm_name(p): (p, v) for p, v in flat}
+
+  path = os.fspath(path)
+  state, ignored = autoencoder_state_dict(read_state_dict(path), num_levels)
+
+  missing = [k for k in expected if k not in state]
+  unexpected = [k for k in state if k not in expected]
+  mismatched, values = [], []
+  for key, (p, var) in expected.items():
+    if key not in state:
+      continue
+    value = state[key]
+    flax_shape = tuple(var.shape)
+    want = _expected_torch_shape(p[-1], flax_shape)
+    got = tuple(getattr(value, 'shape', ()))
+    if not isinstance(value, np.ndarray):
+      mismatched.append(f'{key} (not a tensor)')
+    elif got != want and not (len(want) == 4 and want[2:] == (1, 1) and got == want[:2]):
+      mismatched.append(f'{key} (file {list(got)}, model {list(want)})')
+    else:
+      values.append((p, var.replace(value=jnp.asarray(_to_flax(value, p[-1], flax_shape)))))
+
+  if missing or unexpected or mismatched:
+    parts = []
+    if missing:
+      parts.append(f'{len(missing)} missing keys ({_listing(missing)})')
+    if unexpected:
+      parts.append(f'{len(unexpected)} unexpected keys ({_listing(unexpected)})')
+    if mismatched:
+      parts.append(f'{len(mismatched)} shape mismatches ({_listing(mismatched, 4)})')
+    note = ''
+    if ignored and not state:
+      note = (f' (the file has {len(ignored)} keys and none belongs to an autoencoder, e.g. '
+              f'{_listing(ignored, 3)})')
+    raise UserError(
+        f'weights file {path} does not match the autoencoder: {"; ".join(parts)}{note}; use the '
+        'SD v1 KL-f8 VAE weights and make config.first_stage (ch, ch_mult, num_res_blocks, '
+        'z_channels) match them.')
+  return nnx.from_flat_state(values)
