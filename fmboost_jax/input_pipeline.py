@@ -76,6 +76,10 @@ SKIMAGE_PHOTOS = (
     'coins',
 )
 
+# Validation tiles flatter than this (std in [-1, 1] units, about 2.5/255) are skipped: they hold no
+# detail to upsample and bilinear reproduces them exactly (infinite PSNR).
+_MIN_VAL_TILE_STD = 0.02
+
 # How many shard records are probed at start-up for one usable tfds image before giving up.
 _TFDS_PROBE_LIMIT = 64
 
@@ -623,7 +627,7 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
 
   Tiles are non-overlapping S x S squares along the bottom S rows of the usable images, taken
   round-robin (one per image per round, spread over each image's width) until
-  `config.data.num_val_images` are collected.
+  `config.data.num_val_images` are collected. Flat tiles (std below 0.02) are skipped.
   No training crop overlaps them.
 
   Args:
@@ -658,7 +662,9 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
         exhausted.add(i)
         continue
       top, left = offsets[_spread_order(len(offsets))[round_index]]
-      tiles.append(normalize(image[top:top + size, left:left + size]))
+      tile = normalize(image[top:top + size, left:left + size])
+      if tile.std() >= _MIN_VAL_TILE_STD:
+        tiles.append(tile)
     if len(tiles) >= wanted or len(exhausted) == len(images):
       break
   if len(tiles) < wanted:

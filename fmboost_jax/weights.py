@@ -1,4 +1,4 @@
-"""PyTorch autoencoder weights (LDM `.ckpt` or diffusers `.safetensors`) -> Flax NNX state, strictly.
+"""PyTorch autoencoder weights (LDM `.ckpt`, diffusers `.safetensors`) -> Flax NNX state, strictly.
 
 Two on-disk formats are read:
   * LDM / CompVis checkpoints (`.ckpt`, `.pt`, `.bin`): a bare state dict or one under
@@ -43,7 +43,7 @@ _ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_
 
 
 def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
-  """Maps one diffusers `AutoencoderKL` key to its LDM name (unchanged if it is not diffusers-style).
+  """Maps one diffusers `AutoencoderKL` key to its LDM name (LDM keys come back unchanged).
 
   Args:
     key: e.g. `decoder.up_blocks.0.resnets.2.conv_shortcut.weight`.
@@ -57,7 +57,8 @@ def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
   k = re.sub(r'\.mid_block\.resnets\.([01])\.',
              lambda m: f'.mid.block_{int(m.group(1)) + 1}.', k)
   m = re.match(r'^(encoder|decoder)\.mid_block\.attentions\.0\.'
-               r'(group_norm|to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.(weight|bias)$', k)
+               r'(group_norm|to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.'
+               r'(weight|bias)$', k)
   if m:
     k = f'{m.group(1)}.mid.attn_1.{_ATTN_NAMES[m.group(2)]}.{m.group(3)}'
   k = re.sub(r'^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.', r'encoder.down.\1.block.\2.', k)
@@ -99,7 +100,7 @@ def _to_flax(array: np.ndarray, flax_name: str, flax_shape: tuple[int, ...]) -> 
 
 
 def _ldm_name(path: tuple[Any, ...]) -> str:
-  """('encoder', 'down', 0, 'block', 1, 'norm1', 'scale') -> 'encoder.down.0.block.1.norm1.weight'."""
+  """Flax path -> LDM key: (..., 'block', 1, 'norm1', 'scale') -> '....block.1.norm1.weight'."""
   last = {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])
   return '.'.join(str(p) for p in (*path[:-1], last))
 
@@ -203,7 +204,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   return _read_torch(path)
 
 
-def autoencoder_state_dict(raw: Mapping[str, Any], num_levels: int) -> tuple[dict[str, Any], list[str]]:
+def autoencoder_state_dict(raw: Mapping[str, Any],
+                           num_levels: int) -> tuple[dict[str, Any], list[str]]:
   """Selects the autoencoder keys of a raw state dict and renames them to LDM names.
 
   Args:

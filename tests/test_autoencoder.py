@@ -127,7 +127,8 @@ def test_bfloat16_compute_float32_params(small_model):
   """Measured relative difference to float32 compute: encode 2.1%, decode 3.4% (bf16 rounding)."""
   config = ml_collections.ConfigDict(dict(SD_CONFIG, **SMALL, compute_dtype='bfloat16'))
   abstract = nnx.eval_shape(lambda: ae.autoencoder_from_config(config, rngs=nnx.Rngs(0)))
-  assert abstract.dtype == jnp.bfloat16 and abstract.decoder.up[0].block[0].conv1.dtype == jnp.bfloat16
+  assert abstract.dtype == jnp.bfloat16
+  assert abstract.decoder.up[0].block[0].conv1.dtype == jnp.bfloat16
   params = nnx.state(abstract, nnx.Param)
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   graphdef, _ = nnx.split(abstract)
@@ -238,7 +239,8 @@ def test_tiles_run_in_a_loop(small_model):
 def _diffusers_vae(block_out_channels, layers_per_block, seed=0):
   """diffusers' AutoencoderKL from code (no download), random weights incl. GroupNorm affine."""
   torch = pytest.importorskip('torch', reason='parity tests need torch==2.13.0 (requirements-dev)')
-  diffusers = pytest.importorskip('diffusers', reason='parity tests need diffusers (requirements-dev)')
+  diffusers = pytest.importorskip('diffusers',
+                                  reason='parity tests need diffusers (requirements-dev)')
   torch.manual_seed(seed)
   n = len(block_out_channels)
   vae = diffusers.AutoencoderKL(
@@ -253,13 +255,14 @@ def _diffusers_vae(block_out_channels, layers_per_block, seed=0):
 
 
 def ldm_names_from_diffusers(state: dict, num_levels: int) -> dict:
-  """Renames a diffusers AutoencoderKL state dict to LDM keys, per reference 4.5 (test-side copy)."""
+  """Renames a diffusers AutoencoderKL state dict to LDM keys per reference 4.5 (test-side copy)."""
   out = {}
   for key, value in state.items():
     k = key.replace('conv_norm_out', 'norm_out').replace('conv_shortcut', 'nin_shortcut')
     k = k.replace('downsamplers.0.conv', 'downsample.conv')
     k = k.replace('upsamplers.0.conv', 'upsample.conv')
-    k = k.replace('mid_block.resnets.0', 'mid.block_1').replace('mid_block.resnets.1', 'mid.block_2')
+    k = k.replace('mid_block.resnets.0', 'mid.block_1')
+    k = k.replace('mid_block.resnets.1', 'mid.block_2')
     k = k.replace('mid_block.attentions.0', 'mid.attn_1')
     for old, new in (('group_norm', 'norm'), ('to_q', 'q'), ('to_k', 'k'), ('to_v', 'v'),
                      ('to_out.0', 'proj_out')):

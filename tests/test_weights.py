@@ -116,7 +116,8 @@ def test_ckpt_variants_round_trip(tmp_path, model, ldm):
 def test_diffusers_key_mapping():
   cases = {
       'encoder.conv_in.weight': 'encoder.conv_in.weight',
-      'encoder.down_blocks.1.resnets.0.conv_shortcut.bias': 'encoder.down.1.block.0.nin_shortcut.bias',
+      'encoder.down_blocks.1.resnets.0.conv_shortcut.bias':
+          'encoder.down.1.block.0.nin_shortcut.bias',
       'encoder.down_blocks.2.downsamplers.0.conv.weight': 'encoder.down.2.downsample.conv.weight',
       'encoder.mid_block.resnets.1.norm2.weight': 'encoder.mid.block_2.norm2.weight',
       'encoder.mid_block.attentions.0.group_norm.bias': 'encoder.mid.attn_1.norm.bias',
@@ -126,7 +127,8 @@ def test_diffusers_key_mapping():
       'encoder.conv_norm_out.weight': 'encoder.norm_out.weight',
       'decoder.up_blocks.0.resnets.2.conv1.weight': 'decoder.up.3.block.2.conv1.weight',
       'decoder.up_blocks.0.upsamplers.0.conv.bias': 'decoder.up.3.upsample.conv.bias',
-      'decoder.up_blocks.3.resnets.0.conv_shortcut.weight': 'decoder.up.0.block.0.nin_shortcut.weight',
+      'decoder.up_blocks.3.resnets.0.conv_shortcut.weight':
+          'decoder.up.0.block.0.nin_shortcut.weight',
       'decoder.conv_norm_out.bias': 'decoder.norm_out.bias',
       'quant_conv.weight': 'quant_conv.weight',
   }
@@ -144,7 +146,8 @@ def test_diffusers_old_attention_names_and_model_directory(tmp_path):
   state = {k: v.contiguous().numpy() for k, v in vae.state_dict().items()}
   new_path = tmp_path / 'new.safetensors'
   save_safetensors(state, str(new_path))
-  renames = {'.to_q.': '.query.', '.to_k.': '.key.', '.to_v.': '.value.', '.to_out.0.': '.proj_attn.'}
+  renames = {'.to_q.': '.query.', '.to_k.': '.key.', '.to_v.': '.value.',
+             '.to_out.0.': '.proj_attn.'}
   old = {}
   for key, value in state.items():
     for a, b in renames.items():
@@ -174,7 +177,8 @@ def test_missing_path(tmp_path):
 def test_not_a_checkpoint(tmp_path):
   path = tmp_path / 'notes.safetensors'
   path.write_text('these are my notes, not weights\n')
-  assert re.search(r'notes\.safetensors is not a safetensors file', _error(path, _abstract(**SMALL)))
+  message = _error(path, _abstract(**SMALL))
+  assert re.search(r'notes\.safetensors is not a safetensors file', message)
   pytest.importorskip('torch', reason='needs torch==2.13.0 (requirements-dev)')
   path = tmp_path / 'notes.ckpt'
   path.write_text('these are my notes, not weights\n')
@@ -214,9 +218,10 @@ def test_autoencoder_of_another_config(tmp_path, ldm):
   path = tmp_path / 'small.safetensors'
   save_safetensors(ldm, str(path))
   message = _error(path, _abstract(**dict(SMALL, num_res_blocks=2)))
-  assert '48 missing keys (decoder.up.0.block.2.conv1.bias, ' in message and 'and 42 more' in message
+  # 48 = one more ResnetBlock per level in the encoder and in the decoder (3 levels, 8 tensors).
+  assert '48 missing keys (decoder.up.0.block.2.conv1.bias, ' in message
+  assert 'and 42 more' in message
   assert 'unexpected' not in message
-  # (48 = one more ResnetBlock per level in the encoder and in the decoder, 3 levels, 8 tensors.)
   message = _error(path, _abstract(**dict(SMALL, ch_mult=(1, 2))))
   assert '28 unexpected keys (decoder.up.2.block.0.conv1.bias, ' in message
 

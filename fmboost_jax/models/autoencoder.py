@@ -16,8 +16,13 @@ Images are `[B, H, W, 3]` in [-1, 1] with H and W divisible by `factor` (8 for S
 
 The tiled variants (`encode_tiled`, `decode_tiled`) run the network on overlapping tiles inside a
 `lax.scan`, so peak memory is one tile's activations plus the output, and blend the tiles with
-linear ramps across each overlap. Per-tile GroupNorm statistics and per-tile mid-block attention make
-the result differ slightly from the untiled one (the tests state the tolerance).
+linear ramps across each overlap. Per-tile GroupNorm statistics, per-tile mid-block attention and
+zero padding at tile borders make the result differ from the untiled one (the tests state how much).
+
+Building the model with random weights runs ~100 separate initialisers (slow on CPU); to use real
+weights build it abstractly and load: `abstract = nnx.eval_shape(lambda: autoencoder_from_config(
+cfg, rngs=nnx.Rngs(0)))`, then `nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(
+path, abstract))`.
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ def _group_norm(channels: int, num_groups: int, *, dtype: Dtype, param_dtype: Dt
 
 
 class ResnetBlock(nnx.Module):
-  """GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus a skip (1x1 `nin_shortcut` if widths differ).
+  """GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus a skip (1x1 `nin_shortcut` if widths
+  differ).
 
   No time embedding and no dropout (dropout is 0 in SD). `[B, H, W, in] -> [B, H, W, out]`.
   """
@@ -130,7 +136,8 @@ class AttnBlock(nnx.Module):
 
 
 class Downsample(nnx.Module):
-  """Zero-pad bottom/right by 1, conv3x3 stride 2, no padding: `[B, H, W, C] -> [B, H/2, W/2, C]`."""
+  """Zero-pad bottom/right by 1, conv3x3 stride 2, no padding: `[B, H, W, C] -> [B, H/2, W/2, C]`.
+  """
 
   def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -155,7 +162,7 @@ class Upsample(nnx.Module):
 
 
 class Level(nnx.Module):
-  """One resolution level: `block` (a list of ResnetBlocks), then `downsample`/`upsample` or None."""
+  """One resolution level: `block` (a list of ResnetBlocks), then `downsample` / `upsample`."""
 
   def __init__(self, in_channels: int, out_channels: int, num_blocks: int, *, resample: str | None,
                num_groups: int, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
@@ -179,7 +186,7 @@ class Level(nnx.Module):
 
 
 class Mid(nnx.Module):
-  """The middle block: ResnetBlock (`block_1`) -> AttnBlock (`attn_1`) -> ResnetBlock (`block_2`)."""
+  """The middle block: ResnetBlock `block_1` -> AttnBlock `attn_1` -> ResnetBlock `block_2`."""
 
   def __init__(self, channels: int, *, num_groups: int, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
@@ -396,7 +403,7 @@ class AutoencoderKL(nnx.Module):
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
   def encode(self, images: Array) -> Array:
-    """Scaled posterior mode: `[B, H, W, 3]` -> `[B, H/f, W/f, z_channels]` float32, times 0.18215."""
+    """Scaled posterior mode: `[B, H, W, 3]` -> `[B, H/f, W/f, z_channels]` float32 (x 0.18215)."""
     mean, _ = self.posterior(images)
     return mean * self.scale_factor
 
@@ -451,7 +458,7 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def autoencoder_from_config(first_stage_config, *, rngs: nnx.Rngs) -> AutoencoderKL:
-  """Builds the autoencoder of `config.first_stage` (random weights; load real ones with weights.py).
+  """Builds the autoencoder of `config.first_stage` with random weights (see weights.py).
 
   Args:
     first_stage_config: `config.first_stage` with `ch`, `ch_mult`, `num_res_blocks`, `z_channels`,
