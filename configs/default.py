@@ -14,6 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
   # 'identity' trains in pixel space.
   config.first_stage = ml_collections.ConfigDict()
   config.first_stage.name = 'sd_vae'
+  # sd_ae.ckpt (official FMBoost README), an SD checkpoint, or diffusers'
+  # diffusion_pytorch_model.safetensors (e.g. stabilityai/sd-vae-ft-mse) or its folder.
+  config.first_stage.weights = ''
+  config.first_stage.ch = 128
+  config.first_stage.ch_mult = (1, 2, 4, 4)
+  config.first_stage.num_res_blocks = 2
+  config.first_stage.z_channels = 4
+  config.first_stage.scale_factor = 0.18215
+  config.first_stage.compute_dtype = 'float32'
 
   # Velocity network v_theta(concat[x_t, context], t) (reference 3: UNet-base).
   config.model = ml_collections.ConfigDict()

@@ -93,11 +93,15 @@ def init_state(config: ml_collections.ConfigDict, channels: int,
                     ema_params=params)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
-               graphdef: nnx.GraphDef, first_stage: upsampling.FirstStage,
+def train_step(state: TrainState, batch: dict[str, jax.Array], first_stage_params: nnx.State,
+               key: jax.Array, *, graphdef: nnx.GraphDef, first_stage_graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-  """One optimizer update on a global batch {'image': [B, S, S, 3]}; returns (state, metrics)."""
+  """One optimizer update on a global batch {'image': [B, S, S, 3]}; returns (state, metrics).
+
+  The first stage is frozen: its parameters are an input, never differentiated or updated.
+  """
   step_key = jax.random.fold_in(key, state.step)
+  first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
   x1, x_up = upsampling.training_pair(first_stage, batch['image'], config.data.low_res_size,
                                       config.flow.upsampling_mode)
 
@@ -119,10 +123,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   return new_state, measurements
 
 
-def eval_step(params, images: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
-              first_stage: upsampling.FirstStage, config: ml_collections.ConfigDict):
+def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax.Array, *,
+              graphdef: nnx.GraphDef, first_stage_graphdef: nnx.GraphDef,
+              config: ml_collections.ConfigDict):
   """Upsamples held-out images [B, S, S, 3] from their low-res version, with the model and with
   bilinear interpolation; returns per-image PSNR/SSIM of both and the images."""
+  first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
   size = images.shape[1:3]
   low_res = upsampling.low_res_images(images, config.data.low_res_size)
   bilinear = upsampling.resize(low_res, size, 'linear')
@@ -223,6 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   first_stage = upsampling.first_stage_from_config(config)
+  first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
   graphdef = model_graphdef(config, first_stage.channels)
   init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
@@ -255,22 +262,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       f.write(config.to_json_best_effort(indent=2))
 
   # One compiled step, ahead of the loop, with explicit shardings and the state donated.
+  first_stage_sharding = jax.tree.map(lambda _: replicated, first_stage_params)
+  first_stage_params = jax.device_put(first_stage_params, first_stage_sharding)
   batch_sharding = sharding.batch_sharded(mesh)
   size = config.data.high_res_size
   per_step_batch = {'image': jax.ShapeDtypeStruct((config.data.batch_size, size, size, 3),
                                                   jnp.float32, sharding=batch_sharding)}
   t0 = time.perf_counter()
   compiled_step = jax.jit(
-      lambda s, b: train_step(s, b, train_key, graphdef=graphdef, first_stage=first_stage, tx=tx,
-                              config=config),
-      in_shardings=(state_sharding, {'image': batch_sharding}),
+      lambda s, b, f: train_step(s, b, f, train_key, graphdef=graphdef,
+                                 first_stage_graphdef=first_stage_graphdef, tx=tx, config=config),
+      in_shardings=(state_sharding, {'image': batch_sharding}, first_stage_sharding),
       out_shardings=(state_sharding, replicated),
-      donate_argnums=0).lower(abstract_state, per_step_batch).compile()
+      donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
-  jitted_eval = jax.jit(lambda p, x, k: eval_step(p, x, k, graphdef=graphdef,
-                                                   first_stage=first_stage, config=config),
-                        in_shardings=(None, batch_sharding, replicated),
-                        out_shardings=replicated)
+  jitted_eval = jax.jit(
+      lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
+                                   first_stage_graphdef=first_stage_graphdef, config=config),
+      in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
+      out_shardings=replicated)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
@@ -302,7 +312,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for i in range(0, len(val_images), batch_size):
       chunk = val_images[i:i + batch_size]
       images = jax.make_array_from_callback(chunk.shape, batch_sharding, lambda idx: chunk[idx])
-      scores, outputs = jitted_eval(params, images, jax.random.fold_in(eval_key, i))
+      scores, outputs = jitted_eval(params, images, first_stage_params,
+                                    jax.random.fold_in(eval_key, i))
       for k, v in jax.device_get(scores).items():
         per_image.setdefault(k, []).append(v)
       if grid_columns is None:
@@ -336,7 +347,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     while step < config.train.num_steps:
       batch = sharding.global_batch(next(train_iter), mesh)
-      state, measurements = compiled_step(state, batch)
+      state, measurements = compiled_step(state, batch, first_stage_params)
       step += 1
       pending.append(measurements)
       report_progress(step)

@@ -15,8 +15,11 @@ Upsampling modes (config.flow.upsampling_mode):
 from typing import Protocol
 
 import jax
+from flax import nnx
 
+from fmboost_jax import weights
 from fmboost_jax.errors import UserError
+from fmboost_jax.models import autoencoder
 
 MODES = ('psu', 'bilinear', 'nearest', 'identity')
 
@@ -34,8 +37,8 @@ class FirstStage(Protocol):
     ...
 
 
-class IdentityFirstStage:
-  """Pixel space: the 'latent' is the image itself."""
+class IdentityFirstStage(nnx.Module):
+  """Pixel space: the 'latent' is the image itself (a module without parameters)."""
 
   channels = 3
   factor = 1
@@ -48,14 +51,23 @@ class IdentityFirstStage:
 
 
 def first_stage_from_config(config) -> FirstStage:
-  """The first stage named by config.first_stage.name."""
-  name = config.first_stage.name
-  if name == 'identity':
+  """The first stage named by config.first_stage.name, an nnx.Module with its weights loaded.
+
+  'identity' has no parameters; 'sd_vae' is the SD KL-f8 autoencoder with the weights of
+  config.first_stage.weights (built abstractly, so random initialisation never runs).
+  """
+  c = config.first_stage
+  if c.name == 'identity':
     return IdentityFirstStage()
-  if name == 'sd_vae':
-    raise UserError("the SD autoencoder first stage ('sd_vae') is not part of this version yet; "
-                    'train in pixel space with --config.first_stage.name=identity.')
-  raise UserError(f"config.first_stage.name={name!r} is unknown; use 'identity'.")
+  if c.name != 'sd_vae':
+    raise UserError(f"config.first_stage.name={c.name!r} is unknown; use 'sd_vae' or 'identity'.")
+  if not c.weights:
+    raise UserError(
+        'config.first_stage.weights is not set; point it at the SD v1 autoencoder: sd_ae.ckpt from '
+        "the official FMBoost README, an SD v1 checkpoint, or stabilityai/sd-vae-ft-mse's "
+        'diffusion_pytorch_model.safetensors (or its folder).')
+  abstract = nnx.eval_shape(lambda: autoencoder.autoencoder_from_config(c, rngs=nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))
 
 
 def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
