@@ -14,7 +14,11 @@ from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'precompute', 'convert'],
+                  'train: train and evaluate in --workdir (resuming from it). precompute: write '
+                  'the training latents of config.data to --workdir. convert: turn the '
+                  'PyTorch autoencoder weights of --config.first_stage.weights into a Flax (Orbax) '
+                  'checkpoint in --workdir.')
 config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -32,6 +36,20 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def convert(config, workdir: str) -> None:
+  """Loads the autoencoder weights strictly and writes them as a Flax (Orbax) checkpoint."""
+  from flax import nnx  # noqa: PLC0415
+  from fmboost_jax import upsampling, weights  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  if config.first_stage.name != 'sd_vae':
+    raise UserError('--mode=convert converts the SD autoencoder; set '
+                    '--config.first_stage.name=sd_vae and --config.first_stage.weights=FILE.')
+  first_stage = upsampling.first_stage_from_config(config)
+  path = weights.save_flax_checkpoint(nnx.state(first_stage, nnx.Param), workdir)
+  print(f'Wrote {path}; train with --config.first_stage.weights={path}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -47,6 +65,14 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'precompute':
+      from fmboost_jax import precompute  # noqa: PLC0415
+      meta = precompute.precompute(FLAGS.config, FLAGS.workdir)
+      print(f"Wrote {meta['num_records']} records to {FLAGS.workdir}; train with "
+            f'--config.data.source=latents --config.data.path={FLAGS.workdir} '
+            '--config.flow.upsampling_mode=identity')
+    elif FLAGS.mode == 'convert':
+      convert(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data (fmboost_jax/input_pipeline.py). Images are float32 NHWC in [-1, 1].
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'folder'  # 'folder' | 'tfds' | 'skimage' (the bundled photographs).
+  # 'folder' | 'tfds' | 'skimage' (the bundled photographs) | 'latents' (from --mode=precompute).
+  config.data.source = 'folder'
   config.data.path = ''  # Folder of images when source='folder' (set it on the command line).
   config.data.tfds_name = ''  # e.g. 'oxford_flowers102' when source='tfds'.
   config.data.tfds_split = 'train'
@@ -56,6 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_val_images = 64
   config.data.num_threads = 8
   config.data.prefetch_buffer_size = 32
+
+  # main.py --mode=precompute: seeded random crops per image, records per .npy shard.
+  config.precompute = ml_collections.ConfigDict()
+  config.precompute.crops_per_image = 4
+  config.precompute.shard_size = 4096
 
   # Adam with linear warm-up (reference 5.1).
   config.optim = ml_collections.ConfigDict()

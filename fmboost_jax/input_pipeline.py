@@ -52,7 +52,12 @@ from PIL import ImageOps
 from fmboost_jax import errors
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-SOURCES = ('skimage', 'folder', 'tfds')
+SOURCES = ('skimage', 'folder', 'tfds', 'latents')
+LATENTS_METADATA = 'metadata.json'
+LATENTS_VALIDATION = 'validation_images.npy'
+# The first-stage settings a precomputed dataset must share with the config that trains on it.
+LATENTS_FIRST_STAGE_FIELDS = ('name', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels',
+                              'scale_factor')
 
 # Photographs shipped inside scikit-image that need no download (grayscale ones become RGB).
 # Sizes (H x W): astronaut 512x512, coffee 400x600, chelsea 300x451, rocket 427x640,
@@ -132,6 +137,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise DataError(
         f'config.data.num_threads={data.num_threads} and config.data.prefetch_buffer_size='
         f'{data.prefetch_buffer_size} must be non-negative; set them to 0 or more.')
+  if data.source in ('folder', 'latents') and not data.path:
+    raise DataError(
+        f"config.data.path is empty but config.data.source={data.source!r}; set it to a folder of "
+        f"{'images' if data.source == 'folder' else 'precomputed latents (--mode=precompute)'}.")
   if data.source == 'folder' and not data.path:
     raise DataError(
         "config.data.path is empty but config.data.source='folder'; set it to a folder of images.")
@@ -522,7 +531,7 @@ def _open_tfds(config: ml_collections.ConfigDict) -> _TfdsImages:
   return _TfdsImages(source, size)
 
 
-def _open_images(config: ml_collections.ConfigDict) -> Sequence[np.ndarray | None]:
+def open_images(config: ml_collections.ConfigDict) -> Sequence[np.ndarray | None]:
   """Returns the configured images as a random-access sequence of uint8 [H, W, 3] (or None)."""
   data = config.data
   size = data.high_res_size
@@ -557,8 +566,61 @@ def _open_images(config: ml_collections.ConfigDict) -> Sequence[np.ndarray | Non
   return _open_tfds(config)
 
 
+class _LatentRecords:
+  """Random access over precomputed latent shards (memory-mapped .npy files).
+
+  Record i is `{'x1': float32 [h, w, C], 'x_up': float32 [h, w, C]}`: the scaled latent of a
+  high-res crop and of its low-res version brought to the same grid (written by precompute.py).
+  """
+
+  def __init__(self, path: str, shards: Sequence[dict[str, Any]]):
+    self._arrays = [(np.load(os.path.join(path, sh['x1']), mmap_mode='r'),
+                     np.load(os.path.join(path, sh['x_up']), mmap_mode='r')) for sh in shards]
+    self._ends = np.cumsum([len(a) for a, _ in self._arrays])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    shard = int(np.searchsorted(self._ends, index, side='right'))
+    offset = index - (int(self._ends[shard - 1]) if shard else 0)
+    x1, x_up = self._arrays[shard]
+    return {'x1': np.array(x1[offset]), 'x_up': np.array(x_up[offset])}
+
+
+def latents_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Reads and checks the metadata of the precomputed latents in `config.data.path`."""
+  import json  # pylint: disable=import-outside-toplevel
+  path = os.path.join(config.data.path, LATENTS_METADATA)
+  if not os.path.isfile(path):
+    raise DataError(f'{config.data.path!r} holds no {LATENTS_METADATA}; write precomputed latents '
+                    'there with main.py --mode=precompute first.')
+  with open(path) as f:
+    meta = json.load(f)
+  for field in ('high_res_size', 'low_res_size'):
+    if meta[field] != config.data[field]:
+      raise DataError(f'the latents in {config.data.path!r} were made with {field}={meta[field]}, '
+                      f'but config.data.{field}={config.data[field]}; use the same value.')
+  for field in LATENTS_FIRST_STAGE_FIELDS:
+    made, wanted = meta['first_stage'][field], config.first_stage[field]
+    if (list(made) if isinstance(made, (list, tuple)) else made) != (
+        list(wanted) if isinstance(wanted, (list, tuple)) else wanted):
+      raise DataError(f'the latents in {config.data.path!r} were made with first_stage.{field}='
+                      f'{made}, but config.first_stage.{field}={wanted}; use the same first stage.')
+  return meta
+
+
 # ----------------------------------------------------------------------------------------------
 # Public creators.
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Shape and dtype of each entry of a GLOBAL training batch."""
+  b, s = config.data.batch_size, config.data.high_res_size
+  if config.data.source != 'latents':
+    return {'image': ((b, s, s, 3), np.float32)}
+  shape = tuple(latents_metadata(config)['latent_shape'])
+  return {'x1': ((b, *shape), np.float32), 'x_up': ((b, *shape), np.float32)}
 
 
 def _seed(config: ml_collections.ConfigDict, *salt: int) -> int:
@@ -582,8 +644,19 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
   check_config(config)
   data = config.data
   size = data.high_res_size
-  images = _open_images(config)
   count, index = jax.process_count(), jax.process_index()
+  read_options = grain.ReadOptions(num_threads=data.num_threads,
+                                   prefetch_buffer_size=data.prefetch_buffer_size)
+  if data.source == 'latents':
+    meta = latents_metadata(config)
+    records = _LatentRecords(data.path, meta['shards'])
+    if len(records) < count:
+      raise DataError(f'Only {len(records)} precomputed records for {count} processes; '
+                      'precompute more crops per image or run fewer processes.')
+    ds = grain.MapDataset.source(records)[index::count]
+    ds = ds.shuffle(seed=_seed(config, 0, index)).repeat(None)
+    return ds.to_iter_dataset(read_options).batch(local_batch_size(config), drop_remainder=True)
+  images = open_images(config)
   if len(images) < count:
     raise DataError(
         f'Only {len(images)} usable images for {count} processes, so some process would get no '
@@ -600,8 +673,7 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
   ds = ds.shuffle(seed=_seed(config, 0, index))
   ds = ds.repeat(None)  # Reshuffled every epoch.
   ds = ds.random_map(functools.partial(_train_example, size=size), seed=_seed(config, 1, index))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
-                                            prefetch_buffer_size=data.prefetch_buffer_size))
+  ds = ds.to_iter_dataset(read_options)
   return ds.batch(local_batch_size(config), drop_remainder=True)
 
 
@@ -642,7 +714,14 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
   check_config(config)
   data = config.data
   size, wanted = data.high_res_size, data.num_val_images
-  images = _open_images(config)
+  if data.source == 'latents':
+    latents_metadata(config)
+    tiles = np.load(os.path.join(data.path, LATENTS_VALIDATION), mmap_mode='r')
+    if len(tiles) < wanted:
+      raise DataError(f'{data.path!r} holds {len(tiles)} validation images, fewer than '
+                      f'config.data.num_val_images={wanted}; lower it or precompute again.')
+    return np.array(tiles[:wanted])
+  images = open_images(config)
   # Round-robin over the images, one tile per image per round, so that the held-out set spans as
   # many photographs as possible; within an image, successive rounds spread over its width.
   tiles, num_images, cache, exhausted = [], 0, {}, set()

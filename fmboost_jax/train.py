@@ -96,13 +96,15 @@ def init_state(config: ml_collections.ConfigDict, channels: int,
 def train_step(state: TrainState, batch: dict[str, jax.Array], first_stage_params: nnx.State,
                key: jax.Array, *, graphdef: nnx.GraphDef, first_stage_graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-  """One optimizer update on a global batch {'image': [B, S, S, 3]}; returns (state, metrics).
+  """One optimizer update on a global batch; returns (state, metrics).
+
+  The batch is {'image': [B, S, S, 3]} or precomputed latents {'x1', 'x_up'} (input_pipeline.py).
 
   The first stage is frozen: its parameters are an input, never differentiated or updated.
   """
   step_key = jax.random.fold_in(key, state.step)
   first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
-  x1, x_up = upsampling.training_pair(first_stage, batch['image'], config.data.low_res_size,
+  x1, x_up = upsampling.training_pair(first_stage, batch, config.data.low_res_size,
                                       config.flow.upsampling_mode)
 
   def loss_fn(params):
@@ -155,9 +157,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     sampling.check_config(config.sample)
   except ValueError as e:
     raise UserError(str(e)) from None
-  if config.flow.upsampling_mode not in upsampling.MODES or config.flow.upsampling_mode == 'identity':
-    raise UserError(f'config.flow.upsampling_mode={config.flow.upsampling_mode!r} cannot train from '
-                    "images; use 'psu', 'bilinear' or 'nearest'.")
+  mode, latents = config.flow.upsampling_mode, config.data.source == 'latents'
+  if mode not in upsampling.MODES:
+    raise UserError(f'config.flow.upsampling_mode={mode!r} is unknown; use one of '
+                    f'{upsampling.MODES}.')
+  if latents != (mode == 'identity'):
+    raise UserError("config.flow.upsampling_mode='identity' goes with precomputed latents "
+                    "(config.data.source='latents') and only with them; set "
+                    f"{'upsampling_mode=identity' if latents else 'another upsampling_mode'}.")
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if config.train[name] < 1:
       raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
@@ -265,20 +272,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first_stage_sharding = jax.tree.map(lambda _: replicated, first_stage_params)
   first_stage_params = jax.device_put(first_stage_params, first_stage_sharding)
   batch_sharding = sharding.batch_sharded(mesh)
-  size = config.data.high_res_size
-  per_step_batch = {'image': jax.ShapeDtypeStruct((config.data.batch_size, size, size, 3),
-                                                  jnp.float32, sharding=batch_sharding)}
+  per_step_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                    for k, (shape, dtype) in input_pipeline.batch_spec(config).items()}
   t0 = time.perf_counter()
   compiled_step = jax.jit(
       lambda s, b, f: train_step(s, b, f, train_key, graphdef=graphdef,
                                  first_stage_graphdef=first_stage_graphdef, tx=tx, config=config),
-      in_shardings=(state_sharding, {'image': batch_sharding}, first_stage_sharding),
+      in_shardings=(state_sharding, {k: batch_sharding for k in per_step_batch},
+                    first_stage_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
+  # Validation starts from images; with precomputed latents it upsamples them the way they were made.
+  eval_config = config.copy_and_resolve_references()
+  if config.data.source == 'latents':
+    eval_config.flow.upsampling_mode = input_pipeline.latents_metadata(config)['upsampling_mode']
   jitted_eval = jax.jit(
       lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
-                                   first_stage_graphdef=first_stage_graphdef, config=config),
+                                   first_stage_graphdef=first_stage_graphdef, config=eval_config),
       in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
       out_shardings=replicated)
 

@@ -112,13 +112,19 @@ def upsample(first_stage: FirstStage, mode: str, target_size: tuple[int, int], *
   return resize(low_res_latents, target_size, 'linear' if mode == 'bilinear' else 'nearest')
 
 
-def training_pair(first_stage: FirstStage, images: jax.Array, low_res_size: int,
+def training_pair(first_stage: FirstStage, batch: dict[str, jax.Array], low_res_size: int,
                   mode: str) -> tuple[jax.Array, jax.Array]:
-  """The (x1, x_up) pair of one training batch of high-res images [B, S, S, 3].
+  """The (x1, x_up) pair of one training batch, both [B, S/f, S/f, C], without gradients.
 
-  x1 = E(images) is the target; x_up is the bilinearly downsized image brought back to the target
-  grid with `mode`. Both are [B, S/f, S/f, C] and carry no gradient to the first stage.
+  From images {'image': [B, S, S, 3]}: x1 = E(images) is the target and x_up is the bilinearly
+  downsized image brought back to the target grid with `mode`. A precomputed batch
+  {'x1', 'x_up'} (precompute.py, `identity` mode) is used as it is.
   """
+  if 'x1' in batch:
+    if mode != 'identity':
+      raise ValueError(f"precomputed latents are already upsampled; use 'identity', not {mode!r}.")
+    return batch['x1'], batch['x_up']
+  images = batch['image']
   x1 = jax.lax.stop_gradient(first_stage.encode(images))
   lr = low_res_images(images, low_res_size)
   x_up = upsample(first_stage, mode, x1.shape[1:3], low_res_images=lr)

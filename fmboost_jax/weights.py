@@ -27,8 +27,10 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from fmboost_jax.errors import UserError
@@ -37,6 +39,7 @@ AUTOENCODER_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.
 FULL_MODEL_PREFIX = 'first_stage_model.'
 DIFFUSERS_FILENAME = 'diffusion_pytorch_model.safetensors'
 TORCH_PIN = 'torch==2.13.0'
+ORBAX_MARKER = '_CHECKPOINT_METADATA'  # Present in every finished Orbax checkpoint directory.
 
 _ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out',
                'query': 'q', 'key': 'k', 'value': 'v', 'proj_attn': 'proj_out'}
@@ -250,6 +253,8 @@ def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: A
   target = model_or_abstract_state
   if isinstance(target, nnx.Module):
     target = nnx.state(target, nnx.Param)
+  if os.path.isfile(os.path.join(os.fspath(path), ORBAX_MARKER)):
+    return _load_flax_checkpoint(os.fspath(path), target)
   flat = list(nnx.to_flat_state(target))
   down = {p[2] for p, _ in flat if p[:2] == ('encoder', 'down') and len(p) > 2}
   num_levels = len(down)
@@ -292,3 +297,41 @@ def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: A
         'SD v1 KL-f8 VAE weights and make config.first_stage (ch, ch_mult, num_res_blocks, '
         'z_channels) match them.')
   return nnx.from_flat_state(values)
+
+
+def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
+  """Writes autoencoder parameters (Flax layouts) as an Orbax checkpoint; returns its path.
+
+  The directory must not exist or be empty, so a conversion never overwrites anything.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and os.listdir(directory):
+    raise UserError(f'the output directory {directory} is not empty; choose a new --workdir for '
+                    'the converted weights.')
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, nnx.to_pure_dict(state))
+  return directory
+
+
+def _load_flax_checkpoint(directory: str, target: nnx.State) -> nnx.State:
+  """Restores a `save_flax_checkpoint` directory onto the structure and shapes of `target`."""
+  directory = os.path.abspath(directory)
+  abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
+                          nnx.to_pure_dict(target))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory, abstract)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{directory} is not a converted checkpoint of this autoencoder ({_short(e)}); '
+                    'convert the weights again with --mode=convert and the same '
+                    'config.first_stage settings.') from None
+  bad = [f'{"/".join(map(str, p))} (file {list(a.shape)}, model {list(b.shape)})'
+         for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                   jax.tree_util.tree_flatten_with_path(abstract)[0])
+         if a.shape != b.shape]
+  if bad:
+    raise UserError(f'{directory} does not match the autoencoder of config.first_stage: '
+                    f'{len(bad)} shape mismatches: {_listing(bad)}.')
+  state = jax.tree.map(lambda v: v, target)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
+  return state

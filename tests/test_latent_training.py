@@ -1,8 +1,10 @@
 """Training in the latent space of the (small, random-weight) SD autoencoder through main.py."""
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file as save_safetensors
 
+from fmboost_jax.errors import UserError
 from tests import runs
 from tests.test_autoencoder import random_model
 from tests.test_weights import _ldm_state
@@ -48,3 +50,92 @@ def test_missing_autoencoder_weights_are_one_clear_line(tmp_path):
   proc = runs.run_main(tmp_path / 'w', *vae_flags(tmp_path / 'nope.ckpt'), timeout=120)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   assert 'nope.ckpt' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path):
+  from flax import nnx  # noqa: PLC0415
+
+  from fmboost_jax import weights as weights_lib  # noqa: PLC0415
+  from fmboost_jax.models import autoencoder  # noqa: PLC0415
+
+  source = tmp_path / 'vae.safetensors'
+  save_safetensors(_ldm_state(random_model(seed=7, **VAE)), str(source))
+  out = tmp_path / 'converted'
+  proc = runs.run_main(out, *vae_flags(source), mode='convert', timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'--config.first_stage.weights={out}' in proc.stdout
+
+  abstract = nnx.eval_shape(lambda: autoencoder.AutoencoderKL(**VAE, rngs=nnx.Rngs(0)))
+  original = runs.flat(nnx.to_pure_dict(weights_lib.load_autoencoder_weights(source, abstract)))
+  converted = runs.flat(nnx.to_pure_dict(weights_lib.load_autoencoder_weights(out, abstract)))
+  assert original.keys() == converted.keys() and len(original) > 20
+  for k in original:
+    np.testing.assert_array_equal(original[k], converted[k], err_msg=k)
+
+  # Converting into a non-empty directory never overwrites it.
+  proc = runs.run_main(out, *vae_flags(source), mode='convert', timeout=300)
+  assert proc.returncode == 1 and 'is not empty' in proc.stderr.strip().splitlines()[-1]
+  # A converted checkpoint of another autoencoder is refused with one line.
+  other = dict(VAE, ch_mult=(1, 1))
+  abstract_other = nnx.eval_shape(lambda: autoencoder.AutoencoderKL(**other, rngs=nnx.Rngs(0)))
+  with pytest.raises(UserError, match='shape mismatches|not a converted checkpoint'):
+    weights_lib.load_autoencoder_weights(out, abstract_other)
+
+
+def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
+  import jax  # noqa: PLC0415
+
+  from configs import demo  # noqa: PLC0415
+  from fmboost_jax import input_pipeline, precompute, upsampling  # noqa: PLC0415
+
+  weights = tmp_path / 'vae.safetensors'
+  save_safetensors(_ldm_state(random_model(seed=9, **VAE)), str(weights))
+  out = tmp_path / 'latents'
+  flags = [*vae_flags(weights), '--config.precompute.crops_per_image=2',
+           '--config.precompute.shard_size=10']
+  proc = runs.run_main(out, *flags, mode='precompute', timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  config = demo.get_config('tiny')
+  config.first_stage.update(name='sd_vae', weights=str(weights), ch=32, ch_mult=(1, 2),
+                            num_res_blocks=1)
+  config.precompute.update(crops_per_image=2, shard_size=10)
+  crops = np.stack([input_pipeline.normalize(c) for c in precompute.crops(config)])
+  usable = len(input_pipeline.open_images(config))
+  assert len(crops) == 2 * usable
+  meta = input_pipeline.latents_metadata(_latents_config(config, out))
+  assert meta['num_records'] == 2 * usable and meta['latent_shape'] == [8, 8, 4]
+  assert [s['count'] for s in meta['shards']][:-1] == [16] * (len(meta['shards']) - 1)
+
+  # The image path of the training step, on the same crops, gives the stored tensors.
+  first_stage = upsampling.first_stage_from_config(config)
+  x1, x_up = jax.jit(lambda im: upsampling.training_pair(first_stage, {'image': im}, 8, 'psu'))(
+      crops)
+  stored = input_pipeline._LatentRecords(str(out), meta['shards'])  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.stack([stored[i]['x1'] for i in range(len(crops))]), x1,
+                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.stack([stored[i]['x_up'] for i in range(len(crops))]), x_up,
+                             atol=1e-5, rtol=1e-5)
+
+  # Training from the latents runs and resumes through main.py.
+  train_flags = [*vae_flags(weights), '--config.data.source=latents', f'--config.data.path={out}',
+                 '--config.flow.upsampling_mode=identity']
+  workdir = tmp_path / 'train'
+  proc = runs.run_main(workdir, *train_flags, '--config.train.num_steps=2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = runs.run_main(workdir, *train_flags, '--config.train.num_steps=4')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 2' in proc.stderr
+  assert sorted(runs.scalars(workdir, 'loss')) == [1, 2, 3, 4]
+  assert np.isfinite(list(runs.scalars(workdir, 'val/psnr_model').values())).all()
+
+  # Latents made with another first stage or size are refused with one line.
+  proc = runs.run_main(tmp_path / 'w2', *train_flags, '--config.data.high_res_size=32',
+                       '--config.data.low_res_size=16', timeout=120)
+  assert proc.returncode == 1 and 'high_res_size=16' in proc.stderr.strip().splitlines()[-1]
+
+
+def _latents_config(config, path):
+  c = config.copy_and_resolve_references()
+  c.data.source, c.data.path = 'latents', str(path)
+  return c
