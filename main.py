@@ -19,6 +19,14 @@ flags.DEFINE_enum('mode', 'train', ['train', 'precompute', 'convert'],
                   'the training latents of config.data to --workdir. convert: turn the '
                   'PyTorch autoencoder weights of --config.first_stage.weights into a Flax (Orbax) '
                   'checkpoint in --workdir.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 for multi-process runs (jax.distributed); with '
+                    '--num_processes and --process_id. Unset: a single process, unless '
+                    '--distributed asks JAX to detect the cluster (TPU pods, SLURM).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() with cluster auto-detection.')
 config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -34,6 +42,30 @@ def parse_flags(argv):
     print(f'usage: {argv[0]} --config=configs/demo.py --workdir=DIR [--config.FIELD=VALUE ...]',
           file=sys.stderr)
     sys.exit(2)
+
+
+def initialize_distributed() -> None:
+  """Joins the processes of a multi-host run into one JAX runtime (one global device mesh)."""
+  import jax  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  explicit = FLAGS.coordinator_address is not None
+  if explicit and (FLAGS.num_processes is None or FLAGS.process_id is None):
+    raise UserError('--coordinator_address needs --num_processes and --process_id too.')
+  if explicit and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+    raise UserError(f'--process_id={FLAGS.process_id} must be in [0, {FLAGS.num_processes}).')
+  if jax.config.jax_platforms in (None, '', 'cpu') and explicit:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives across hosts.
+  try:
+    if explicit:
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    else:
+      jax.distributed.initialize()
+  except (RuntimeError, ValueError) as e:
+    raise UserError(f'jax.distributed.initialize failed ({str(e).splitlines()[0][:200]}); check '
+                    'the coordinator address, process count and id, or the cluster environment.') \
+        from None
 
 
 def convert(config, workdir: str) -> None:
@@ -59,6 +91,13 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only writes logs; keep it off accelerators.
   from fmboost_jax import train  # noqa: PLC0415
   from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  if FLAGS.coordinator_address or FLAGS.distributed:
+    try:
+      initialize_distributed()
+    except UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
 
   logging.info('JAX process %d of %d, %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.model_channels = 128
   config.model.channel_mult = (1, 2, 4, 8)
   config.model.num_res_blocks = 3
-  config.model.attention_levels = (3,)  # Level indices (0 = full resolution); the middle always attends.
+  # Level indices (0 = full resolution); the middle block always attends.
+  config.model.attention_levels = (3,)
   config.model.num_heads = 4
   config.model.head_dim = 64
   config.model.compute_dtype = 'float32'  # 'bfloat16' computes in bf16 with float32 master weights.

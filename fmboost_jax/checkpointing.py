@@ -7,6 +7,7 @@ mid-save leaves the previous checkpoint as the latest usable one.
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from fmboost_jax.errors import UserError
@@ -44,6 +45,14 @@ class Checkpointer:
     The iterator is restored in place. Errors propagate: a checkpoint that does not fit the
     target is never silently replaced by a fresh start.
     """
+    data_dir = os.path.join(self.directory, str(step), 'data')
+    saved_by = {name.rsplit('-of-', 1)[-1].split('.')[0] for name in os.listdir(data_dir)
+                if name.startswith('process_')} if os.path.isdir(data_dir) else set()
+    if saved_by and saved_by != {str(jax.process_count())}:
+      raise UserError(
+          f'the checkpoint at step {step} in {self.directory} holds the data-iterator positions of '
+          f'{"/".join(sorted(saved_by))} processes, but this run has {jax.process_count()}; resume '
+          'with the same number of processes.')
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))

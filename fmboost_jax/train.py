@@ -169,14 +169,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.train[name] < 1:
       raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
   if config.data.num_val_images % config.data.batch_size:
-    raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a multiple of '
-                    f'config.data.batch_size={config.data.batch_size}.')
+    raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a multiple '
+                    f'of config.data.batch_size={config.data.batch_size}.')
 
 
 def ensure_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -283,7 +283,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       out_shardings=(state_sharding, replicated),
       donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
-  # Validation starts from images; with precomputed latents it upsamples them the way they were made.
+  # Validation starts from images; with precomputed latents it upsamples them as they were made.
   eval_config = config.copy_and_resolve_references()
   if config.data.source == 'latents':
     eval_config.flow.upsampling_mode = input_pipeline.latents_metadata(config)['upsampling_mode']

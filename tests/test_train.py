@@ -133,7 +133,8 @@ def _error_line(proc):
 @pytest.mark.parametrize('overrides,devices,expected', [
     (['--config.trian.num_steps=3'], 1, 'Did you mean "train"'),
     (['--config.data.low_res_size=6'], 1, 'low_res_size'),
-    (['--config.data.batch_size=12', '--config.data.num_val_images=12'], 8, 'not divisible by the 8'),
+    (['--config.data.batch_size=12', '--config.data.num_val_images=12'], 8,
+     'not divisible by the 8'),
     (['--config.data.source=folder', '--config.data.path=/nonexistent/photos'], 1,
      '/nonexistent/photos'),
     (['--config.flow.objective=dm'], 1, 'objective'),
