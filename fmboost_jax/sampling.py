@@ -64,8 +64,8 @@ class Solution(NamedTuple):
 
 def _tolerances(sample_config: ml_collections.ConfigDict) -> dict:
   return {'rtol': sample_config.get('rtol', DEFAULT_RTOL),
-              'atol': sample_config.get('atol', DEFAULT_ATOL),
-              'max_steps': sample_config.get('max_steps', DEFAULT_MAX_STEPS)}
+          'atol': sample_config.get('atol', DEFAULT_ATOL),
+          'max_steps': sample_config.get('max_steps', DEFAULT_MAX_STEPS)}
 
 
 def _check(solver, nfe, rtol, atol, max_steps, prefix: str) -> None:

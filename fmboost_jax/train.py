@@ -135,9 +135,13 @@ def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax
   low_res = upsampling.low_res_images(images, config.data.low_res_size)
   bilinear = upsampling.resize(low_res, size, 'linear')
   latent_size = (size[0] // first_stage.factor, size[1] // first_stage.factor)
-  model_out = sampling.boost(velocity_fn(graphdef, params), first_stage, low_res, latent_size,
-                             key, config.flow, config.sample)
+  model_out, solution = sampling.boost(velocity_fn(graphdef, params), first_stage, low_res,
+                                       latent_size, key, config.flow, config.sample,
+                                       return_solution=True)
+  per_image = lambda v: jnp.broadcast_to(v.astype(jnp.float32), images.shape[:1])  # noqa: E731
   scores = {
+      'nfe': per_image(solution.nfe),
+      'solver_ok': per_image(solution.ok),
       'psnr_bilinear': metrics.psnr(bilinear, images),
       'psnr_model': metrics.psnr(model_out, images),
       'ssim_bilinear': metrics.ssim(bilinear, images),
