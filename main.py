@@ -32,6 +32,15 @@ config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections confi
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def exit_now(code: int) -> None:
+  """Exits after a user error without interpreter teardown, where background threads of
+  libraries (Orbax's async machinery after a refused restore) would print tracebacks after the one
+  error line. Everything the run wrote has been flushed or waited for by then."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def parse_flags(argv):
   """Parses flags; a bad flag or config override is one line on stderr and exit code 2."""
   try:
@@ -114,7 +123,7 @@ def main(argv):
       convert(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    exit_now(1)
 
 
 if __name__ == '__main__':

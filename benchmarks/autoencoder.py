@@ -76,7 +76,8 @@ def worker(method: str, op: str, size: int, repeats: int) -> dict:
     x = jnp.asarray(_input(op, size, nchw=False))
     baseline = _reset_peak()
     start = time.perf_counter()
-    compiled = jax.jit(lambda s, v: getattr(nnx.merge(graphdef, s), op)(v)).lower(state, x).compile()
+    fn = jax.jit(lambda s, v: getattr(nnx.merge(graphdef, s), op)(v))
+    compiled = fn.lower(state, x).compile()
     result.update(compile_s=time.perf_counter() - start, compile_rss=_peak_mib(baseline))
     stats = compiled.memory_analysis()
     if stats is not None:
@@ -127,12 +128,13 @@ def _header(argv: list) -> str:
   v = importlib.metadata.version
   cores = f'{os.cpu_count()} logical cores, {len(os.sched_getaffinity(0))} usable'
   return (f'Machine: {cpu}, {cores}. Date: {datetime.datetime.now():%Y-%m-%d %H:%M}. '
-          f'jax {v("jax")}, flax {v("flax")}, torch {v("torch")}, diffusers {v("diffusers")}.\n\n'
+          f'jax {v("jax")}, flax {v("flax")}, torch {v("torch")}, '
+          f'diffusers {v("diffusers")}.\n\n'
           f'Command: `{shlex.join([os.path.relpath(sys.executable, REPO), *argv])}`\n\n'
-          'SD v1 KL-f8 autoencoder, random weights, float32, batch 1, CPU. Size is the image edge in '
-          'pixels (decode: a size/8 latent). Median of the timed runs after one warm-up. Peak RSS: '
-          'increase of the process peak RSS during warm-up and timed runs, each row in a fresh '
-          'process; compile RSS: the same during JAX lower+compile. XLA temp / args+out: '
+          'SD v1 KL-f8 autoencoder, random weights, float32, batch 1, CPU. Size is the image edge '
+          'in pixels (decode: a size/8 latent). Median of the timed runs after one warm-up. '
+          'Peak RSS: increase of the process peak RSS during warm-up and timed runs, each row in '
+          'a fresh process; compile RSS: the same during JAX lower+compile. XLA temp / args+out: '
           '`compiled.memory_analysis()` (args include the weights: 130 MiB encoder, 189 MiB '
           'decoder). Tiled rows use the `decode_tiled` / `encode_tiled` '
           'defaults (64/16 latent, 512/128 px tiles/overlap).\n')

@@ -53,9 +53,16 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} holds the data-iterator positions of '
           f'{"/".join(sorted(saved_by))} processes, but this run has {jax.process_count()}; resume '
           'with the same number of processes.')
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except (ValueError, KeyError, TypeError) as e:
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:200]
+      raise UserError(
+          f'the checkpoint at step {step} in {self.directory} does not fit this config '
+          f'({first_line}); train with the config it was made with (config.json in the workdir) '
+          'or choose a new --workdir.') from e
     return restored['state']
 
   def wait(self) -> None:

@@ -178,3 +178,11 @@ def test_the_model_learns_to_upsample(tmp_path):
   assert psnr[400] > psnr[100] + 2.0 and ssim[400] > ssim[100] + 0.05
   assert abs(psnr[400] - runs.scalars(tmp_path, 'val/psnr_bilinear')[400]) < 1.5
   assert 'Held-out results at step 400 (8 images)' in proc.stdout
+
+
+def test_resuming_with_another_model_is_one_clear_line(tmp_path):
+  proc = runs.run_main(tmp_path, '--config.train.num_steps=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = runs.run_main(tmp_path, '--config.train.num_steps=2', '--config.model.model_channels=64')
+  assert 'does not fit this config' in _error_line(proc)
+  assert runs.checkpoint_steps(tmp_path) == [1]
