@@ -53,6 +53,7 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} holds the data-iterator positions of '
           f'{"/".join(sorted(saved_by))} processes, but this run has {jax.process_count()}; resume '
           'with the same number of processes.')
+    self._check_fits(step, abstract_state)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -65,9 +66,33 @@ class Checkpointer:
           'or choose a new --workdir.') from e
     return restored['state']
 
+  def _check_fits(self, step: int, abstract_state) -> None:
+    """Compares the saved arrays' names and shapes with the target before restoring anything."""
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(os.path.join(self.directory, str(step), 'state'))
+    saved = _shapes(getattr(saved, 'item_metadata', saved))
+    wanted = _shapes(abstract_state)
+    problems = [f'{k} (saved {saved.get(k)}, config {wanted.get(k)})'
+                for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+    if problems:
+      listed = '; '.join(problems[:3]) + (f'; and {len(problems) - 3} more' if len(problems) > 3
+                                          else '')
+      raise UserError(
+          f'the checkpoint at step {step} in {self.directory} does not fit this config '
+          f'({listed}); train with the config it was made with (config.json in the workdir) or '
+          'choose a new --workdir.')
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
 
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'params/input_blocks/0/kernel' -> shape, for every array of a state or its metadata."""
+  def name(key):
+    return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
