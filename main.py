@@ -14,11 +14,16 @@ from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'precompute', 'convert'],
-                  'train: train and evaluate in --workdir (resuming from it). precompute: write '
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'precompute', 'convert'],
+                  'train: train and evaluate in --workdir (resuming from it). sample: boost '
+                  '--inputs with the checkpoint in --workdir (or config.sample.stages) into '
+                  '--outdir. precompute: write '
                   'the training latents of config.data to --workdir. convert: turn the '
                   'PyTorch autoencoder weights of --config.first_stage.weights into a Flax (Orbax) '
                   'checkpoint in --workdir.')
+flags.DEFINE_list('inputs', [], '--mode=sample: image or .npy/.npz latent files or folders '
+                  '(comma-separated), or skimage for the bundled photographs.')
+flags.DEFINE_string('outdir', None, '--mode=sample: output folder (default WORKDIR/boosted).')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for multi-process runs (jax.distributed); with '
                     '--num_processes and --process_id. Unset: a single process, unless '
@@ -113,6 +118,9 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'sample':
+      from fmboost_jax import inference  # noqa: PLC0415
+      inference.sample(FLAGS.config, FLAGS.workdir, FLAGS.inputs, FLAGS.outdir)
     elif FLAGS.mode == 'precompute':
       from fmboost_jax import precompute  # noqa: PLC0415
       meta = precompute.precompute(FLAGS.config, FLAGS.workdir)

@@ -87,6 +87,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.rtol = 1e-3  # dopri5 only.
   config.sample.atol = 1e-6
   config.sample.max_steps = 4096
+  # main.py --mode=sample (fmboost_jax/inference.py).
+  # Cascade: 'WORKDIR[,solver=..,nfe=..,rtol=..,atol=..,max_steps=..];WORKDIR2[,...]', applied in
+  # turn (each a --mode=train workdir; unset settings come from the fields above). '' = --workdir.
+  config.sample.stages = ''
+  config.sample.batch_size = 8  # Inputs per solve (padded to a multiple of the devices).
+  config.sample.seed = 0  # Noise augmentation of the source.
+  config.sample.latents_scaled = True  # .npy/.npz latents are already times scale_factor.
+  config.sample.input_size = 0  # > 0 resizes input images so their longer side is this many px.
+  config.sample.figure = False  # Also write figures/NAME.png: low-res | bilinear | model.
+  config.sample.trajectory = 0  # K >= 2 adds the ODE states at K times in [0, 1] to the figure.
 
   # Device mesh: -1 fills the remaining devices.
   config.mesh = ml_collections.ConfigDict()

@@ -53,7 +53,8 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} holds the data-iterator positions of '
           f'{"/".join(sorted(saved_by))} processes, but this run has {jax.process_count()}; resume '
           'with the same number of processes.')
-    self._check_fits(step, abstract_state)
+    _check_fits(os.path.join(self.directory, str(step), 'state'), abstract_state,
+                f'the checkpoint at step {step} in {self.directory}')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -66,28 +67,53 @@ class Checkpointer:
           'or choose a new --workdir.') from e
     return restored['state']
 
-  def _check_fits(self, step: int, abstract_state) -> None:
-    """Compares the saved arrays' names and shapes with the target before restoring anything."""
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(os.path.join(self.directory, str(step), 'state'))
-    saved = _shapes(getattr(saved, 'item_metadata', saved))
-    wanted = _shapes(abstract_state)
-    problems = [f'{k} (saved {saved.get(k)}, config {wanted.get(k)})'
-                for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
-    if problems:
-      listed = '; '.join(problems[:3]) + (f'; and {len(problems) - 3} more' if len(problems) > 3
-                                          else '')
-      raise UserError(
-          f'the checkpoint at step {step} in {self.directory} does not fit this config '
-          f'({listed}); train with the config it was made with (config.json in the workdir) or '
-          'choose a new --workdir.')
-
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
 
+
+def latest_step(directory: str) -> int | None:
+  """The newest complete checkpoint in `directory` (Orbax renames a step's directory to its number
+  only once it is fully written), or None."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return max(steps) if steps else None
+
+
+def restore_subtree(directory: str, step: int, name: str, abstract):
+  """Restores only `state[name]` of the checkpoint at `step` onto `abstract` (ShapeDtypeStructs
+  with shardings), e.g. the EMA weights for inference without the optimizer state."""
+  path = os.path.join(os.path.abspath(directory), str(step), 'state')  # Orbax needs absolute paths.
+  what = f'the checkpoint at step {step} in {directory}'
+  _check_fits(path, {name: abstract}, what, only=name)
+  target = {name: abstract}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  return restored[name]
+
+
+def _check_fits(path: str, abstract, what: str, only: str | None = None) -> None:
+  """Compares the saved arrays' names and shapes with the target before restoring anything
+  (only those under the top-level key `only`, if given)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path)
+  saved = _shapes(getattr(saved, 'item_metadata', saved))
+  if only is not None:
+    saved = {k: v for k, v in saved.items() if k.split('/', 1)[0] == only}
+  wanted = _shapes(abstract)
+  problems = [f'{k} (saved {saved.get(k)}, config {wanted.get(k)})'
+              for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+  if problems:
+    listed = '; '.join(problems[:3]) + (f'; and {len(problems) - 3} more' if len(problems) > 3
+                                        else '')
+    raise UserError(
+        f'{what} does not fit this config ({listed}); use the config it was made with '
+        '(config.json in the workdir) or choose a new --workdir.')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -160,26 +160,36 @@ def solve(velocity_fn: flow.VelocityFn, x0: jax.Array, context: jax.Array, *, so
   return Solution(x1=ys_end[-1], nfe=jnp.asarray(spent, jnp.int32), ok=ok, trajectory=trajectory)
 
 
+def boost_latents(velocity_fn: flow.VelocityFn, first_stage: upsampling.FirstStage,
+                  target_size: tuple[int, int], key: jax.Array,
+                  flow_config: ml_collections.ConfigDict, sample_config: ml_collections.ConfigDict,
+                  *, low_res_images: jax.Array | None = None,
+                  low_res_latents: jax.Array | None = None, save_trajectory: int = 0) -> Solution:
+  """Lifts a low-res input to the high-res latent grid [B, *target_size, C]; returns the `Solution`.
+
+  The input is low-res images [B, h, w, 3] or latents [B, h', w', C] of the first stage. The source
+  is built exactly as in training (upsampling mode, fresh noise augmentation from `key`);
+  regression objectives take the single step they were trained for. `save_trajectory` as in `solve`.
+  """
+  x_up = upsampling.upsample(first_stage, flow_config.upsampling_mode, target_size,
+                             low_res_images=low_res_images, low_res_latents=low_res_latents)
+  x0, context = flow.source_and_context(x_up, key, flow_config)
+  if flow_config.objective in ('l1', 'l2'):
+    return solve(velocity_fn, x0, context, solver='euler', nfe=1, save_trajectory=save_trajectory)
+  return solve(velocity_fn, x0, context, solver=sample_config.solver, nfe=sample_config.nfe,
+               save_trajectory=save_trajectory, **_tolerances(sample_config))
+
+
 def boost(velocity_fn: flow.VelocityFn, first_stage: upsampling.FirstStage,
           low_res_images: jax.Array, target_size: tuple[int, int], key: jax.Array,
           flow_config: ml_collections.ConfigDict, sample_config: ml_collections.ConfigDict, *,
           return_solution: bool = False) -> jax.Array | tuple[jax.Array, Solution]:
   """Lifts low-res images [B, h, w, 3] to high-res images [B, *target_size * f, 3].
 
-  The source is built exactly as in training (upsampling mode, fresh noise augmentation from
-  `key`); regression objectives take the single step they were trained for.
-
   With return_solution=True also returns the `Solution` (latent x1, NFE spent, ok flag), so the
   caller can log the NFE and see a dopri5 run that hit max_steps.
   """
-  x_up = upsampling.upsample(first_stage, flow_config.upsampling_mode, target_size,
-                             low_res_images=low_res_images)
-  x0, context = flow.source_and_context(x_up, key, flow_config)
-  regression = flow_config.objective in ('l1', 'l2')
-  if regression:
-    solution = solve(velocity_fn, x0, context, solver='euler', nfe=1)
-  else:
-    solution = solve(velocity_fn, x0, context, solver=sample_config.solver, nfe=sample_config.nfe,
-                     **_tolerances(sample_config))
+  solution = boost_latents(velocity_fn, first_stage, target_size, key, flow_config, sample_config,
+                           low_res_images=low_res_images)
   images = first_stage.decode(solution.x1)
   return (images, solution) if return_solution else images

@@ -29,11 +29,16 @@ class FirstStage(Protocol):
 
   channels: int
   factor: int
+  scale_factor: float  # Latents are the first stage's raw latents times this.
 
   def encode(self, images: jax.Array) -> jax.Array:
     ...
 
   def decode(self, latents: jax.Array) -> jax.Array:
+    ...
+
+  def decode_tiled(self, latents: jax.Array) -> jax.Array:
+    """`decode` in bounded memory, for large outputs."""
     ...
 
 
@@ -42,11 +47,15 @@ class IdentityFirstStage(nnx.Module):
 
   channels = 3
   factor = 1
+  scale_factor = 1.0
 
   def encode(self, images: jax.Array) -> jax.Array:
     return images
 
   def decode(self, latents: jax.Array) -> jax.Array:
+    return latents
+
+  def decode_tiled(self, latents: jax.Array) -> jax.Array:
     return latents
 
 
