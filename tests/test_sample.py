@@ -1,0 +1,223 @@
+"""`main.py --mode=sample` (fmboost_jax/inference.py) on checkpoints trained here, 8 fake devices.
+
+The tiny demo config boosts 8 px to 16 px (scale 2) in pixel space; the latent stage uses a small
+random-weight autoencoder with factor 2 (8x8 px <-> 4x4x4 latents).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file as save_safetensors
+
+from configs import demo
+from fmboost_jax import inference, input_pipeline, metrics, sampling, train, upsampling
+from fmboost_jax.errors import UserError
+from tests import runs
+from tests.test_autoencoder import random_model
+from tests.test_weights import _ldm_state
+
+
+def _train(workdir, **overrides):
+  config = demo.get_config('tiny')
+  config.train.num_steps = 2
+  config.train.checkpoint_every = 2
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  train.train_and_evaluate(config, str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def stages(tmp_path_factory):
+  """Two pixel-space stages (8 -> 16 px and 16 -> 32 px) and a latent one (8 -> 16 px)."""
+  root = tmp_path_factory.mktemp('stages')
+  weights = root / 'vae.safetensors'
+  save_safetensors(_ldm_state(random_model(seed=5, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                           z_channels=4)), str(weights))
+  return {
+      'pixel': _train(root / 'pixel'),
+      'pixel_16_to_32': _train(root / 'pixel2', data__high_res_size=32, data__low_res_size=16),
+      'latent': _train(root / 'latent', first_stage__name='sd_vae',
+                       first_stage__weights=str(weights), first_stage__ch=32,
+                       first_stage__ch_mult=(1, 2), first_stage__num_res_blocks=1),
+  }
+
+
+def _sample_config(**sample):
+  config = demo.get_config('tiny')
+  for k, v in sample.items():
+    config.sample[k] = v
+  return config
+
+
+def _write_png(path, h, w, seed, mode='RGB'):
+  rng = np.random.default_rng(seed)
+  array = rng.integers(0, 256, (h, w, 3 if mode == 'RGB' else 1), dtype=np.uint8)
+  Image.fromarray(array if mode == 'RGB' else array[..., 0], mode).save(path)
+  return array
+
+
+def _png(path) -> np.ndarray:
+  return np.asarray(Image.open(path))
+
+
+def test_outputs_are_named_after_inputs_exactly_twice_the_size_and_summarised(stages, tmp_path,
+                                                                             capsys):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  _write_png(inputs / 'a.png', 8, 8, 0)
+  _write_png(inputs / 'b.png', 8, 8, 1)
+  _write_png(inputs / 'odd.png', 7, 5, 2)  # Padded for the network, cropped back: 14 x 10.
+  _write_png(inputs / 'gray.png', 8, 8, 3, mode='L')
+  (inputs / 'broken.png').write_bytes(b'not an image')
+  out = tmp_path / 'out'
+  summary = inference.sample(_sample_config(figure=True), stages['pixel'], [str(inputs)], str(out))
+
+  assert sorted(os.listdir(out)) == ['a.png', 'b.png', 'figures', 'gray.png', 'odd.png',
+                                     'summary.json']
+  assert _png(out / 'a.png').shape == (16, 16, 3)
+  assert _png(out / 'odd.png').shape == (14, 10, 3)
+  assert _png(out / 'figures' / 'odd.png').shape == (14, 30, 3)  # low-res | bilinear | model.
+  assert 'skipping' in capsys.readouterr().err
+  with open(out / 'summary.json') as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(summary))
+  assert summary['devices'] == 8 and summary['num_images'] == 4
+  assert summary['stages'][0]['step'] == 2 and summary['stages'][0]['weights'] == 'ema_params'
+  by_name = {r['output']: r for r in summary['images']}
+  assert by_name['odd.png']['input_size'] == [7, 5]
+  assert by_name['odd.png']['output_size'] == [14, 10]
+  for record in summary['images']:
+    assert record['nfe'] == [2] and record['solver_ok'] == [True] and record['seconds'] > 0
+
+
+def test_output_is_the_sampler_applied_to_the_source_built_as_in_training(stages, tmp_path):
+  """One input, padded to the 8 devices: the PNG is `sampling.boost` with the documented key."""
+  image = _write_png(tmp_path / 'x.png', 8, 8, 7)
+  config = _sample_config(seed=11)
+  inference.sample(config, stages['pixel'], [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
+
+  stage = inference.load_stage(stages['pixel'], config.sample,
+                               jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  x = np.repeat(input_pipeline.normalize(image)[None], 8, axis=0)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(11), 0), 0)
+  expected = sampling.boost(train.velocity_fn(stage.graphdef, stage.params),
+                            upsampling.IdentityFirstStage(), x, (16, 16), key, stage.config.flow,
+                            config.sample)
+  expected = np.asarray(metrics.to_uint8(expected[0]))
+  got = _png(tmp_path / 'out' / 'x.png')
+  assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_same_seed_same_output_other_seed_other_output(stages, tmp_path):
+  _write_png(tmp_path / 'x.png', 8, 8, 4)
+  outputs = {}
+  for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+    inference.sample(_sample_config(seed=seed), stages['pixel'], [str(tmp_path / 'x.png')],
+                     str(tmp_path / name))
+    outputs[name] = _png(tmp_path / name / 'x.png')
+  np.testing.assert_array_equal(outputs['a'], outputs['b'])
+  assert np.abs(outputs['a'].astype(int) - outputs['c'].astype(int)).max() > 0
+
+
+def test_latent_files_nchw_and_nhwc_npy_and_npz(stages, tmp_path):
+  rng = np.random.default_rng(0)
+  np.save(tmp_path / 'batch.npy', rng.normal(size=(2, 3, 8, 8)).astype(np.float32))  # NCHW.
+  np.save(tmp_path / 'one.npy', rng.normal(size=(6, 4, 3)).astype(np.float32))  # HWC.
+  np.savez(tmp_path / 'z.npz', first=rng.normal(size=(3, 8, 8)), second=rng.normal(size=(3, 8, 8)))
+  summary = inference.sample(_sample_config(), stages['pixel'], [str(tmp_path)],
+                             str(tmp_path / 'out'))
+  assert sorted(r['output'] for r in summary['images']) == [
+      'batch_0.png', 'batch_1.png', 'one.png', 'z_first.png', 'z_second.png']
+  assert _png(tmp_path / 'out' / 'one.png').shape == (12, 8, 3)
+  assert _png(tmp_path / 'out' / 'z_first.png').shape == (16, 16, 3)
+
+
+def test_two_stage_cascade_multiplies_the_sizes_with_per_stage_solvers(stages, tmp_path):
+  _write_png(tmp_path / 'x.png', 8, 8, 5)
+  config = _sample_config(stages=f"{stages['pixel']};{stages['pixel_16_to_32']},solver=heun,nfe=4",
+                          figure=True, trajectory=3)
+  summary = inference.sample(config, 'unused', [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
+  assert _png(tmp_path / 'out' / 'x.png').shape == (32, 32, 3)
+  # low-res | bilinear | model | 3 trajectory states of the last stage.
+  assert _png(tmp_path / 'out' / 'figures' / 'x.png').shape == (32, 6 * 32, 3)
+  assert summary['images'][0]['nfe'] == [2, 4]
+  assert [s['solver'] for s in summary['stages']] == ['euler', 'heun']
+
+
+def test_latent_stage_takes_unscaled_latents_and_images(stages, tmp_path):
+  config = _sample_config(latents_scaled=False)
+  rng = np.random.default_rng(1)
+  np.save(tmp_path / 'z.npy', rng.normal(size=(1, 4, 4, 4)).astype(np.float32))
+  _write_png(tmp_path / 'x.png', 8, 8, 6)
+  summary = inference.sample(config, stages['latent'], [str(tmp_path)], str(tmp_path / 'out'))
+  assert _png(tmp_path / 'out' / 'z.png').shape == (16, 16, 3)
+  assert _png(tmp_path / 'out' / 'x.png').shape == (16, 16, 3)
+  assert {r['kind'] for r in summary['images']} == {'image', 'latent'}
+  np.save(tmp_path / 'bad.npy', np.zeros((1, 3, 5, 5), np.float32))
+  with pytest.raises(UserError, match=r'without the 4 channels'):
+    inference.sample(config, stages['latent'], [str(tmp_path / 'bad.npy')], str(tmp_path / 'o2'))
+
+
+@pytest.mark.parametrize('case, match', [
+    ('no_checkpoint', 'holds no checkpoint'),
+    ('no_config', 'holds no config.json'),
+    ('empty_folder', 'holds no images'),
+    ('missing_input', 'does not exist'),
+    ('unreadable_only', 'none of the 1 input files could be read'),
+    ('bad_stage_setting', "has the setting 'steps=3'"),
+    ('bad_stage_nfe', 'stage 1 .*nfe=3 is odd'),
+    ('trajectory_one', 'trajectory=1 must be'),
+])
+def test_bad_input_is_one_clear_error(stages, tmp_path, case, match):
+  workdir, inputs, config = stages['pixel'], [str(tmp_path / 'x.png')], _sample_config()
+  _write_png(tmp_path / 'x.png', 8, 8, 0)
+  if case == 'no_checkpoint':
+    os.makedirs(tmp_path / 'w')
+    with open(tmp_path / 'w' / 'config.json', 'w') as f:
+      f.write(demo.get_config('tiny').to_json())
+    workdir = str(tmp_path / 'w')
+  elif case == 'no_config':
+    workdir = str(tmp_path)
+  elif case == 'empty_folder':
+    os.makedirs(tmp_path / 'empty')
+    inputs = [str(tmp_path / 'empty')]
+  elif case == 'missing_input':
+    inputs = [str(tmp_path / 'nope.png')]
+  elif case == 'unreadable_only':
+    (tmp_path / 'bad.jpg').write_bytes(b'\xff\xd8 truncated')
+    inputs = [str(tmp_path / 'bad.jpg')]
+  elif case == 'bad_stage_setting':
+    config.sample.stages = f'{workdir},steps=3'
+  elif case == 'bad_stage_nfe':
+    config.sample.stages = f'{workdir},solver=heun,nfe=3'
+  elif case == 'trajectory_one':
+    config.sample.trajectory = 1
+  with pytest.raises(UserError, match=match):
+    inference.sample(config, workdir, inputs, str(tmp_path / 'out'))
+  assert not os.path.exists(tmp_path / 'out' / 'summary.json')
+
+
+def test_command_line_error_is_one_line_and_exit_code_1(tmp_path):
+  proc = runs.run_main(tmp_path, '--inputs=x.png', mode='sample', timeout=120)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path} holds no config.json; point --workdir (or a stage of '
+      'config.sample.stages) at the workdir of a --mode=train run.')
+
+
+def test_params_restored_for_sampling_are_the_checkpoints_ema_weights(stages):
+  config = _sample_config()
+  stage = inference.load_stage(stages['pixel'], config.sample,
+                               jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  unquoted = lambda tree: {k.replace("'", ''): v for k, v in runs.flat(tree).items()}  # noqa: E731
+  saved = unquoted(runs.restore_state(stages['pixel'], 2)['ema_params'])
+  restored = unquoted(stage.params)
+  assert len(saved) == len(restored) > 10
+  for k, v in saved.items():
+    np.testing.assert_array_equal(restored[k], v)
