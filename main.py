@@ -68,6 +68,11 @@ def initialize_distributed() -> None:
     raise UserError('--coordinator_address needs --num_processes and --process_id too.')
   if explicit and not 0 <= FLAGS.process_id < FLAGS.num_processes:
     raise UserError(f'--process_id={FLAGS.process_id} must be in [0, {FLAGS.num_processes}).')
+  slurm_tasks = os.environ.get('SLURM_NTASKS') if 'SLURM_JOB_ID' in os.environ else None
+  if explicit and slurm_tasks and int(slurm_tasks) != FLAGS.num_processes:
+    raise UserError(f'--num_processes={FLAGS.num_processes} disagrees with SLURM_NTASKS='
+                    f'{slurm_tasks} of this SLURM job; use --distributed without the explicit '
+                    'flags, or make them agree.')
   if jax.config.jax_platforms in (None, '', 'cpu') and explicit:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives across hosts.
   try:
@@ -113,6 +118,9 @@ def main(argv):
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
 
+  if FLAGS.config.train.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.config.train.compilation_cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   logging.info('JAX process %d of %d, %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:

@@ -98,9 +98,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.figure = False  # Also write figures/NAME.png: low-res | bilinear | model.
   config.sample.trajectory = 0  # K >= 2 adds the ODE states at K times in [0, 1] to the figure.
 
-  # Device mesh: -1 fills the remaining devices.
+  # Device mesh (data x fsdp = all devices; one axis may be -1 to fill). The batch is split over
+  # both axes; state arrays of at least fsdp_min_size elements are split over fsdp along their
+  # largest divisible dimension, the rest replicated (fmboost_jax/sharding.py).
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.fsdp_min_size = 2**18
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 500_000
@@ -109,5 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 10_000
   config.train.keep_checkpoints = 3  # The latest ones; 0 keeps all.
   config.train.num_grid_images = 8
+  # Persistent XLA compilation cache shared by runs (e.g. on storage all hosts see); '' disables.
+  config.train.compilation_cache_dir = ''
+  # > 0: a profiler trace (TensorBoard / Perfetto) of this many steps, from the second step on,
+  # in WORKDIR/profile.
+  config.train.profile_steps = 0
 
   return config

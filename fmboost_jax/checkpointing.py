@@ -4,6 +4,7 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 mid-save leaves the previous checkpoint as the latest usable one.
 """
 
+import json
 import os
 
 import grain
@@ -46,25 +47,35 @@ class Checkpointer:
     target is never silently replaced by a fresh start.
     """
     data_dir = os.path.join(self.directory, str(step), 'data')
-    saved_by = {name.rsplit('-of-', 1)[-1].split('.')[0] for name in os.listdir(data_dir)
-                if name.startswith('process_')} if os.path.isdir(data_dir) else set()
-    if saved_by and saved_by != {str(jax.process_count())}:
+    positions = {}
+    for name in (os.listdir(data_dir) if os.path.isdir(data_dir) else []):
+      if name.startswith('process_'):
+        with open(os.path.join(data_dir, name)) as f:
+          positions[name] = json.loads(f.read())
+    saved_by = {name.rsplit('-of-', 1)[-1].split('.')[0] for name in positions}
+    other_count = bool(saved_by) and saved_by != {str(jax.process_count())}
+    if other_count and any(p != next(iter(positions.values())) for p in positions.values()):
       raise UserError(
-          f'the checkpoint at step {step} in {self.directory} holds the data-iterator positions of '
-          f'{"/".join(sorted(saved_by))} processes, but this run has {jax.process_count()}; resume '
-          'with the same number of processes.')
+          f'the checkpoint at step {step} in {self.directory} holds different data-iterator '
+          f'positions for its {"/".join(sorted(saved_by))} processes, so it cannot resume with '
+          f'{jax.process_count()}; resume with the same number of processes.')
     _check_fits(os.path.join(self.directory, str(step), 'state'), abstract_state,
                 f'the checkpoint at step {step} in {self.directory}')
+    # The iterator position is the same on every process (input_pipeline.create_train_dataset),
+    # so a checkpoint of another process count resumes from that one position.
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if not other_count:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
       first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:200]
       raise UserError(
           f'the checkpoint at step {step} in {self.directory} does not fit this config '
           f'({first_line}); train with the config it was made with (config.json in the workdir) '
           'or choose a new --workdir.') from e
+    if other_count:
+      data_iterator.set_state(next(iter(positions.values())))
     return restored['state']
 
   def wait(self) -> None:

@@ -21,11 +21,10 @@ Sources (`config.data.source`):
     feature, decoded lazily; too small images are skipped on the fly. Nothing is ever downloaded.
 
 Training pipeline (grain, checkpointable with `grain.checkpoint.CheckpointSave/CheckpointRestore`):
-  MapDataset.source -> per-process shard -> shuffle -> repeat(None) -> random_map (random crop in
-  the training region + random horizontal flip) -> to_iter_dataset(ReadOptions) -> batch.
-Batching happens after `to_iter_dataset` so that the worker threads decode single images in
-parallel, too small tfds images can be dropped without breaking a batch, and
-`config.data.prefetch_buffer_size` counts images rather than whole batches.
+  MapDataset.range -> shuffle -> repeat(None) -> random_map (read the record; random crop in the
+  training region + random horizontal flip) -> batch(B_local) -> this process's local batches
+  [p::P] -> to_iter_dataset(ReadOptions). The stream and its global batches do not depend on the
+  number of processes (`create_train_dataset`); worker threads prepare whole local batches.
 
 Pixel conversion: grayscale -> RGB by replication; alpha (RGBA, LA, palette with transparency) is
 composited on white; 16-bit images keep their high byte (v >> 8, as Pillow does for 16-bit colour
@@ -87,6 +86,9 @@ _MIN_VAL_TILE_STD = 0.02
 
 # How many shard records are probed at start-up for one usable tfds image before giving up.
 _TFDS_PROBE_LIMIT = 64
+# A too small (tfds) image at stream position i is replaced by record i + k * stride, k = 1, 2, ...
+_MAX_SUBSTITUTES = 64
+_SUBSTITUTE_STRIDE = 7919
 
 
 class DataError(errors.UserError, ValueError):
@@ -306,17 +308,6 @@ def _spread_order(n: int) -> list[int]:
     bits = max(1, (n - 1).bit_length())
     return int(format(j, f'0{bits}b')[::-1], 2)
   return sorted(range(n), key=lambda j: (bit_reversed(j), j))
-
-
-def _train_example(image: np.ndarray | None, rng: np.random.Generator,
-                   size: int) -> dict[str, np.ndarray] | None:
-  """random_map transform: crop + horizontal flip; None (dropped) for a missing or small image."""
-  if image is None or not is_usable(image.shape[0], image.shape[1], size):
-    return None
-  crop = random_crop(image, size, rng)
-  if rng.random() < 0.5:
-    crop = crop[:, ::-1]
-  return {'image': normalize(crop)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,53 +619,70 @@ def _seed(config: ml_collections.ConfigDict, *salt: int) -> int:
   return int(np.random.SeedSequence([config.seed, *salt]).generate_state(1)[0])
 
 
+def _train_example(index: int, rng: np.random.Generator, *, source: Sequence[Any],
+                   size: int | None) -> dict[str, np.ndarray]:
+  """random_map transform of one global stream position: the record at `index` (precomputed latents
+  as they are; images randomly cropped in the training region and flipped). A missing or too small
+  image (tfds checks sizes lazily) is replaced by a deterministic substitute, so that every stream
+  position yields an example and the stream never depends on how it is split over processes."""
+  for attempt in range(_MAX_SUBSTITUTES):
+    record = source[(index + attempt * _SUBSTITUTE_STRIDE) % len(source)]
+    if size is None:
+      return record
+    if record is not None and is_usable(record.shape[0], record.shape[1], size):
+      crop = random_crop(record, size, rng)
+      if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+      return {'image': normalize(crop)}
+  raise DataError(f'{_MAX_SUBSTITUTES} images in a row near record {index} are all smaller than '
+                  f'{2 * size}x{size} px; lower config.data.high_res_size or use larger images.')
+
+
 def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
-  """Builds this process's infinite training dataset.
+  """Builds this process's share of the infinite training stream.
+
+  There is one global stream of examples for a seed (shuffled, reshuffled every epoch, randomly
+  cropped per position). Global batch k is its examples [k B, (k+1) B); process p reads the B_local
+  consecutive examples [k B + p B_local, k B + (p+1) B_local) of every global batch and decodes only
+  those. So the global batches are the same for any number of processes, and the iterator
+  position (local batches read) is the same number on every process: a checkpoint of N processes
+  resumes with M (checkpointing.py).
 
   Args:
     config: Experiment config (`config.data.*`, `config.seed`).
 
   Returns:
-    A grain `IterDataset` of `{'image': float32 [B_local, S, S, 3] in [-1, 1]}` batches,
-    identical for the same seed and process index.
+    A grain `IterDataset` of `{'image': float32 [B_local, S, S, 3] in [-1, 1]}` batches (or
+    `{'x1', 'x_up'}` from precomputed latents).
 
   Raises:
     DataError: On a bad config or unusable data (see `check_config` and the module docstring).
   """
   check_config(config)
   data = config.data
-  size = data.high_res_size
   count, index = jax.process_count(), jax.process_index()
-  read_options = grain.ReadOptions(num_threads=data.num_threads,
-                                   prefetch_buffer_size=data.prefetch_buffer_size)
+  local_batch = local_batch_size(config)
   if data.source == 'latents':
-    meta = latents_metadata(config)
-    records = _LatentRecords(data.path, meta['shards'])
-    if len(records) < count:
-      raise DataError(f'Only {len(records)} precomputed records for {count} processes; '
-                      'precompute more crops per image or run fewer processes.')
-    ds = grain.MapDataset.source(records)[index::count]
-    ds = ds.shuffle(seed=_seed(config, 0, index)).repeat(None)
-    return ds.to_iter_dataset(read_options).batch(local_batch_size(config), drop_remainder=True)
-  images = open_images(config)
-  if len(images) < count:
-    raise DataError(
-        f'Only {len(images)} usable images for {count} processes, so some process would get no '
-        'training data; add images or run fewer processes.')
+    source, size = _LatentRecords(data.path, latents_metadata(config)['shards']), None
+  else:
+    source, size = open_images(config), data.high_res_size
+  if not len(source):
+    raise DataError(f'No training records in config.data.source={data.source!r}.')
   if data.source == 'tfds':
-    probe = range(index, min(len(images), index + count * _TFDS_PROBE_LIMIT), count)
-    if all(images[i] is None for i in probe):
+    probe = range(min(len(source), _TFDS_PROBE_LIMIT))
+    if all(source[i] is None for i in probe):
       raise DataError(
-          f'The first {len(probe)} images of process {index}\'s share of TFDS '
-          f'{data.tfds_name}/{data.tfds_split} are all smaller than {2 * size}x{size} px; lower '
-          'config.data.high_res_size or choose a larger-image dataset.')
-
-  ds = grain.MapDataset.source(images)[index::count]
-  ds = ds.shuffle(seed=_seed(config, 0, index))
-  ds = ds.repeat(None)  # Reshuffled every epoch.
-  ds = ds.random_map(functools.partial(_train_example, size=size), seed=_seed(config, 1, index))
-  ds = ds.to_iter_dataset(read_options)
-  return ds.batch(local_batch_size(config), drop_remainder=True)
+          f'The first {len(probe)} images of TFDS {data.tfds_name}/{data.tfds_split} are all '
+          f'smaller than {2 * size}x{size} px; lower config.data.high_res_size or choose a '
+          'larger-image dataset.')
+  ds = grain.MapDataset.range(len(source)).shuffle(seed=_seed(config, 0)).repeat(None)
+  ds = ds.random_map(functools.partial(_train_example, source=source, size=size),
+                     seed=_seed(config, 1))
+  ds = ds.batch(local_batch, drop_remainder=True)[index::count]
+  # Worker threads prepare whole local batches; the buffer is given in images.
+  buffered = max(2, data.prefetch_buffer_size // local_batch)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=min(data.num_threads, buffered),
+                                              prefetch_buffer_size=buffered))
 
 
 def create_train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetIterator:

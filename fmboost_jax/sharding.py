@@ -1,4 +1,11 @@
-"""The device mesh, and how parameters and batches are laid out on it."""
+"""The device mesh, and how parameters and batches are laid out on it.
+
+The mesh has two axes: `data` (batch-parallel replicas) and `fsdp` (the batch is split over it too,
+and so are the large parameter, optimizer and EMA arrays, which XLA gathers where they are used).
+With fsdp=1 every array of the state is replicated and training is plain data parallelism.
+"""
+
+import math
 
 import jax
 import ml_collections
@@ -8,24 +15,39 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fmboost_jax.errors import UserError
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+AXES = (DATA_AXIS, FSDP_AXIS)
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-  """A 1-D data-parallel mesh over config.mesh.data devices (-1: all devices)."""
+  """The (data, fsdp) mesh of config.mesh over all devices; one of the two may be -1 (fills)."""
   n = jax.device_count()
-  data = n if mesh_config.data == -1 else mesh_config.data
-  if data != n:
-    raise UserError(f'config.mesh.data={mesh_config.data} does not match the {n} devices; '
-                    f'set it to {n} or -1.')
+  sizes = {axis: mesh_config.get(axis, 1) for axis in AXES}
+  described = ' x '.join(f'config.mesh.{a}={v}' for a, v in sizes.items())
+  if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise UserError(f'{described} is not a mesh: each axis is a positive size, and at most one '
+                    'is -1 (all remaining devices).')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  for axis, v in sizes.items():
+    if v == -1:
+      sizes[axis] = n // fixed if n % fixed == 0 else 0
+  if math.prod(sizes.values()) != n:
+    raise UserError(f'{described} does not match the {n} devices; make the product of the axes '
+                    f'{n} (or set one axis to -1).')
   # Auto axes: the compiler propagates shardings from the step's in/out shardings.
-  return jax.make_mesh((data,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(tuple(sizes.values()), AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def batch_devices(mesh: Mesh) -> int:
+  return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  n = mesh.shape[DATA_AXIS]
+  n = batch_devices(mesh)
   if batch_size % n:
     raise UserError(f'config.data.batch_size={batch_size} is not divisible by the {n} devices of '
-                    f'the data axis; use a multiple of {n}.')
+                    f'the data x fsdp axes; use a multiple of {n}.')
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -33,12 +55,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over data x fsdp."""
+  return NamedSharding(mesh, P(AXES))
+
+
+def array_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> NamedSharding:
+  """The rule for one array of the state: arrays of at least `min_size` elements are split over
+  `fsdp` along their largest dimension divisible by it (the last such one on ties); all other
+  arrays (biases, norms, scalars, or nothing divisible) are replicated."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  if fsdp == 1 or math.prod(shape) < min_size:
+    return replicated(mesh)
+  candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp == 0]
+  if not candidates:
+    return replicated(mesh)
+  _, dim = max(candidates)
+  spec = [None] * len(shape)
+  spec[dim] = FSDP_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def state_shardings(abstract_state, mesh: Mesh, min_size: int):
+  """`array_sharding` for every leaf of a pytree of arrays or ShapeDtypeStructs."""
+  return jax.tree.map(lambda x: array_sharding(tuple(x.shape), mesh, min_size), abstract_state)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's share of a batch into global arrays sharded over the data axis."""
+  """Assembles each process's share of a batch into global arrays sharded over data x fsdp."""
   sharding = batch_sharded(mesh)
   return {
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

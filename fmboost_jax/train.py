@@ -205,14 +205,30 @@ def results_table(scores: dict[str, float]) -> str:
 
 
 class _StopFlag:
-  """Set by SIGTERM / SIGUSR1 (preemption, SLURM time limit); checked after each step."""
+  """Set by SIGTERM / SIGUSR1 (preemption, SLURM time limit) on any process.
+
+  All processes must stop after the same step, even if only one got the signal: after every step
+  the processes' flags are OR-reduced on the devices (dispatched asynchronously, no host sync) and
+  the result is read after the next step, so every process sees the same answer at the same step.
+  """
 
   def __init__(self):
     self.signal = None
+    self._pending = None
+    self._reduce = None
 
   def __call__(self, signum, frame):
     del frame
     self.signal = signum
+
+  def agreed(self, mesh: jax.sharding.Mesh) -> bool:
+    """True once some process's signal has been seen by all of them (one step after it)."""
+    if self._reduce is None:
+      self._reduce = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
+    local = np.full((jax.local_device_count(),), self.signal is not None)
+    flags = jax.make_array_from_process_local_data(sharding.batch_sharded(mesh), local)
+    previous, self._pending = self._pending, self._reduce(flags)
+    return previous is not None and bool(previous)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -239,6 +255,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
+  logging.info('Device mesh %s.', dict(mesh.shape))
   first_stage = upsampling.first_stage_from_config(config)
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
@@ -248,11 +265,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_iter = input_pipeline.create_train_iterator(config)
   val_images = input_pipeline.validation_images(config)
 
-  # The state is created directly on the mesh (replicated over the data axis).
+  # The state is created directly on the mesh, laid out by the rule of sharding.array_sharding
+  # (never materialised whole on one device).
   replicated = sharding.replicated(mesh)
   abstract_state = jax.eval_shape(lambda k: init_state(config, first_stage.channels, tx, k),
                                   init_key)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
       state_sharding)
@@ -359,11 +377,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.save(step, state, train_iter)
     last_saved = step
 
+  stopped = False
+  profile_start = step + 1  # The first step of a run may still wait for its inputs.
   try:
     while step < config.train.num_steps:
       batch = sharding.global_batch(next(train_iter), mesh)
+      if step == profile_start and config.train.profile_steps > 0:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       state, measurements = compiled_step(state, batch, first_stage_params)
       step += 1
+      if step == profile_start + config.train.profile_steps and config.train.profile_steps > 0:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        logging.info('Wrote a profiler trace of steps %d-%d to %s.', profile_start + 1, step,
+                     os.path.join(workdir, 'profile'))
       pending.append(measurements)
       report_progress(step)
       if step % config.train.log_every == 0:
@@ -374,13 +401,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last_scores = evaluate()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
         save()
-      if stop.signal is not None:
-        logging.info('Received signal %d: saving at step %d and exiting.', stop.signal, step)
+      if stop.agreed(mesh):
+        stopped = True
+        logging.info('Received a stop signal (here or on another process): saving at step %d and '
+                     'exiting.', step)
         if last_saved != step:
           save()
         break
     flush_measurements()
-    if not last_scores and stop.signal is None:
+    if not last_scores and not stopped:
       last_scores = evaluate()
   finally:
     checkpointer.wait()

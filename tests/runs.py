@@ -50,14 +50,16 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def restore_state(workdir, step: int) -> dict:
-  """The saved train state as a nested dict of numpy arrays."""
+  """The saved train state as a nested dict of numpy arrays (whatever devices saved it)."""
+  import jax  # noqa: PLC0415
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
   with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.restore(path)
-  import jax  # noqa: PLC0415
-  return jax.tree.map(np.asarray, tree)
+    metadata = ckptr.metadata(path)
+    metadata = getattr(metadata, 'item_metadata', metadata)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def flat(tree) -> dict[str, np.ndarray]:

@@ -380,22 +380,34 @@ def test_folder_missing_or_empty(tmp_path):
     ip.validation_images(config)
 
 
-def test_process_shards_are_disjoint(tmp_path, monkeypatch):
+def test_global_batches_do_not_depend_on_the_number_of_processes(tmp_path, monkeypatch):
+  """Two processes read the two halves of exactly the global batches one process reads, and their
+  iterator positions are the same number, so a checkpoint resumes with another process count."""
   size = 16
   for k in range(6):
     Image.fromarray(coded_image(k, 32 + 2 * k, 16)).save(tmp_path / f'{k}.png')
   config = make_config('folder', size=size, batch_size=4, num_val_images=3, path=str(tmp_path))
+  single = ip.create_train_iterator(config)
+  expected = [next(single)['image'] for _ in range(4)]
+  assert len(set(image_ids(np.concatenate(expected[:1])))) == 4
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  seen, vals = {}, []
+  halves, states = [], []
   for index in range(2):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     it = ip.create_train_iterator(config)
-    batches = [next(it)['image'] for _ in range(3)]
-    assert all(b.shape == (2, size, size, 3) for b in batches)
-    seen[index] = set(image_ids(np.concatenate(batches)))
-    vals.append(ip.validation_images(config))
-  assert seen == {0: {0, 2, 4}, 1: {1, 3, 5}}  # One epoch covers the shard; no overlap.
-  np.testing.assert_array_equal(vals[0], vals[1])
+    halves.append([next(it)['image'] for _ in range(4)])
+    states.append(it.get_state())
+    assert all(b.shape == (2, size, size, 3) for b in halves[-1])
+  for k in range(4):
+    np.testing.assert_array_equal(np.concatenate([halves[0][k], halves[1][k]]), expected[k])
+  assert states[0] == states[1] == single.get_state()
+
+  # A 2-process position restored into one process continues with the next global batch.
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  resumed = ip.create_train_iterator(config)
+  resumed.set_state(states[0])
+  np.testing.assert_array_equal(next(resumed)['image'], next(single)['image'])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,25 +13,48 @@ from fmboost_jax import flow, train
 from tests import runs
 
 
-def test_eight_devices_match_one_device(tmp_path):
-  results = {}
-  for devices in (1, 8):
-    workdir = tmp_path / f'd{devices}'
-    proc = runs.run_main(workdir, '--config.train.num_steps=3', devices=devices)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results[devices] = (runs.scalars(workdir, 'loss'), runs.flat(runs.restore_state(workdir, 3)))
-  (loss1, state1), (loss8, state8) = results[1], results[8]
-  assert sorted(loss1) == [1, 2, 3]
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  """4 steps of the tiny demo on one device, checkpointed after 3 and 4."""
+  workdir = tmp_path_factory.mktemp('one_device')
+  proc = runs.run_main(workdir, '--config.train.num_steps=4', devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _relative_error(state, reference, part):
+  keys = [k for k in reference if k.startswith(f"['{part}']")]
+  diff = np.sqrt(sum(np.sum((state[k] - reference[k])**2) for k in keys))
+  return diff / np.sqrt(sum(np.sum(reference[k]**2) for k in keys))
+
+
+@pytest.mark.parametrize('mesh', [('data=8',), ('data=2', 'fsdp=4'), ('fsdp=8',)])
+def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run, mesh):
+  """Three steps on 8 devices with any data x fsdp mesh: same losses and parameters as one device
+  (relative 1e-5); fsdp_min_size=1000 makes the tiny model's large kernels really sharded."""
+  workdir = tmp_path / 'eight'
+  proc = runs.run_main(workdir, '--config.train.num_steps=3', '--config.mesh.fsdp_min_size=1000',
+                       *[f'--config.mesh.{m}' for m in mesh], devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sizes = dict(m.split('=') for m in mesh)
+  assert (f"Device mesh {{'data': {sizes.get('data', 1)}, 'fsdp': {sizes.get('fsdp', 1)}}}"
+          in proc.stderr)
+  loss1, loss8 = runs.scalars(one_device_run, 'loss'), runs.scalars(workdir, 'loss')
+  assert sorted(loss1) == [1, 2, 3, 4] and sorted(loss8) == [1, 2, 3]
   np.testing.assert_allclose([loss8[s] for s in (1, 2, 3)], [loss1[s] for s in (1, 2, 3)],
                              rtol=1e-5)
+  state1 = runs.flat(runs.restore_state(one_device_run, 3))
+  state8 = runs.flat(runs.restore_state(workdir, 3))
   assert state1.keys() == state8.keys()
-  # Relative L2 error over all parameters, and over the EMA parameters.
-  for part in ('params', 'ema_params'):
-    keys = [k for k in state1 if k.startswith(f"['{part}']")]
-    diff = np.sqrt(sum(np.sum((state8[k] - state1[k])**2) for k in keys))
-    norm = np.sqrt(sum(np.sum(state1[k]**2) for k in keys))
-    assert diff / norm < 1e-5, (part, diff / norm)
+  for part in ('params', 'ema_params'):  # Relative L2 error over all (EMA) parameters.
+    assert _relative_error(state8, state1, part) < 1e-5, part
   assert int(state8["['step']"]) == int(state1["['step']"]) == 3
+
+  # The checkpoint of the 8-device mesh restores on one device and training continues.
+  proc = runs.run_main(workdir, '--config.train.num_steps=4', devices=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 3' in proc.stderr
+  np.testing.assert_allclose(runs.scalars(workdir, 'loss')[4], loss1[4], rtol=1e-5)
 
 
 def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
@@ -55,7 +78,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
   assert p.wait(timeout=300) == 0, ''.join(log[-50:])
   (stopped_at,) = runs.checkpoint_steps(interrupted)
   assert 1 <= stopped_at < steps
-  assert any('Received signal' in line for line in log)
+  assert any('Received a stop signal' in line for line in log)
 
   # A process killed while writing the next checkpoint leaves an unfinished temporary directory
   # (Orbax renames it only when complete): plant one, with a truncated array file, and resume.

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Submits main.py as a SLURM job on a GPU cluster: one process per GPU (default) or per host, all
+# joined into one device mesh by jax.distributed.initialize() (`--distributed` detects SLURM: the
+# coordinator is the job's first node, process ids come from SLURM_PROCID). SIGUSR1 two minutes
+# before the time limit makes every process save a checkpoint and exit 0; resubmitting the same
+# command resumes from it.
+#
+#   launch/slurm.sh [--dry-run] [--nodes=N] [--gpus-per-node=G] [--per=gpu|host] [--time=T]
+#                   [--partition=P] [--account=A] -- [main.py flags...]
+#   launch/slurm.sh --nodes=4 --gpus-per-node=8 --time=24:00:00 -- --config=configs/default.py \
+#       --workdir=/shared/runs/paper --config.first_stage.weights=/shared/sd_vae
+#
+# --dry-run prints the batch script and the sbatch command instead of submitting.
+set -euo pipefail
+usage="usage: $0 [--dry-run] [--nodes=N] [--gpus-per-node=G] [--per=gpu|host] [--time=T] \
+[--partition=P] [--account=A] -- [main.py flags...]"
+dry_run=0 nodes=1 gpus=8 per=gpu time=24:00:00 partition='' account=''
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --nodes=*) nodes=${1#*=} ;;
+    --gpus-per-node=*) gpus=${1#*=} ;;
+    --per=*) per=${1#*=} ;;
+    --time=*) time=${1#*=} ;;
+    --partition=*) partition=${1#*=} ;;
+    --account=*) account=${1#*=} ;;
+    --) shift; break ;;
+    *) echo "error: unknown option $1; main.py flags go after --." >&2; echo "$usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+if ! [[ "$nodes" =~ ^[1-9][0-9]*$ && "$gpus" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: --nodes and --gpus-per-node must be positive integers." >&2; exit 2
+fi
+case "$per" in
+  gpu) tasks=$gpus gpu_line="#SBATCH --gpus-per-task=1" ;;
+  host) tasks=1 gpu_line="#SBATCH --gpus-per-node=$gpus" ;;
+  *) echo "error: --per=$per must be gpu or host." >&2; exit 2 ;;
+esac
+repo=$(cd "$(dirname "$0")/.." && pwd)
+flags=''
+for flag in "$@"; do flags+=" $(printf '%q' "$flag")"; done
+script="#!/usr/bin/env bash
+#SBATCH --job-name=fmboost
+#SBATCH --nodes=$nodes
+#SBATCH --ntasks-per-node=$tasks
+$gpu_line
+#SBATCH --time=$time
+#SBATCH --signal=USR1@120
+#SBATCH --output=slurm-%j.out${partition:+
+#SBATCH --partition=$partition}${account:+
+#SBATCH --account=$account}
+cd $(printf '%q' "$repo")
+srun --kill-on-bad-exit=1 .venv/bin/python main.py --distributed$flags"
+if ((dry_run)); then
+  echo "$script"
+  echo "# submit with: sbatch <this script>"
+  exit 0
+fi
+echo "$script" | sbatch

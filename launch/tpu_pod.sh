@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs main.py on every worker (host) of a Cloud TPU VM pod slice, one process per worker, with the
+# same flags. `--distributed` lets jax.distributed.initialize() detect the pod, so all workers form
+# one device mesh; each reads its own share of the data and process 0 writes logs and results.
+#
+#   launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE [main.py flags...]
+#   launch/tpu_pod.sh my-v4-32 us-central2-b --config=configs/default.py \
+#       --workdir=/mnt/shared/paper --config.first_stage.weights=/mnt/shared/sd_vae
+#
+# Every worker needs this repository at $REPO_DIR (default ~/fmboost_jax) with its .venv (the
+# README's install command, with jax[tpu] instead of jax), and the workdir on storage all workers
+# share. $PROJECT, if set, is passed to gcloud. --dry-run prints the command instead of running it.
+set -euo pipefail
+usage="usage: $0 [--dry-run] TPU_NAME ZONE [main.py flags...]"
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
+if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then echo "$usage" >&2; exit 2; fi
+tpu=$1 zone=$2
+shift 2
+repo=${REPO_DIR:-\~/fmboost_jax}
+remote="cd $repo && .venv/bin/python main.py --distributed"
+for flag in "$@"; do remote+=" $(printf '%q' "$flag")"; done
+command=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all "--command=$remote")
+if [[ -n "${PROJECT:-}" ]]; then command+=("--project=$PROJECT"); fi
+if ((dry_run)); then
+  quoted=$([[ "$remote" != *"'"* ]] && printf "'%s'" "$remote" || printf '%q' "$remote")
+  echo "gcloud compute tpus tpu-vm ssh $tpu --zone=$zone --worker=all --command=$quoted${PROJECT:+ --project=$PROJECT}"
+  exit 0
+fi
+exec "${command[@]}"
