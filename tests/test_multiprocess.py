@@ -70,7 +70,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     env = runs.env(4)
     env['JAX_PLATFORMS'] = 'cpu'
     procs.append(subprocess.Popen(
-        runs.command(workdir, '--config.train.num_steps=500', '--config.train.checkpoint_every=1000',
+        runs.command(workdir, '--config.train.num_steps=500',
+                     '--config.train.checkpoint_every=1000',
                      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                      f'--process_id={i}'),
         cwd=runs.ROOT, env=env, stderr=subprocess.PIPE, text=True))
