@@ -4,6 +4,12 @@ This is the slowest test (about 6 minutes on 2 CPU cores): it is the embedded de
 """
 
 import json
+import re
+import shlex
+import subprocess
+import sys
+
+from PIL import Image
 
 from tests import runs
 
@@ -18,3 +24,19 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   assert results['ssim_model'] > results['ssim_bilinear'] + 0.01
   assert (tmp_path / 'samples' / 'step_0001500.png').exists()
   assert 'Held-out results at step 1500 (32 images)' in proc.stdout
+
+  # The README's next command boosts the bundled photographs with this checkpoint.
+  with open(f'{runs.ROOT}/README.md') as f:
+    readme = f.read()
+  command = re.search(r'```bash\n(\.venv/bin/python main.py --mode=sample .*?)```', readme,
+                      re.S).group(1).replace('\\\n', ' ')
+  argv = [a.replace('workdirs/demo', str(tmp_path)) for a in shlex.split(command)]
+  proc = subprocess.run([sys.executable, *argv[1:]], cwd=runs.ROOT, env=runs.env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  boosted = tmp_path / 'boosted'
+  with open(boosted / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['num_images'] == 15 and summary['stages'][0]['step'] == 1500
+  assert Image.open(boosted / 'astronaut.png').size == (128, 128)
+  assert Image.open(boosted / 'figures' / 'astronaut.png').size == (6 * 128, 128)
