@@ -191,3 +191,42 @@ def test_unet_from_config_small():
 def test_bad_spatial_size_is_a_clear_error(small_model):
   with pytest.raises(ValueError, match='not divisible by 4'):
     small_model(jnp.zeros((1, 10, 16, 6)), jnp.zeros((1,)))
+
+
+@pytest.mark.parametrize('shape, kernel, strides, padding', [
+    ((2, 9, 7, 5), (3, 3, 5, 4), (1, 1), ((1, 1), (1, 1))),
+    ((2, 8, 8, 5), (3, 3, 5, 4), (2, 2), ((1, 1), (1, 1))),
+    ((1, 6, 10, 3), (1, 1, 3, 8), (1, 1), ((0, 0), (0, 0))),
+    ((1, 6, 6, 3), (3, 3, 3, 2), (1, 1), ((0, 0), (0, 0))),
+])
+def test_conv_as_matmul_equals_the_xla_convolution_and_its_gradients(shape, kernel, strides,
+                                                                       padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), kernel)
+  dn = jax.lax.conv_dimension_numbers(shape, kernel, ('NHWC', 'HWIO', 'NHWC'))
+  xla = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,  # noqa: E731
+                                                  dimension_numbers=dn)
+  mm = lambda x, w: unet_lib.conv_as_matmul(x, w, strides, padding)  # noqa: E731
+  relative = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+  assert mm(x, w).shape == xla(x, w).shape
+  assert relative(mm(x, w), xla(x, w)) < 1e-5  # float32 rounding of a different summation order
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  for a, b in zip(jax.grad(loss(mm), (0, 1))(x, w), jax.grad(loss(xla), (0, 1))(x, w)):
+    assert relative(a, b) < 1e-5
+
+
+def test_unet_with_matmul_convolutions_computes_the_same_velocity(perturbed_model):
+  config = default.get_config()
+  config.model.update(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                      attention_levels=(2,), num_heads=2, head_dim=16, conv_impl='matmul')
+  model = unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+  nnx.update(model, nnx.state(perturbed_model, nnx.Param))
+  assert all(m.conv_general_dilated is unet_lib.conv_as_matmul
+             for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 6))
+  t = jnp.array([0.3, 0.7])
+  ref, out = perturbed_model(x, t), model(x, t)
+  assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-5
+  config.model.conv_impl = 'winograd'
+  with pytest.raises(ValueError, match='conv_impl'):
+    unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
