@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.batch_size = 64  # Global, over all processes and devices.
   config.data.num_val_images = 64
   config.data.num_threads = 8
-  config.data.prefetch_buffer_size = 32
+  config.data.prefetch_buffer_size = 32  # Images buffered ahead (at least one batch per thread).
 
   # main.py --mode=precompute: seeded random crops per image, records per .npy shard.
   config.precompute = ml_collections.ConfigDict()

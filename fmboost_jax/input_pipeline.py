@@ -679,9 +679,10 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
   ds = ds.random_map(functools.partial(_train_example, source=source, size=size),
                      seed=_seed(config, 1))
   ds = ds.batch(local_batch, drop_remainder=True)[index::count]
-  # Worker threads prepare whole local batches; the buffer is given in images.
-  buffered = max(2, data.prefetch_buffer_size // local_batch)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=min(data.num_threads, buffered),
+  # Each worker thread prepares whole local batches; the buffer is given in images, and holds at
+  # least one batch per thread.
+  buffered = max(data.num_threads, data.prefetch_buffer_size // local_batch)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads,
                                               prefetch_buffer_size=buffered))
 
 
