@@ -14,10 +14,12 @@ from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'precompute', 'convert'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'precompute', 'convert'],
                   'train: train and evaluate in --workdir (resuming from it). sample: boost '
                   '--inputs with the checkpoint in --workdir (or config.sample.stages) into '
-                  '--outdir. precompute: write '
+                  '--outdir. evaluate: PSNR/SSIM/FID/p-FID/spectral tables, NFE sweep and '
+                  'figure of the checkpoints in --workdir (or config.eval.checkpoints) on the '
+                  'held-out images, in WORKDIR/eval. precompute: write '
                   'the training latents of config.data to --workdir. convert: turn the '
                   'PyTorch autoencoder weights of --config.first_stage.weights into a Flax (Orbax) '
                   'checkpoint in --workdir.')
@@ -129,6 +131,9 @@ def main(argv):
     elif FLAGS.mode == 'sample':
       from fmboost_jax import inference  # noqa: PLC0415
       inference.sample(FLAGS.config, FLAGS.workdir, FLAGS.inputs, FLAGS.outdir)
+    elif FLAGS.mode == 'evaluate':
+      from fmboost_jax import evaluate  # noqa: PLC0415
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'precompute':
       from fmboost_jax import precompute  # noqa: PLC0415
       meta = precompute.precompute(FLAGS.config, FLAGS.workdir)

@@ -101,6 +101,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.figure = False  # Also write figures/NAME.png: low-res | bilinear | model.
   config.sample.trajectory = 0  # K >= 2 adds the ODE states at K times in [0, 1] to the figure.
 
+  # main.py --mode=evaluate (fmboost_jax/evaluate.py) on config.data.num_val_images held-out images.
+  config.eval = ml_collections.ConfigDict()
+  # Training workdirs to compare, 'DIR;DIR2;...' (rows named by their objective); '' = --workdir.
+  config.eval.checkpoints = ''
+  config.eval.nfe_sweep = (1, 2, 4, 10, 50)  # Euler network evaluations (the paper's Fig. 5).
+  # pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights) for FID and p-FID.
+  config.eval.inception_weights = ''
+  config.eval.crop_size = 512  # p-FID crops (reference 6.1: 4 crops of 512 px at 1024 px).
+  config.eval.num_crops = 4
+  config.eval.num_figure_images = 4
+  config.eval.seed = 0  # Noise augmentation and crop boxes.
+
   # Device mesh (data x fsdp = all devices; one axis may be -1 to fill). The batch is split over
   # both axes; state arrays of at least fsdp_min_size elements are split over fsdp along their
   # largest divisible dimension, the rest replicated (fmboost_jax/sharding.py).

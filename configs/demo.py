@@ -8,6 +8,8 @@ the smaller step converges much faster. Validation samples with Euler at 4 NFE (
 Fig. 5 settings); README "Demo results" has the full NFE sweep: more steps invent more detail,
 which costs PSNR.
 `--config=configs/demo.py:tiny` is the same setup shrunk to seconds, for tests and smoke runs.
+`:fm`, `:l1` and `:l2` are the paper's Table 2 baselines with the same network, data and budget:
+naive flow matching from N(0, I) (context still concatenated) and L1 / L2 regression.
 """
 
 from configs import default
@@ -36,6 +38,7 @@ def get_config(variant: str = ''):
 
   config.flow.noising_step = 100
   config.sample.nfe = 4
+  config.eval.crop_size = 16
 
   config.train.num_steps = 1500
   config.train.log_every = 50
@@ -54,11 +57,16 @@ def get_config(variant: str = ''):
     config.optim.warmup_steps = 2
     config.ema.start_step = 2
     config.sample.nfe = 2
+    config.eval.crop_size = 8
+    config.eval.nfe_sweep = (1, 2)
     config.train.num_steps = 6
     config.train.log_every = 1
     config.train.eval_every = 1000
     config.train.checkpoint_every = 3
     config.train.num_grid_images = 4
+  elif variant in ('fm', 'l1', 'l2'):
+    config.flow.objective = variant
+    config.flow.noising_step = 0  # FM starts from noise; regression from the clean x_up.
   elif variant:
-    raise ValueError(f"unknown demo variant {variant!r}; use 'tiny' or nothing.")
+    raise ValueError(f"unknown demo variant {variant!r}; use 'tiny', 'fm', 'l1', 'l2' or nothing.")
   return config

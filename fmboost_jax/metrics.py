@@ -1,8 +1,11 @@
-"""Image metrics on float images in [-1, 1], NHWC."""
+"""Image metrics on float images in [-1, 1], NHWC: PSNR, SSIM, MSE, FID and patch-FID from Inception
+features (models/inception.py), and a spectral detail measure that needs no weights."""
 
 import dm_pix  # SSIM; PSNR is checked against dm_pix.psnr in tests/test_metrics.py.
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
 
 
 def to_unit(images: jax.Array) -> jax.Array:
@@ -27,3 +30,111 @@ def ssim(pred: jax.Array, target: jax.Array) -> jax.Array:
 def to_uint8(images) -> jax.Array:
   """[-1, 1] float -> uint8 in [0, 255] (rounded)."""
   return jnp.round(to_unit(jnp.asarray(images)) * 255).astype(jnp.uint8)
+
+
+def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-image mean squared error [B] in [-1, 1] units (reference 6.4), unclipped."""
+  return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean [D] and unbiased covariance [D, D] of features [N, D], in float64."""
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or len(f) < 2:
+    raise ValueError(f'feature statistics need at least 2 feature vectors [N, D]; got {f.shape}.')
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+  """Frechet distance of two Gaussians, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+  float64 throughout; the matrix square root is scipy's `sqrtm`. A singular product (fewer samples
+  than dimensions) is regularised by adding 1e-6 I to both covariances, and the imaginary part
+  that round-off leaves in the square root is dropped, as in pytorch-fid and torch-fidelity.
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  if not np.isfinite(root).all():
+    offset = np.eye(len(sigma1)) * 1e-6
+    root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  root = np.real(root)
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+
+
+def fid(real_features: np.ndarray, fake_features: np.ndarray) -> float:
+  """FID between two sets of Inception pool features [N, 2048] (any N >= 2 each)."""
+  return frechet_distance(*feature_statistics(real_features), *feature_statistics(fake_features))
+
+
+def crop_boxes(seed: int, num_images: int, height: int, width: int, crop_size: int,
+               num_crops: int) -> np.ndarray:
+  """Top-left corners [num_images, num_crops, 2] of uniformly random crop_size squares.
+
+  Patch-FID (reference 6.1) applies the same boxes to the real and the generated images.
+  """
+  if not 0 < crop_size <= min(height, width):
+    raise ValueError(f'crop_size={crop_size} must be in [1, {min(height, width)}] for '
+                     f'{height}x{width} images.')
+  rng = np.random.default_rng(seed)
+  top = rng.integers(0, height - crop_size + 1, (num_images, num_crops))
+  left = rng.integers(0, width - crop_size + 1, (num_images, num_crops))
+  return np.stack([top, left], axis=-1)
+
+
+def crops(images: np.ndarray, boxes: np.ndarray, crop_size: int) -> np.ndarray:
+  """images [N, H, W, C], boxes [N, K, 2] -> crops [N * K, crop_size, crop_size, C] (image-major)."""
+  return np.stack([images[i, t:t + crop_size, l:l + crop_size]
+                   for i in range(len(images)) for t, l in boxes[i]])
+
+
+# ----------------------------------------------------------------------------- detail
+
+
+def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
+  """Mean radially averaged power spectrum [S // 2] of square images [N, S, S, C] in [-1, 1].
+
+  Per image and channel: |FFT2|^2 of the mean-free image, averaged over rings of integer radius
+  k = 1 .. S/2 (in cycles per image; k = S/2 is the Nyquist frequency), then over images and
+  channels.
+  """
+  x = np.asarray(images, np.float64)
+  n, h, w, _ = x.shape
+  if h != w:
+    raise ValueError(f'the radial spectrum needs square images; got {h}x{w}.')
+  x = x - x.mean(axis=(1, 2), keepdims=True)
+  power = np.abs(np.fft.fft2(x, axes=(1, 2)))**2 / (h * w)
+  fy, fx = np.meshgrid(np.fft.fftfreq(h) * h, np.fft.fftfreq(w) * w, indexing='ij')
+  radius = np.rint(np.hypot(fy, fx)).astype(int)
+  mean_power = power.mean(axis=(0, 3))
+  bins = np.arange(1, h // 2 + 1)
+  return np.array([mean_power[radius == k].mean() for k in bins])
+
+
+def spectral_detail(pred_spectrum: np.ndarray, target_spectrum: np.ndarray,
+                    low_res_size: int) -> dict[str, float]:
+  """How the outputs' detail compares with the ground truth's, without any learned network.
+
+  Args:
+    pred_spectrum, target_spectrum: `radial_power_spectrum` of the outputs and of the ground truth.
+    low_res_size: side of the low-res input; frequencies above its Nyquist (k > low_res_size / 2)
+      are the detail the upsampler has to add.
+
+  Returns:
+    spectral_distance: mean over frequencies k = 1 .. S/2 of |log10 P_pred(k) - log10 P_target(k)|
+      (0 = the same power at every frequency; 0.1 = 26 % off on average).
+    hf_energy_db: 10 log10 of the ratio of power above the low-res Nyquist frequency, pred over
+      target: negative = blurrier than the ground truth (what regression does), positive = more
+      high-frequency energy than it (invented detail or noise).
+  """
+  p, t = np.asarray(pred_spectrum), np.asarray(target_spectrum)
+  high = np.arange(1, len(t) + 1) > low_res_size // 2
+  return {
+      'spectral_distance': float(np.mean(np.abs(np.log10(p) - np.log10(t)))),
+      'hf_energy_db': float(10 * np.log10(p[high].sum() / t[high].sum())) if high.any() else 0.0,
+  }

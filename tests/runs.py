@@ -66,3 +66,19 @@ def flat(tree) -> dict[str, np.ndarray]:
   import jax  # noqa: PLC0415
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def train_tiny(workdir, **overrides) -> str:
+  """Trains `configs/demo.py:tiny` for 2 steps in this process (overrides: section__field=value)
+  and returns the workdir."""
+  from configs import demo  # noqa: PLC0415
+  from fmboost_jax import train  # noqa: PLC0415
+
+  config = demo.get_config('tiny')
+  config.train.num_steps = 2
+  config.train.checkpoint_every = 2
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  train.train_and_evaluate(config, str(workdir))
+  return str(workdir)

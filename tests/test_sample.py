@@ -21,17 +21,6 @@ from tests.test_autoencoder import random_model
 from tests.test_weights import _ldm_state
 
 
-def _train(workdir, **overrides):
-  config = demo.get_config('tiny')
-  config.train.num_steps = 2
-  config.train.checkpoint_every = 2
-  for key, value in overrides.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  train.train_and_evaluate(config, str(workdir))
-  return str(workdir)
-
-
 @pytest.fixture(scope='module')
 def stages(tmp_path_factory):
   """A pixel-space stage (trained on 8 -> 16 px crops) and a latent one (8 -> 16 px)."""
@@ -40,8 +29,8 @@ def stages(tmp_path_factory):
   save_safetensors(_ldm_state(random_model(seed=5, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                                            z_channels=4)), str(weights))
   return {
-      'pixel': _train(root / 'pixel'),
-      'latent': _train(root / 'latent', first_stage__name='sd_vae',
+      'pixel': runs.train_tiny(root / 'pixel'),
+      'latent': runs.train_tiny(root / 'latent', first_stage__name='sd_vae',
                        first_stage__weights=str(weights), first_stage__ch=32,
                        first_stage__ch_mult=(1, 2), first_stage__num_res_blocks=1),
   }

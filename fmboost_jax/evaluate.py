@@ -1,0 +1,396 @@
+"""`main.py --mode=evaluate`: the paper's Table 2 and Fig. 5 on held-out images, from checkpoints.
+
+  python main.py --mode=evaluate --config=configs/demo.py --workdir=workdirs/demo \
+      --config.eval.checkpoints='workdirs/demo;workdirs/demo_fm;workdirs/demo_l2'
+
+Every checkpoint is a `--mode=train` workdir (its `config.json` says what was trained; its latest
+checkpoint gives the EMA weights, see `inference.load_stage`). The held-out images are those of
+`--config.data` (`input_pipeline.validation_images`, `config.data.num_val_images` of them). Each is
+downsized to `low_res_size` and upsampled back by bilinear interpolation and by every checkpoint
+(flows with `config.sample`'s solver and NFE, regression with its one step), and every output is
+compared with the ground truth:
+
+  PSNR, SSIM, MSE          per image, averaged (metrics.py);
+  FID, p-FID               Inception pool features of the full images and of `eval.num_crops`
+                           random `eval.crop_size` crops per image, the same boxes for the real and
+                           the generated images (reference 6.1); they need
+                           `--config.eval.inception_weights`, and say so in the table otherwise;
+  spectral distance, HF    the radially averaged power spectra against the ground truth's
+  energy                   (metrics.spectral_detail): blur and invented detail without weights.
+
+Flows are also swept over `eval.nfe_sweep` network evaluations with Euler (Fig. 5). Written to
+WORKDIR/eval: results.md and results.json (Table 2 layout and the sweep), nfe_sweep.png and
+figure.png (matching crops of every method). The same config and checkpoints give the same numbers.
+"""
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image, ImageDraw
+
+from fmboost_jax import input_pipeline, metrics, sharding, upsampling
+from fmboost_jax.errors import UserError
+from fmboost_jax.inference import Stage, load_stage, parse_stages
+from fmboost_jax.train import eval_step, ensure_writable
+
+FID_FLAG = '--config.eval.inception_weights=PATH'
+COLUMNS = (  # (key, header, format); FID columns first as in the paper's Table 2.
+    ('fid', 'FID', '{:.2f}'), ('pfid', 'p-FID', '{:.2f}'), ('ssim', 'SSIM', '{:.4f}'),
+    ('psnr', 'PSNR (dB)', '{:.2f}'), ('mse', 'MSE', '{:.5f}'),
+    ('spectral_distance', 'spectral dist.', '{:.3f}'), ('hf_energy_db', 'HF energy (dB)',
+                                                         '{:+.2f}'),
+    ('nfe', 'NFE', '{:.0f}'))
+
+
+def check_eval_config(config: ml_collections.ConfigDict) -> None:
+  e = config.eval
+  if config.data.num_val_images < 2:
+    raise UserError(f'config.data.num_val_images={config.data.num_val_images}: evaluation needs '
+                    'at least 2 held-out images.')
+  if not e.nfe_sweep or any(not isinstance(n, int) or n < 1 for n in e.nfe_sweep):
+    raise UserError(f'config.eval.nfe_sweep={tuple(e.nfe_sweep)} must be a non-empty list of '
+                    'network-evaluation counts of at least 1, e.g. (1, 2, 4, 10, 50).')
+  if not 0 < e.crop_size <= config.data.high_res_size:
+    raise UserError(f'config.eval.crop_size={e.crop_size} must be in [1, '
+                    f'config.data.high_res_size={config.data.high_res_size}].')
+  if e.num_crops < 1:
+    raise UserError(f'config.eval.num_crops={e.num_crops} must be at least 1.')
+  if e.inception_weights and not os.path.exists(e.inception_weights):
+    raise UserError(f'config.eval.inception_weights={e.inception_weights} does not exist; pass '
+                    'the pt_inception-2015-12-05-6726825d.pth file of pytorch-fid (or a '
+                    '.safetensors with its keys).')
+
+
+def _label(stage: Stage, taken: set[str]) -> str:
+  label = stage.config.flow.objective.upper()
+  if label in taken:
+    label = f'{label} ({os.path.basename(os.path.normpath(stage.workdir))})'
+  taken.add(label)
+  return label
+
+
+def _check_compatible(stage: Stage, config: ml_collections.ConfigDict) -> None:
+  for field in ('high_res_size', 'low_res_size'):
+    if stage.config.data[field] != config.data[field]:
+      raise UserError(f'{stage.workdir} was trained with data.{field}='
+                      f'{stage.config.data[field]}, but the held-out images of --config use '
+                      f'{config.data[field]}; evaluate it with the config it was trained with.')
+
+
+def _eval_config(stage: Stage, sample: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The stage's training config with the sampler settings to evaluate; a stage trained on
+  precomputed latents upsamples images the way those latents were made."""
+  config = ml_collections.ConfigDict(stage.config.to_dict())
+  config.sample = ml_collections.ConfigDict(sample.to_dict())
+  if config.flow.upsampling_mode == 'identity':
+    config.flow.upsampling_mode = input_pipeline.latents_metadata(config)['upsampling_mode']
+  return config
+
+
+class _Accumulator:
+  """Streams per-image scores, Inception features and power spectra of one method's outputs."""
+
+  def __init__(self):
+    self.scores: dict[str, list[np.ndarray]] = {}
+    self.features: dict[str, list[np.ndarray]] = {}
+    self.spectrum_sum, self.count = 0.0, 0
+
+  def add(self, scores: dict[str, np.ndarray], features: dict[str, np.ndarray],
+          outputs: np.ndarray) -> None:
+    for k, v in scores.items():
+      self.scores.setdefault(k, []).append(np.asarray(v))
+    for k, v in features.items():
+      self.features.setdefault(k, []).append(np.asarray(v))
+    self.spectrum_sum = self.spectrum_sum + metrics.radial_power_spectrum(outputs) * len(outputs)
+    self.count += len(outputs)
+
+  def spectrum(self) -> np.ndarray:
+    return self.spectrum_sum / self.count
+
+  def mean_scores(self) -> dict[str, float]:
+    return {k: float(np.mean(np.concatenate(v))) for k, v in self.scores.items()}
+
+  def all_features(self, name: str) -> np.ndarray:
+    return np.concatenate(self.features[name])
+
+
+class Evaluator:
+  """Upsamples the held-out images with every method and accumulates their metrics."""
+
+  def __init__(self, config: ml_collections.ConfigDict, images: np.ndarray, mesh):
+    self.config = config
+    self.images = images
+    self.batch = sharding.batch_sharded(mesh)
+    self.replicated = sharding.replicated(mesh)
+    self.devices = mesh.devices.size
+    self.batch_size = -(-max(config.sample.batch_size, 1) // self.devices) * self.devices
+    size = images.shape[1]
+    self.boxes = metrics.crop_boxes(config.eval.seed, len(images), size, size,
+                                    config.eval.crop_size, config.eval.num_crops)
+    self.inception = None
+    if config.eval.inception_weights:
+      from fmboost_jax import weights  # noqa: PLC0415
+      self.inception = weights.inception_from_weights(config.eval.inception_weights)
+      graphdef, params = nnx.split(self.inception)
+      self._features = jax.jit(
+          lambda p, x: nnx.merge(graphdef, p)(metrics.to_uint8(x).astype(jnp.float32)))
+      self._inception_params = params
+    self._measure = jax.jit(lambda pred, target: {
+        'psnr': metrics.psnr(pred, target), 'ssim': metrics.ssim(pred, target),
+        'mse': metrics.mse(pred, target)})
+
+  def _batches(self):
+    """(start, n, padded global batch) over the held-out images, padded to fill every device."""
+    for start in range(0, len(self.images), self.batch_size):
+      chunk = self.images[start:start + self.batch_size]
+      n = len(chunk)
+      padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+      yield start, n, jax.device_put(padded, self.batch)
+
+  def features(self, images: np.ndarray, starts: int) -> dict[str, np.ndarray]:
+    """Inception features of the full images and of their crop boxes (empty without weights)."""
+    if self.inception is None:
+      return {}
+    boxes = self.boxes[starts:starts + len(images)]
+    crops = metrics.crops(images, boxes, self.config.eval.crop_size)
+    return {'full': np.asarray(self._features(self._inception_params, images)),
+            'crops': np.asarray(self._features(self._inception_params, crops))}
+
+  def run(self, stage: Stage, sample: ml_collections.ConfigDict,
+          keep: int) -> tuple[_Accumulator, np.ndarray, list[bool]]:
+    """Upsamples every held-out image with `stage` under `sample` settings.
+
+    Returns the accumulated metrics, the first `keep` outputs and the solver's per-image ok flags.
+    """
+    eval_config = _eval_config(stage, sample)
+    fs_graphdef, fs_params = nnx.split(stage.first_stage)
+    step_fn = jax.jit(
+        lambda p, x, f, k: eval_step(p, x, f, k, graphdef=stage.graphdef,
+                                     first_stage_graphdef=fs_graphdef, config=eval_config),
+        in_shardings=(self.replicated, self.batch, self.replicated, self.replicated),
+        out_shardings=self.replicated)
+    acc, kept, oks = _Accumulator(), [], []
+    key = jax.random.PRNGKey(self.config.eval.seed)
+    for start, n, images in self._batches():
+      scores, outputs = step_fn(stage.params, images, fs_params, jax.random.fold_in(key, start))
+      scores, pred = jax.device_get((scores, outputs['model']))
+      pred = pred[:n]
+      measured = jax.device_get(self._measure(pred, self.images[start:start + n]))
+      acc.add({**measured, 'nfe': scores['nfe'][:n]}, self.features(pred, start), pred)
+      oks.extend(bool(v) for v in scores['solver_ok'][:n])
+      if sum(len(k) for k in kept) < keep:
+        kept.append(pred)
+    kept = np.concatenate(kept)[:keep] if kept else self.images[:0]
+    return acc, kept, oks
+
+  def low_res(self, images: np.ndarray, method: str) -> np.ndarray:
+    """The low-res inputs of held-out images, brought back to their size by `method`."""
+    low = upsampling.low_res_images(jnp.asarray(images), self.config.data.low_res_size)
+    return np.asarray(upsampling.resize(low, images.shape[1:3], method))
+
+  def references(self) -> tuple[_Accumulator, _Accumulator]:
+    """The ground truth's features and spectrum, and the bilinear baseline's metrics."""
+    truth, bilinear = _Accumulator(), _Accumulator()
+    for start in range(0, len(self.images), self.batch_size):
+      target = self.images[start:start + self.batch_size]
+      truth.add({}, self.features(target, start), target)
+      pred = self.low_res(target, 'linear')
+      bilinear.add(jax.device_get(self._measure(pred, target)), self.features(pred, start), pred)
+    return truth, bilinear
+
+  def summarise(self, acc: _Accumulator, truth: _Accumulator) -> dict[str, float]:
+    row = acc.mean_scores()
+    row.update(metrics.spectral_detail(acc.spectrum(), truth.spectrum(),
+                                       self.config.data.low_res_size))
+    if self.inception is not None:
+      row['fid'] = metrics.fid(truth.all_features('full'), acc.all_features('full'))
+      row['pfid'] = metrics.fid(truth.all_features('crops'), acc.all_features('crops'))
+    return row
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+  if key in ('fid', 'pfid') and key not in row:
+    return f'needs `{FID_FLAG}`'
+  if key not in row:
+    return '–'
+  return fmt.format(row[key])
+
+
+def markdown(results: dict[str, Any]) -> str:
+  r = results
+  lines = [
+      f"Held-out images: {r['num_images']} of {r['image_size']} px from {r['low_res_size']} px "
+      f"({r['data']}); flows sampled with {r['solver']} ({r['sample_setting']}), "
+      'regression with its one step; checkpoints: ' +
+      ', '.join(f"{x['method']} = {x['checkpoint']} (step {x['step']})"
+                for x in r['rows'] if x['checkpoint']) + '.',
+      '',
+      '| method | ' + ' | '.join(h for _, h, _ in COLUMNS) + ' |',
+      '|---|' + '---:|' * len(COLUMNS),
+  ]
+  for row in r['rows']:
+    lines.append(f"| {row['method']} | " +
+                 ' | '.join(_cell(row, k, f) for k, _, f in COLUMNS) + ' |')
+  lines += ['', 'SSIM, PSNR: higher is better; FID, p-FID, MSE, spectral distance: lower is better; '
+            'HF energy: power above the low-res Nyquist frequency relative to the ground truth '
+            '(negative = blurrier, positive = more high-frequency detail than the ground truth).']
+  if r['nfe_sweep']:
+    nfes = r['nfe_sweep_nfe']
+    lines += ['', f'NFE sweep (Euler, {r["num_images"]} images):', '',
+              '| method | metric | ' + ' | '.join(str(n) for n in nfes) + ' |',
+              '|---|---|' + '---:|' * len(nfes)]
+    for method, sweep in r['nfe_sweep'].items():
+      for key, header, fmt in COLUMNS[:-1]:
+        if key in sweep[0]:
+          lines.append(f'| {method} | {header} | ' +
+                       ' | '.join(fmt.format(s[key]) for s in sweep) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def sweep_plot(results: dict[str, Any], path: str) -> None:
+  """Metric against NFE for every flow; bilinear and regression rows as horizontal lines."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  keys = [k for k in ('fid', 'pfid', 'psnr', 'ssim', 'spectral_distance')
+          if k in results['rows'][0]]
+  headers = {k: h for k, h, _ in COLUMNS}
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+  nfes = results['nfe_sweep_nfe']
+  for ax, key in zip(axes[0], keys):
+    for method, sweep in results['nfe_sweep'].items():
+      ax.plot(nfes, [s[key] for s in sweep], marker='o', label=method)
+    for row in results['rows']:
+      if row['method'] not in results['nfe_sweep']:
+        ax.axhline(row[key], linestyle='--', linewidth=1, color='gray' if row['method'] ==
+                   'bilinear' else None, label=row['method'])
+    ax.set_xscale('log')
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.set_xlabel('NFE (Euler)')
+    ax.set_title(headers[key])
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_size: int,
+                 path: str) -> None:
+  """Per image two rows: the full images of every column, then the same crop of each, zoomed."""
+  size = columns[0][1].shape[1]
+  zoom = size // crop_size
+  header = 14
+  rows = []
+  for i in range(len(columns[0][1])):
+    top, left = boxes[i, 0]
+    full = [np.array(metrics.to_uint8(c[i])) for _, c in columns]
+    zoomed = [np.repeat(np.repeat(f[top:top + crop_size, left:left + crop_size], zoom, 0),
+                        zoom, 1) for f in full]
+    zoomed = [np.pad(z, ((0, size - z.shape[0]), (0, size - z.shape[1]), (0, 0))) for z in zoomed]
+    for f in full:  # Mark the crop on the full images.
+      f[top, left:left + crop_size] = f[top + crop_size - 1, left:left + crop_size] = 255
+      f[top:top + crop_size, left] = f[top:top + crop_size, left + crop_size - 1] = 255
+    rows += [np.concatenate(full, axis=1), np.concatenate(zoomed, axis=1)]
+  body = np.concatenate(rows, axis=0)
+  canvas = Image.new('RGB', (body.shape[1], body.shape[0] + header), 'white')
+  canvas.paste(Image.fromarray(body), (0, header))
+  draw = ImageDraw.Draw(canvas)
+  for j, (name, _) in enumerate(columns):
+    draw.text((j * size + 2, 1), name, fill='black')
+  canvas.save(path)
+
+
+# ----------------------------------------------------------------------------- the mode
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the checkpoints of `config.eval.checkpoints` (default: `workdir`) on the held-out
+  images; writes WORKDIR/eval/{results.md, results.json, nfe_sweep.png, figure.png}."""
+  check_eval_config(config)
+  if jax.process_count() > 1:
+    raise UserError('--mode=evaluate runs in one process on all of its devices; start it without '
+                    'the multi-process flags.')
+  mesh = sharding.make_mesh(config.mesh)
+  replicated = sharding.replicated(mesh)
+  paths = [p.strip() for p in config.eval.checkpoints.split(';') if p.strip()] or [workdir]
+  stages = [load_stage(path, settings, replicated)
+            for path, settings in parse_stages(';'.join(paths), workdir, config.sample)]
+  for stage in stages:
+    _check_compatible(stage, config)
+  outdir = os.path.join(workdir, 'eval')
+  ensure_writable(outdir)
+  images = input_pipeline.validation_images(config)
+  evaluator = Evaluator(config, images, mesh)
+  keep = min(config.eval.num_figure_images, len(images))
+
+  truth, bilinear = evaluator.references()
+  rows = [{'method': 'bilinear', 'checkpoint': '', 'step': None,
+           **evaluator.summarise(bilinear, truth)}]
+  figure_columns = [('low-res', evaluator.low_res(images[:keep], 'nearest')),
+                    ('bilinear', evaluator.low_res(images[:keep], 'linear'))]
+  taken: set[str] = set()
+  sweeps, failed = {}, 0
+  for stage in stages:
+    label = _label(stage, taken)
+    print(f'evaluating {label} ({stage.workdir}, step {stage.step})', file=sys.stderr, flush=True)
+    acc, kept, oks = evaluator.run(stage, stage.sample, keep)
+    failed += oks.count(False)
+    row = {'method': label, 'checkpoint': stage.workdir, 'step': stage.step,
+           **evaluator.summarise(acc, truth)}
+    rows.append(row)
+    figure_columns.append((label, kept))
+    if stage.config.flow.objective in ('cfm', 'fm'):
+      sweep = []
+      for nfe in config.eval.nfe_sweep:
+        if (stage.sample.solver, stage.sample.nfe) == ('euler', nfe):
+          sweep.append({k: v for k, v in row.items() if k not in ('method', 'checkpoint', 'step')})
+          continue
+        sample = ml_collections.ConfigDict(stage.sample.to_dict())
+        sample.solver, sample.nfe = 'euler', nfe
+        swept, _, oks = evaluator.run(stage, sample, 0)
+        failed += oks.count(False)
+        sweep.append(evaluator.summarise(swept, truth))
+      sweeps[label] = sweep
+  figure_columns.append(('ground truth', images[:keep]))
+
+  sample = config.sample
+  results = {
+      'num_images': len(images), 'image_size': images.shape[1],
+      'low_res_size': config.data.low_res_size,
+      'data': config.data.source + (f' {config.data.path}' if config.data.path else ''),
+      'solver': sample.solver,
+      'sample_setting': (f'rtol={sample.rtol}, atol={sample.atol}' if sample.solver == 'dopri5'
+                         else f'{sample.nfe} NFE'),
+      'seed': config.eval.seed, 'crop_size': config.eval.crop_size,
+      'num_crops': config.eval.num_crops,
+      'inception_weights': config.eval.inception_weights or None,
+      'rows': rows,
+      'nfe_sweep_nfe': list(config.eval.nfe_sweep), 'nfe_sweep': sweeps,
+  }
+  with open(os.path.join(outdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  table = markdown(results)
+  with open(os.path.join(outdir, 'results.md'), 'w') as f:
+    f.write(table)
+  if sweeps:
+    sweep_plot(results, os.path.join(outdir, 'nfe_sweep.png'))
+  crops_figure(figure_columns, evaluator.boxes, config.eval.crop_size,
+               os.path.join(outdir, 'figure.png'))
+  if failed:
+    print(f'warning: the solver stopped before t=1 for {failed} images; raise '
+          'config.sample.max_steps or loosen rtol/atol.', file=sys.stderr)
+  print(table)
+  print(f'Wrote {outdir}/results.md, results.json, figure.png'
+        + (', nfe_sweep.png' if sweeps else '') + '.')
+  return results

@@ -1,0 +1,121 @@
+"""`main.py --mode=evaluate` (fmboost_jax/evaluate.py) on tiny checkpoints trained here, 8 fake
+devices: the Table 2 rows, the NFE sweep, the figure, and one clear line for every bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from fmboost_jax import evaluate, input_pipeline, metrics, upsampling
+from fmboost_jax.errors import UserError
+from tests import runs
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+  """Tiny pixel-space CFM and L2-regression checkpoints (8 -> 16 px, 2 steps each)."""
+  root = tmp_path_factory.mktemp('eval')
+  return {'cfm': runs.train_tiny(root / 'cfm'),
+          'l2': runs.train_tiny(root / 'l2', flow__objective='l2', flow__noising_step=0)}
+
+
+def _config(checkpoints, **eval_overrides):
+  config = demo.get_config('tiny')
+  config.data.num_val_images = 12  # Not a multiple of the devices: the last batch is padded.
+  config.eval.checkpoints = ';'.join(checkpoints)
+  for k, v in eval_overrides.items():
+    config.eval[k] = v
+  return config
+
+
+def test_evaluate_writes_table_sweep_and_figure(checkpoints, tmp_path):
+  config = _config([checkpoints['cfm'], checkpoints['l2']])
+  results = evaluate.evaluate(config, str(tmp_path))
+  assert [r['method'] for r in results['rows']] == ['bilinear', 'CFM', 'L2']
+  bilinear, cfm, l2 = results['rows']
+
+  # The bilinear row is the metrics of bilinear upsampling, computed here independently.
+  images = input_pipeline.validation_images(config)
+  assert results['num_images'] == len(images) == 12
+  up = upsampling.resize(upsampling.low_res_images(images, 8), (16, 16), 'linear')
+  np.testing.assert_allclose(bilinear['psnr'], np.mean(metrics.psnr(up, images)), rtol=1e-5)
+  np.testing.assert_allclose(bilinear['ssim'], np.mean(metrics.ssim(up, images)), rtol=1e-5)
+  np.testing.assert_allclose(bilinear['mse'], np.mean(metrics.mse(up, images)), rtol=1e-5)
+  for row in results['rows']:
+    assert 'fid' not in row and row['spectral_distance'] >= 0
+    assert np.isfinite([row['psnr'], row['ssim'], row['hf_energy_db']]).all()
+  # Bilinear interpolation loses the high frequencies of the 16 px ground truth.
+  assert bilinear['hf_energy_db'] < -3
+  assert cfm['nfe'] == config.sample.nfe and l2['nfe'] == 1
+  assert cfm['step'] == 2 and cfm['checkpoint'] == checkpoints['cfm']
+
+  # The sweep covers the flow, not the regression; its entry at the config's NFE is the main row.
+  assert list(results['nfe_sweep']) == ['CFM'] and results['nfe_sweep_nfe'] == [1, 2]
+  sweep = results['nfe_sweep']['CFM']
+  assert [s['nfe'] for s in sweep] == [1, 2]
+  assert sweep[1]['psnr'] == cfm['psnr']
+  assert sweep[0]['psnr'] != sweep[1]['psnr']
+
+  out = tmp_path / 'eval'
+  assert json.loads((out / 'results.json').read_text()) == json.loads(json.dumps(results))
+  table = (out / 'results.md').read_text()
+  assert '| method | FID | p-FID | SSIM | PSNR (dB) |' in table
+  assert f"| CFM | needs `{evaluate.FID_FLAG}` | needs `{evaluate.FID_FLAG}` | {cfm['ssim']:.4f} |" \
+      in table
+  assert 'NFE sweep (Euler, 12 images)' in table
+  # Figure: 4 images x (full row + zoomed-crop row) of 16 px, 5 columns, a 14 px header.
+  figure = Image.open(out / 'figure.png')
+  assert figure.size == (5 * 16, 14 + 4 * 2 * 16)
+  assert Image.open(out / 'nfe_sweep.png').size[0] > 400
+
+
+def test_evaluate_is_deterministic(checkpoints, tmp_path):
+  config = _config([checkpoints['cfm']], nfe_sweep=(2,))
+  first = evaluate.evaluate(config, str(tmp_path / 'a'))
+  second = evaluate.evaluate(config, str(tmp_path / 'b'))
+  assert first['rows'] == second['rows']
+  config.eval.seed = 1  # Other noise augmentation (and crop boxes): other samples.
+  third = evaluate.evaluate(config, str(tmp_path / 'c'))
+  assert third['rows'][1]['psnr'] != first['rows'][1]['psnr']
+  assert third['rows'][0] == first['rows'][0]  # Bilinear has no noise.
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(checkpoints='EMPTY'), 'holds no config.json'),
+    (dict(checkpoints='NOCKPT'), 'holds no checkpoint'),
+    (dict(nfe_sweep=(0, 2)), 'config.eval.nfe_sweep=(0, 2) must be'),
+    (dict(sample_nfe=0), 'config.sample.nfe=0 must be an integer of at least 1'),
+    (dict(num_val_images=10_000), 'fewer than config.data.num_val_images=10000'),
+    (dict(crop_size=17), 'config.eval.crop_size=17 must be in [1, config.data.high_res_size=16]'),
+    (dict(inception_weights='/nonexistent/pt_inception.pth'), 'does not exist'),
+])
+def test_bad_input_is_one_clear_error(checkpoints, tmp_path, change, message):
+  config = _config([checkpoints['cfm']], nfe_sweep=(2,))
+  for key, value in change.items():
+    if key == 'checkpoints':
+      (tmp_path / 'run').mkdir()
+      if value == 'NOCKPT':
+        (tmp_path / 'run' / 'config.json').write_text(demo.get_config('tiny').to_json())
+      config.eval.checkpoints = str(tmp_path / 'run')
+    elif key == 'sample_nfe':
+      config.sample.nfe = value
+    elif key == 'num_val_images':
+      config.data.num_val_images = value
+    else:
+      config.eval[key] = value
+  with pytest.raises(UserError, match=message.replace('[', r'\[').replace('(', r'\(')
+                     .replace(')', r'\)')):
+    evaluate.evaluate(config, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out' / 'eval' / 'results.json').exists()
+
+
+def test_main_evaluate_reports_a_bad_nfe_in_one_line(checkpoints, tmp_path):
+  result = runs.run_main(checkpoints['cfm'], '--config.sample.nfe=0', mode='evaluate')
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith('error: ') and 'config.sample.nfe=0' in lines[-1]
+  assert 'Traceback' not in result.stderr
