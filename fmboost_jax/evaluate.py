@@ -23,6 +23,7 @@ WORKDIR/eval: results.md and results.json (Table 2 layout and the sweep), nfe_sw
 figure.png (matching crops of every method). The same config and checkpoints give the same numbers.
 """
 
+import functools
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from fmboost_jax import input_pipeline, metrics, sharding, upsampling
+from fmboost_jax import input_pipeline, metrics, sharding, upsampling, weights
 from fmboost_jax.errors import UserError
 from fmboost_jax.inference import Stage, load_stage, parse_stages
 from fmboost_jax.train import eval_step, ensure_writable
@@ -94,6 +95,23 @@ def _eval_config(stage: Stage, sample: ml_collections.ConfigDict) -> ml_collecti
   return config
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _inception_forward(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, state)(metrics.to_uint8(images).astype(jnp.float32))
+
+
+def inception_features(model, images: np.ndarray, chunk: int) -> np.ndarray:
+  """FID features [N, 2048] of images [N, H, W, 3] in [-1, 1] (quantised to uint8 values first),
+  in chunks of a fixed size (the last one padded), so that one compiled program serves them all."""
+  graphdef, state = nnx.split(model)
+  out = []
+  for i in range(0, len(images), chunk):
+    part = images[i:i + chunk]
+    padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+    out.append(np.asarray(_inception_forward(graphdef, state, padded))[:len(part)])
+  return np.concatenate(out)
+
+
 class _Accumulator:
   """Streams per-image scores, Inception features and power spectra of one method's outputs."""
 
@@ -134,14 +152,8 @@ class Evaluator:
     size = images.shape[1]
     self.boxes = metrics.crop_boxes(config.eval.seed, len(images), size, size,
                                     config.eval.crop_size, config.eval.num_crops)
-    self.inception = None
-    if config.eval.inception_weights:
-      from fmboost_jax import weights  # noqa: PLC0415
-      self.inception = weights.inception_from_weights(config.eval.inception_weights)
-      graphdef, params = nnx.split(self.inception)
-      self._features = jax.jit(
-          lambda p, x: nnx.merge(graphdef, p)(metrics.to_uint8(x).astype(jnp.float32)))
-      self._inception_params = params
+    self.inception = (weights.inception_from_weights(config.eval.inception_weights)
+                      if config.eval.inception_weights else None)
     self._measure = jax.jit(lambda pred, target: {
         'psnr': metrics.psnr(pred, target), 'ssim': metrics.ssim(pred, target),
         'mse': metrics.mse(pred, target)})
@@ -154,14 +166,15 @@ class Evaluator:
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
       yield start, n, jax.device_put(padded, self.batch)
 
-  def features(self, images: np.ndarray, starts: int) -> dict[str, np.ndarray]:
-    """Inception features of the full images and of their crop boxes (empty without weights)."""
+  def features(self, images: np.ndarray, start: int) -> dict[str, np.ndarray]:
+    """Inception features of images [n, S, S, 3] (held-out indices start .. start + n) and of
+    their crop boxes; empty without Inception weights."""
     if self.inception is None:
       return {}
-    boxes = self.boxes[starts:starts + len(images)]
+    boxes = self.boxes[start:start + len(images)]
     crops = metrics.crops(images, boxes, self.config.eval.crop_size)
-    return {'full': np.asarray(self._features(self._inception_params, images)),
-            'crops': np.asarray(self._features(self._inception_params, crops))}
+    return {'full': inception_features(self.inception, images, self.batch_size),
+            'crops': inception_features(self.inception, crops, self.batch_size)}
 
   def run(self, stage: Stage, sample: ml_collections.ConfigDict,
           keep: int) -> tuple[_Accumulator, np.ndarray, list[bool]]:

@@ -1,4 +1,5 @@
-"""PyTorch autoencoder weights (LDM `.ckpt`, diffusers `.safetensors`) -> Flax NNX state, strictly.
+"""PyTorch weights -> Flax NNX state, strictly: the SD autoencoder (LDM `.ckpt`, diffusers
+`.safetensors`) and, at the end, the FID Inception-v3 (`pt_inception-2015-12-05`).
 
 Two on-disk formats are read:
   * LDM / CompVis checkpoints (`.ckpt`, `.pt`, `.bin`): a bare state dict or one under
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from fmboost_jax.errors import UserError
+from fmboost_jax.models import inception
 
 AUTOENCODER_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
 FULL_MODEL_PREFIX = 'first_stage_model.'
@@ -233,6 +235,46 @@ def autoencoder_state_dict(raw: Mapping[str, Any],
   return state, ignored
 
 
+def _match_strictly(expected: Mapping[str, tuple[tuple[Any, ...], Any]],
+                    state: Mapping[str, Any], *,
+                    allow_1x1_as_linear: bool) -> tuple[list[tuple[Any, Any]], list[str]]:
+  """Pairs every expected variable with its PyTorch array, converted to the Flax layout.
+
+  Args:
+    expected: PyTorch key -> (Flax path, variable) of the target state.
+    state: PyTorch key -> array read from the file.
+    allow_1x1_as_linear: accept a `[O, I]` Linear weight where a `[O, I, 1, 1]` conv is expected.
+
+  Returns:
+    ([(path, variable with the converted value)], problems): problems is empty when every key is
+    present, none is unknown and every shape is right; otherwise it lists them, grouped.
+  """
+  missing = [k for k in expected if k not in state]
+  unexpected = [k for k in state if k not in expected]
+  mismatched, values = [], []
+  for key, (p, var) in expected.items():
+    if key not in state:
+      continue
+    value, flax_shape = state[key], tuple(var.shape)
+    want = _expected_torch_shape(p[-1], flax_shape)
+    got = tuple(getattr(value, 'shape', ()))
+    as_linear = allow_1x1_as_linear and len(want) == 4 and want[2:] == (1, 1) and got == want[:2]
+    if not isinstance(value, np.ndarray):
+      mismatched.append(f'{key} (not a tensor)')
+    elif got != want and not as_linear:
+      mismatched.append(f'{key} (file {list(got)}, model {list(want)})')
+    else:
+      values.append((p, var.replace(value=jnp.asarray(_to_flax(value, p[-1], flax_shape)))))
+  parts = []
+  if missing:
+    parts.append(f'{len(missing)} missing keys ({_listing(missing)})')
+  if unexpected:
+    parts.append(f'{len(unexpected)} unexpected keys ({_listing(unexpected)})')
+  if mismatched:
+    parts.append(f'{len(mismatched)} shape mismatches ({_listing(mismatched, 4)})')
+  return values, parts
+
+
 def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: Any) -> nnx.State:
   """Loads SD autoencoder weights onto the parameter structure of an `AutoencoderKL`.
 
@@ -263,31 +305,8 @@ def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: A
   path = os.fspath(path)
   state, ignored = autoencoder_state_dict(read_state_dict(path), num_levels)
 
-  missing = [k for k in expected if k not in state]
-  unexpected = [k for k in state if k not in expected]
-  mismatched, values = [], []
-  for key, (p, var) in expected.items():
-    if key not in state:
-      continue
-    value = state[key]
-    flax_shape = tuple(var.shape)
-    want = _expected_torch_shape(p[-1], flax_shape)
-    got = tuple(getattr(value, 'shape', ()))
-    if not isinstance(value, np.ndarray):
-      mismatched.append(f'{key} (not a tensor)')
-    elif got != want and not (len(want) == 4 and want[2:] == (1, 1) and got == want[:2]):
-      mismatched.append(f'{key} (file {list(got)}, model {list(want)})')
-    else:
-      values.append((p, var.replace(value=jnp.asarray(_to_flax(value, p[-1], flax_shape)))))
-
-  if missing or unexpected or mismatched:
-    parts = []
-    if missing:
-      parts.append(f'{len(missing)} missing keys ({_listing(missing)})')
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected keys ({_listing(unexpected)})')
-    if mismatched:
-      parts.append(f'{len(mismatched)} shape mismatches ({_listing(mismatched, 4)})')
+  values, parts = _match_strictly(expected, state, allow_1x1_as_linear=True)
+  if parts:
     note = ''
     if ignored and not state:
       note = (f' (the file has {len(ignored)} keys and none belongs to an autoencoder, e.g. '
@@ -335,3 +354,59 @@ def _load_flax_checkpoint(directory: str, target: nnx.State) -> nnx.State:
   state = jax.tree.map(lambda v: v, target)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
   return state
+
+
+# --- FID Inception-v3 (pt_inception-2015-12-05) -------------------------------------------------
+
+INCEPTION_FILENAME = 'pt_inception-2015-12-05-6726825d.pth'
+_INCEPTION_HINT = (f'supply {INCEPTION_FILENAME} (from the pytorch-fid GitHub release) via '
+                   '--config.eval.inception_weights=PATH')
+_INCEPTION_NAMES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
+                    'var': 'running_var'}
+
+
+def _inception_ignored(key: str) -> bool:
+  """The classifier (only the pool features are used) and BatchNorm's step counters."""
+  return key.startswith('fc.') or key.endswith('.num_batches_tracked')
+
+
+def load_inception_weights(path: str | os.PathLike, model_or_abstract_state: Any) -> nnx.State:
+  """Loads the FID Inception-v3 weights onto the variables of `models.inception.InceptionV3`.
+
+  Args:
+    path: The PyTorch state dict `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's file;
+      torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` has the same keys), or a
+      `.safetensors` file with the same key names. `fc.*` and `*.num_batches_tracked` are ignored.
+    model_or_abstract_state: An `InceptionV3` (concrete or from `nnx.eval_shape`) or its
+      `nnx.state(model)`; only the variable paths and shapes are used.
+
+  Returns:
+    An `nnx.State` with the target's structure (conv kernels HWIO, BatchNorm scale/bias as
+    `nnx.Param`, running mean/var as `nnx.BatchStat`), all float32.
+
+  Raises:
+    UserError: missing file, unreadable file, or keys / shapes that do not match the network
+      (one message listing the offending keys).
+  """
+  target = model_or_abstract_state
+  if isinstance(target, nnx.Module):
+    target = nnx.state(target)
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f'Inception weights file {path} does not exist; {_INCEPTION_HINT}.')
+  raw = read_state_dict(path)
+  state = {k: v for k, v in raw.items() if not _inception_ignored(k)}
+  expected = {'.'.join(map(str, (*p[:-1], _INCEPTION_NAMES.get(p[-1], p[-1])))): (p, v)
+              for p, v in nnx.to_flat_state(target)}
+
+  values, parts = _match_strictly(expected, state, allow_1x1_as_linear=False)
+  if parts:
+    raise UserError(f'weights file {path} does not match the FID Inception-v3: '
+                    f'{"; ".join(parts)}; {_INCEPTION_HINT}.')
+  return nnx.from_flat_state(values)
+
+
+def inception_from_weights(path: str | os.PathLike) -> inception.InceptionV3:
+  """The FID `InceptionV3` with the weights of `path` (see `load_inception_weights`)."""
+  abstract = nnx.eval_shape(lambda: inception.InceptionV3(rngs=nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(abstract), load_inception_weights(path, abstract))

@@ -119,3 +119,31 @@ def test_main_evaluate_reports_a_bad_nfe_in_one_line(checkpoints, tmp_path):
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith('error: ') and 'config.sample.nfe=0' in lines[-1]
   assert 'Traceback' not in result.stderr
+
+
+def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
+  """With (random) FID Inception weights in the real key layout, FID and p-FID are numbers: the
+  FID of the images' own features against the ground truth's, computed here from the features."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  from fmboost_jax import weights  # noqa: PLC0415
+  from tests.test_inception import _random_state_dict  # noqa: PLC0415
+
+  path = tmp_path / 'inception.safetensors'
+  save_file(_random_state_dict(seed=1), str(path))
+  config = _config([checkpoints['l2']], inception_weights=str(path), num_crops=2,
+                   num_figure_images=1)
+  results = evaluate.evaluate(config, str(tmp_path))
+  bilinear, l2 = results['rows']
+  images = input_pipeline.validation_images(config)
+  model = weights.inception_from_weights(path)
+  up = upsampling.resize(upsampling.low_res_images(images, 8), (16, 16), 'linear')
+  features = lambda x: evaluate.inception_features(model, np.asarray(x), 8)  # noqa: E731
+  np.testing.assert_allclose(bilinear['fid'], metrics.fid(features(images), features(up)),
+                             rtol=1e-3)
+  boxes = metrics.crop_boxes(0, 12, 16, 16, 8, 2)
+  np.testing.assert_allclose(
+      bilinear['pfid'], metrics.fid(features(metrics.crops(images, boxes, 8)),
+                                    features(metrics.crops(np.asarray(up), boxes, 8))), rtol=1e-3)
+  assert l2['fid'] > 0 and l2['pfid'] > 0
+  table = (tmp_path / 'eval' / 'results.md').read_text()
+  assert f"| L2 | {l2['fid']:.2f} | {l2['pfid']:.2f} |" in table
