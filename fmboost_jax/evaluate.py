@@ -41,7 +41,7 @@ from fmboost_jax.errors import UserError
 from fmboost_jax.inference import Stage, load_stage, parse_stages
 from fmboost_jax.train import eval_step, ensure_writable
 
-FID_FLAG = '--config.eval.inception_weights=PATH'
+FID_FLAG = '--config.eval.inception_weights'
 COLUMNS = (  # (key, header, format); FID columns first as in the paper's Table 2.
     ('fid', 'FID', '{:.2f}'), ('pfid', 'p-FID', '{:.2f}'), ('ssim', 'SSIM', '{:.4f}'),
     ('psnr', 'PSNR (dB)', '{:.2f}'), ('mse', 'MSE', '{:.5f}'),
@@ -281,13 +281,16 @@ def sweep_plot(results: dict[str, Any], path: str) -> None:
   headers = {k: h for k, h, _ in COLUMNS}
   fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
   nfes = results['nfe_sweep_nfe']
+  colors = iter(plt.rcParams['axes.prop_cycle'].by_key()['color'] * 4)
+  color = {r['method']: 'black' if r['method'] == 'bilinear' else next(colors)
+           for r in results['rows']}
   for ax, key in zip(axes[0], keys):
     for method, sweep in results['nfe_sweep'].items():
-      ax.plot(nfes, [s[key] for s in sweep], marker='o', label=method)
+      ax.plot(nfes, [s[key] for s in sweep], marker='o', color=color[method], label=method)
     for row in results['rows']:
       if row['method'] not in results['nfe_sweep']:
-        ax.axhline(row[key], linestyle='--', linewidth=1, color='gray' if row['method'] ==
-                   'bilinear' else None, label=row['method'])
+        ax.axhline(row[key], linestyle='--', linewidth=1, color=color[row['method']],
+                   label=row['method'])
     ax.set_xscale('log')
     ax.set_xticks(nfes, [str(n) for n in nfes])
     ax.set_xlabel('NFE (Euler)')
@@ -298,29 +301,37 @@ def sweep_plot(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def _enlarge(image: np.ndarray, factor: int) -> np.ndarray:
+  return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
 def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_size: int,
-                 path: str) -> None:
-  """Per image two rows: the full images of every column, then the same crop of each, zoomed."""
+                 path: str, min_cell: int = 128) -> None:
+  """Per image two rows: the full images of every column (the crop box outlined), then the same
+  crop of each, zoomed to the full size. Small images are enlarged (nearest) to `min_cell` px."""
   size = columns[0][1].shape[1]
-  zoom = size // crop_size
-  header = 14
+  scale = max(1, min_cell // size)
+  cell = size * scale
+  header = 16
   rows = []
   for i in range(len(columns[0][1])):
     top, left = boxes[i, 0]
     full = [np.array(metrics.to_uint8(c[i])) for _, c in columns]
-    zoomed = [np.repeat(np.repeat(f[top:top + crop_size, left:left + crop_size], zoom, 0),
-                        zoom, 1) for f in full]
-    zoomed = [np.pad(z, ((0, size - z.shape[0]), (0, size - z.shape[1]), (0, 0))) for z in zoomed]
-    for f in full:  # Mark the crop on the full images.
-      f[top, left:left + crop_size] = f[top + crop_size - 1, left:left + crop_size] = 255
-      f[top:top + crop_size, left] = f[top:top + crop_size, left + crop_size - 1] = 255
+    zoomed = [_enlarge(f[top:top + crop_size, left:left + crop_size], cell // crop_size)
+              for f in full]
+    zoomed = [np.pad(z, ((0, cell - z.shape[0]), (0, cell - z.shape[1]), (0, 0))) for z in zoomed]
+    full = [_enlarge(f, scale) for f in full]
+    t, l, c = top * scale, left * scale, crop_size * scale
+    for f in full:  # Outline the crop.
+      f[t, l:l + c] = f[t + c - 1, l:l + c] = 255
+      f[t:t + c, l] = f[t:t + c, l + c - 1] = 255
     rows += [np.concatenate(full, axis=1), np.concatenate(zoomed, axis=1)]
   body = np.concatenate(rows, axis=0)
   canvas = Image.new('RGB', (body.shape[1], body.shape[0] + header), 'white')
   canvas.paste(Image.fromarray(body), (0, header))
   draw = ImageDraw.Draw(canvas)
   for j, (name, _) in enumerate(columns):
-    draw.text((j * size + 2, 1), name, fill='black')
+    draw.text((j * cell + 3, 2), name, fill='black')
   canvas.save(path)
 
 

@@ -14,3 +14,14 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_cfm_workdir(tmp_path_factory) -> str:
+  """A pixel-space CFM checkpoint of `configs/demo.py:tiny` (8 -> 16 px, 2 steps), trained once per
+  session for the tests that sample or evaluate (they must not write into it)."""
+  from tests import runs  # noqa: PLC0415
+  return runs.train_tiny(tmp_path_factory.mktemp('tiny_cfm') / 'workdir')

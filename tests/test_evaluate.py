@@ -16,10 +16,10 @@ from tests import runs
 
 
 @pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, tiny_cfm_workdir):
   """Tiny pixel-space CFM and L2-regression checkpoints (8 -> 16 px, 2 steps each)."""
   root = tmp_path_factory.mktemp('eval')
-  return {'cfm': runs.train_tiny(root / 'cfm'),
+  return {'cfm': tiny_cfm_workdir,
           'l2': runs.train_tiny(root / 'l2', flow__objective='l2', flow__noising_step=0)}
 
 
@@ -67,9 +67,10 @@ def test_evaluate_writes_table_sweep_and_figure(checkpoints, tmp_path):
   assert f"| CFM | needs `{evaluate.FID_FLAG}` | needs `{evaluate.FID_FLAG}` | {cfm['ssim']:.4f} |" \
       in table
   assert 'NFE sweep (Euler, 12 images)' in table
-  # Figure: 4 images x (full row + zoomed-crop row) of 16 px, 5 columns, a 14 px header.
+  # Figure: 4 images x (full row + zoomed-crop row), 5 columns, 16 px enlarged 8x to 128 px,
+  # a 16 px header.
   figure = Image.open(out / 'figure.png')
-  assert figure.size == (5 * 16, 14 + 4 * 2 * 16)
+  assert figure.size == (5 * 128, 16 + 4 * 2 * 128)
   assert Image.open(out / 'nfe_sweep.png').size[0] > 400
 
 
@@ -114,7 +115,8 @@ def test_bad_input_is_one_clear_error(checkpoints, tmp_path, change, message):
 
 
 def test_main_evaluate_reports_a_bad_nfe_in_one_line(checkpoints, tmp_path):
-  result = runs.run_main(checkpoints['cfm'], '--config.sample.nfe=0', mode='evaluate')
+  result = runs.run_main(tmp_path, f"--config.eval.checkpoints={checkpoints['cfm']}",
+                         '--config.sample.nfe=0', mode='evaluate')
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith('error: ') and 'config.sample.nfe=0' in lines[-1]
@@ -130,8 +132,9 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
 
   path = tmp_path / 'inception.safetensors'
   save_file(_random_state_dict(seed=1), str(path))
-  config = _config([checkpoints['l2']], inception_weights=str(path), num_crops=2,
+  config = _config([checkpoints['l2']], inception_weights=str(path), num_crops=1,
                    num_figure_images=1)
+  config.data.num_val_images = 8
   results = evaluate.evaluate(config, str(tmp_path))
   bilinear, l2 = results['rows']
   images = input_pipeline.validation_images(config)
@@ -140,7 +143,7 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   features = lambda x: evaluate.inception_features(model, np.asarray(x), 8)  # noqa: E731
   np.testing.assert_allclose(bilinear['fid'], metrics.fid(features(images), features(up)),
                              rtol=1e-3)
-  boxes = metrics.crop_boxes(0, 12, 16, 16, 8, 2)
+  boxes = metrics.crop_boxes(0, 8, 16, 16, 8, 1)
   np.testing.assert_allclose(
       bilinear['pfid'], metrics.fid(features(metrics.crops(images, boxes, 8)),
                                     features(metrics.crops(np.asarray(up), boxes, 8))), rtol=1e-3)

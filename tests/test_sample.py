@@ -22,14 +22,14 @@ from tests.test_weights import _ldm_state
 
 
 @pytest.fixture(scope='module')
-def stages(tmp_path_factory):
+def stages(tmp_path_factory, tiny_cfm_workdir):
   """A pixel-space stage (trained on 8 -> 16 px crops) and a latent one (8 -> 16 px)."""
   root = tmp_path_factory.mktemp('stages')
   weights = root / 'vae.safetensors'
   save_safetensors(_ldm_state(random_model(seed=5, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                                            z_channels=4)), str(weights))
   return {
-      'pixel': runs.train_tiny(root / 'pixel'),
+      'pixel': tiny_cfm_workdir,
       'latent': runs.train_tiny(root / 'latent', first_stage__name='sd_vae',
                        first_stage__weights=str(weights), first_stage__ch=32,
                        first_stage__ch_mult=(1, 2), first_stage__num_res_blocks=1),
