@@ -254,7 +254,8 @@ def markdown(results: dict[str, Any]) -> str:
   for row in r['rows']:
     lines.append(f"| {row['method']} | " +
                  ' | '.join(_cell(row, k, f) for k, _, f in COLUMNS) + ' |')
-  lines += ['', 'SSIM, PSNR: higher is better; FID, p-FID, MSE, spectral distance: lower is better; '
+  lines += ['', 'SSIM, PSNR: higher is better; FID, p-FID, MSE, spectral distance: lower is '
+            'better; '
             'HF energy: power above the low-res Nyquist frequency relative to the ground truth '
             '(negative = blurrier, positive = more high-frequency detail than the ground truth).']
   if r['nfe_sweep']:
@@ -321,10 +322,10 @@ def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_
               for f in full]
     zoomed = [np.pad(z, ((0, cell - z.shape[0]), (0, cell - z.shape[1]), (0, 0))) for z in zoomed]
     full = [_enlarge(f, scale) for f in full]
-    t, l, c = top * scale, left * scale, crop_size * scale
+    y, x, c = top * scale, left * scale, crop_size * scale
     for f in full:  # Outline the crop.
-      f[t, l:l + c] = f[t + c - 1, l:l + c] = 255
-      f[t:t + c, l] = f[t:t + c, l + c - 1] = 255
+      f[y, x:x + c] = f[y + c - 1, x:x + c] = 255
+      f[y:y + c, x] = f[y:y + c, x + c - 1] = 255
     rows += [np.concatenate(full, axis=1), np.concatenate(zoomed, axis=1)]
   body = np.concatenate(rows, axis=0)
   canvas = Image.new('RGB', (body.shape[1], body.shape[0] + header), 'white')

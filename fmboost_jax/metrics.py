@@ -93,9 +93,9 @@ def crop_boxes(seed: int, num_images: int, height: int, width: int, crop_size: i
 
 
 def crops(images: np.ndarray, boxes: np.ndarray, crop_size: int) -> np.ndarray:
-  """images [N, H, W, C], boxes [N, K, 2] -> crops [N * K, crop_size, crop_size, C] (image-major)."""
-  return np.stack([images[i, t:t + crop_size, l:l + crop_size]
-                   for i in range(len(images)) for t, l in boxes[i]])
+  """images [N, H, W, C], boxes [N, K, 2] -> crops [N * K, crop_size, crop_size, C], image-major."""
+  return np.stack([images[i, y:y + crop_size, x:x + crop_size]
+                   for i in range(len(images)) for y, x in boxes[i]])
 
 
 # ----------------------------------------------------------------------------- detail

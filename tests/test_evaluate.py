@@ -2,9 +2,7 @@
 devices: the Table 2 rows, the NFE sweep, the figure, and one clear line for every bad input."""
 
 import json
-import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,8 +62,8 @@ def test_evaluate_writes_table_sweep_and_figure(checkpoints, tmp_path):
   assert json.loads((out / 'results.json').read_text()) == json.loads(json.dumps(results))
   table = (out / 'results.md').read_text()
   assert '| method | FID | p-FID | SSIM | PSNR (dB) |' in table
-  assert f"| CFM | needs `{evaluate.FID_FLAG}` | needs `{evaluate.FID_FLAG}` | {cfm['ssim']:.4f} |" \
-      in table
+  needs = f'needs `{evaluate.FID_FLAG}`'
+  assert f"| CFM | {needs} | {needs} | {cfm['ssim']:.4f} |" in table
   assert 'NFE sweep (Euler, 12 images)' in table
   # Figure: 4 images x (full row + zoomed-crop row), 5 columns, 16 px enlarged 8x to 128 px,
   # a 16 px header.
@@ -79,10 +77,6 @@ def test_evaluate_is_deterministic(checkpoints, tmp_path):
   first = evaluate.evaluate(config, str(tmp_path / 'a'))
   second = evaluate.evaluate(config, str(tmp_path / 'b'))
   assert first['rows'] == second['rows']
-  config.eval.seed = 1  # Other noise augmentation (and crop boxes): other samples.
-  third = evaluate.evaluate(config, str(tmp_path / 'c'))
-  assert third['rows'][1]['psnr'] != first['rows'][1]['psnr']
-  assert third['rows'][0] == first['rows'][0]  # Bilinear has no noise.
 
 
 @pytest.mark.parametrize('change, message', [

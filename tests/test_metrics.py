@@ -96,8 +96,8 @@ def test_crop_boxes_are_seeded_in_bounds_and_shared():
   images = np.arange(5 * 32 * 48 * 3, dtype=np.float32).reshape(5, 32, 48, 3)
   crops = metrics.crops(images, boxes, 16)
   assert crops.shape == (20, 16, 16, 3)
-  t, l = boxes[2, 1]
-  np.testing.assert_array_equal(crops[2 * 4 + 1], images[2, t:t + 16, l:l + 16])
+  y, x = boxes[2, 1]
+  np.testing.assert_array_equal(crops[2 * 4 + 1], images[2, y:y + 16, x:x + 16])
   with pytest.raises(ValueError, match='crop_size=40'):
     metrics.crop_boxes(0, 1, 32, 48, 40, 1)
 
