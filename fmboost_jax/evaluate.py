@@ -63,6 +63,8 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
                     f'config.data.high_res_size={config.data.high_res_size}].')
   if e.num_crops < 1:
     raise UserError(f'config.eval.num_crops={e.num_crops} must be at least 1.')
+  if e.num_figure_images < 1:
+    raise UserError(f'config.eval.num_figure_images={e.num_figure_images} must be at least 1.')
   if e.inception_weights and not os.path.exists(e.inception_weights):
     raise UserError(f'config.eval.inception_weights={e.inception_weights} does not exist; pass '
                     'the pt_inception-2015-12-05-6726825d.pth file of pytorch-fid (or a '

@@ -87,6 +87,7 @@ def test_evaluate_is_deterministic(checkpoints, tmp_path):
     (dict(num_val_images=10_000), 'fewer than config.data.num_val_images=10000'),
     (dict(crop_size=17), 'config.eval.crop_size=17 must be in [1, config.data.high_res_size=16]'),
     (dict(inception_weights='/nonexistent/pt_inception.pth'), 'does not exist'),
+    (dict(num_figure_images=0), 'config.eval.num_figure_images=0 must be at least 1'),
 ])
 def test_bad_input_is_one_clear_error(checkpoints, tmp_path, change, message):
   config = _config([checkpoints['cfm']], nfe_sweep=(2,))
