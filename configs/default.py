@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'xla': lax.conv_general_dilated (TPU, GPU). 'matmul': convolutions as one im2col matrix product
   # each, 2-3x faster on CPUs (benchmarks/results.md); same parameters and results either way.
   config.model.conv_impl = 'xla'
+  # Rematerialisation of each residual block in the backward pass, trading compute for activation
+  # memory: 'none' | 'full' (keep block inputs only) | 'dots' (also keep matrix-product outputs).
+  config.model.remat = 'none'
 
   # What is learned (fmboost_jax/flow.py).
   config.flow = ml_collections.ConfigDict()

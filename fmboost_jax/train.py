@@ -228,7 +228,7 @@ class _StopFlag:
     local = np.full((jax.local_device_count(),), self.signal is not None)
     flags = jax.make_array_from_process_local_data(sharding.batch_sharded(mesh), local)
     previous, self._pending = self._pending, self._reduce(flags)
-    return previous is not None and bool(previous)
+    return previous is not None and bool(jax.device_get(previous))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -381,10 +381,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   profile_start = step + 1  # The first step of a run may still wait for its inputs.
   try:
     while step < config.train.num_steps:
-      batch = sharding.global_batch(next(train_iter), mesh)
       if step == profile_start and config.train.profile_steps > 0:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      state, measurements = compiled_step(state, batch, first_stage_params)
+      # The per-step path copies between host and devices only where it says so (the batch in,
+      # the stop flag out); an implicit copy, i.e. a hidden host sync, is an error here.
+      with jax.transfer_guard('disallow'):
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, measurements = compiled_step(state, batch, first_stage_params)
+        stop_agreed = stop.agreed(mesh)
       step += 1
       if step == profile_start + config.train.profile_steps and config.train.profile_steps > 0:
         jax.block_until_ready(state)
@@ -401,7 +405,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last_scores = evaluate()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
         save()
-      if stop.agreed(mesh):
+      if stop_agreed:
         stopped = True
         logging.info('Received a stop signal (here or on another process): saving at step %d and '
                      'exiting.', step)

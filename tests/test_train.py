@@ -1,5 +1,6 @@
 """Specification of the training loop: sharding, resume, preemption, divergence, bad input."""
 
+import os
 import signal
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from fmboost_jax import flow, train
+from fmboost_jax import flow, sharding, train
 from tests import runs
 
 
@@ -123,6 +124,16 @@ def test_nan_loss_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypat
   after = runs.flat(runs.restore_state(tmp_path, 3))
   for k in before:
     np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_an_implicit_host_transfer_in_the_step_loop_is_an_error(tmp_path, monkeypatch):
+  # A regression that hands the step host arrays (an implicit, synchronous copy every step) must
+  # fail at the first step instead of silently slowing training down.
+  monkeypatch.setattr(sharding, 'global_batch', lambda local_batch, mesh: dict(local_batch))
+  config = demo.get_config('tiny')
+  with pytest.raises(jax.errors.JaxRuntimeError, match='Disallowed host-to-device transfer'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints' / '1')
 
 
 def test_ema_follows_the_reference_schedule():

@@ -230,3 +230,53 @@ def test_unet_with_matmul_convolutions_computes_the_same_velocity(perturbed_mode
   config.model.conv_impl = 'winograd'
   with pytest.raises(ValueError, match='conv_impl'):
     unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+
+
+
+def _grad_fn(model):
+  """Lowered gradient of a scalar loss w.r.t. the model's parameters, and the parameters."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 6))
+  t = jnp.array([0.2, 0.7])
+
+  def loss(p):
+    return jnp.mean(nnx.merge(graphdef, p)(x, t) ** 2)
+
+  return jax.jit(jax.value_and_grad(loss)).lower(params), params
+
+
+def _count_ops(lowered) -> dict[str, int]:
+  text = lowered.as_text()
+  return {op: text.count(f'stablehlo.{op}') for op in ('optimization_barrier', 'convolution',
+                                                       'dot_general')}
+
+
+def test_remat_policies_recompute_blocks_with_the_same_gradients(perturbed_model):
+  lowered, params = _grad_fn(perturbed_model)
+  ref_loss, ref_grads = lowered.compile()(params)
+  ops = {'none': _count_ops(lowered)}
+  for policy in ('full', 'dots'):
+    model = unet_lib.UNet(**SMALL, remat=policy, rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(perturbed_model, nnx.Param))
+    lowered, _ = _grad_fn(model)
+    loss, grads = lowered.compile()(params)
+    assert abs(float(loss - ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(grads),
+                                                          jax.tree.leaves(ref_grads)))
+    den = sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(ref_grads))
+    assert math.sqrt(num / den) < 1e-5
+    ops[policy] = _count_ops(lowered)
+  # The program handed to XLA recomputes each of the 11 residual blocks (3 encoder UNetBlocks, 2
+  # middle ResBlocks, 6 decoder UNetBlocks) behind an optimization barrier: 'full' recomputes
+  # their convolutions and matrix products, 'dots' the convolutions but keeps the matrix products.
+  # (XLA's CPU pipeline drops the barriers and folds the recomputation back, so on CPUs the option
+  # changes nothing; benchmarks/results.md has the measurement.)
+  assert ops['none']['optimization_barrier'] == 0
+  assert ops['full']['optimization_barrier'] == ops['dots']['optimization_barrier'] == 11
+  assert ops['full']['convolution'] > ops['none']['convolution']
+  assert ops['dots']['convolution'] == ops['full']['convolution']
+  assert ops['none']['dot_general'] < ops['dots']['dot_general'] < ops['full']['dot_general']
+  config = default.get_config()
+  config.model.remat = 'everything'
+  with pytest.raises(ValueError, match='config.model.remat'):
+    unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))

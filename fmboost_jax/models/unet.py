@@ -348,8 +348,12 @@ class UNet(nnx.Module):
       head_dim: int,
       dtype: Dtype = jnp.float32,
       param_dtype: Dtype = jnp.float32,
+      remat: str = 'none',
       rngs: nnx.Rngs,
   ):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r} is unknown; fix config.model.remat (one of '
+                       f'{sorted(REMAT_POLICIES)}).')
     channel_mult = tuple(channel_mult)
     attention_levels = tuple(attention_levels)
     num_levels = len(channel_mult)
@@ -363,6 +367,7 @@ class UNet(nnx.Module):
     self.model_channels = model_channels
     self.num_levels = num_levels
     self.dtype = dtype
+    self.remat = remat
     emb_dim = 4 * model_channels
 
     self.time_dense1 = _dense(model_channels, emb_dim, **kw)
@@ -419,24 +424,39 @@ class UNet(nnx.Module):
     emb = timestep_embedding(t, self.model_channels)
     emb = self.time_dense2(nnx.silu(self.time_dense1(emb)))
 
+    if self.remat == 'none':
+      apply = lambda block, *args: block(*args)
+    else:  # Each residual block's activations are recomputed in the backward pass (policy aside).
+      apply = nnx.remat(lambda block, *args: block(*args), policy=REMAT_POLICIES[self.remat])
+
     h = x.astype(self.dtype)
     skips = []
     for block in self.input_blocks:
-      h = block(h, emb) if isinstance(block, UNetBlock) else block(h)
+      h = apply(block, h, emb) if isinstance(block, UNetBlock) else block(h)
       skips.append(h)
 
-    h = self.middle_res1(h, emb)
+    h = apply(self.middle_res1, h, emb)
     h = self.middle_attn(h)
-    h = self.middle_res2(h, emb)
+    h = apply(self.middle_res2, h, emb)
 
     for block in self.output_blocks:
-      h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb)
+      h = apply(block, jnp.concatenate([h, skips.pop()], axis=-1), emb)
 
     h = self.out_conv(nnx.silu(self.out_norm(h)))
     return h.astype(jnp.float32)
 
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Rematerialisation (gradient checkpointing) of every UNetBlock and middle ResBlock: 'none' keeps
+# all activations for the backward pass; 'full' keeps only each block's input and recomputes the
+# rest; 'dots' also keeps the outputs of matrix products (dense layers, attention, and convolutions
+# with conv_impl='matmul'), recomputing the cheap normalisations and activations.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 _CONV_IMPLS = {'xla': jax.lax.conv_general_dilated, 'matmul': conv_as_matmul}
@@ -449,8 +469,9 @@ def unet_from_config(model_config, channels: int, *, rngs: nnx.Rngs) -> UNet:
 
   Args:
     model_config: `config.model` (model_channels, channel_mult, num_res_blocks, attention_levels,
-      num_heads, head_dim, compute_dtype in {'float32', 'bfloat16'}, and conv_impl: 'xla'
-      (lax.conv_general_dilated) or 'matmul' (`conv_as_matmul`, faster on CPUs)).
+      num_heads, head_dim, compute_dtype in {'float32', 'bfloat16'}, conv_impl: 'xla'
+      (lax.conv_general_dilated) or 'matmul' (`conv_as_matmul`, faster on CPUs), and remat: one
+      of REMAT_POLICIES).
     channels: Channels of the latents / images the flow runs on (4 for SD latents, 3 for pixels).
     rngs: Parameter RNG streams.
 
@@ -477,6 +498,7 @@ def unet_from_config(model_config, channels: int, *, rngs: nnx.Rngs) -> UNet:
       head_dim=model_config.head_dim,
       dtype=_DTYPES[compute_dtype],
       param_dtype=jnp.float32,
+      remat=model_config.get('remat', 'none'),
       rngs=rngs,
   )
   for _, module in nnx.iter_modules(model):
