@@ -148,7 +148,8 @@ def main():
   parser.add_argument('--tiled-encode', action='store_true',
                       help='also time encode_tiled of a --tiled-size image (slow)')
   parser.add_argument('--methods', nargs='+', default=['jax', 'torch'], choices=['jax', 'torch'])
-  parser.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results_autoencoder.md'))
+  parser.add_argument('--out', help='Also write the table to this Markdown file.')
+  parser.add_argument('--json', help='Also write the measurements to this file.')
   parser.add_argument('--worker', nargs=3, metavar=('METHOD', 'OP', 'SIZE'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -166,9 +167,11 @@ def main():
   names = {'jax': 'JAX', 'torch': 'diffusers (PyTorch)'}
   rows = ['| method | size | compile s | median s | peak RSS MiB | compile RSS MiB | XLA temp MiB '
           '| XLA args+out MiB |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+  records = []
   for method, op, size in jobs:
     print(f'running {method} {op} {size} ...', file=sys.stderr, flush=True)
     r = _measure(method, op, size, args.repeats)
+    records.append(dict(method=method, op=op, size=size, **r))
     label = f'{names[method]} {op}'
     if 'error' in r:
       rows.append(f'| {label} | {size} | {r["error"]} | | | | | |')
@@ -177,10 +180,13 @@ def main():
                 f'| {_cell(r["peak_rss"], "{:.0f}")} | {_cell(r["compile_rss"], "{:.0f}")} '
                 f'| {_cell(r["xla_temp"], "{:.0f}")} | {_cell(r["xla_io"], "{:.0f}")} |')
   text = _header(sys.argv) + '\n' + '\n'.join(rows) + '\n'
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    f.write(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text)
   print(text)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(records, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,8 @@ config.model.conv_impl='matmul' uses) and as 9 shifted matmuls summed.
 GFLOP/s counts 3x the forward FLOPs (the forward and the two backward products).
 """
 
+import argparse
+import json
 import os
 import statistics
 import sys
@@ -50,8 +52,12 @@ def seconds(conv, x, w, repeats=5):
 
 
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--json', help='Also write the measurements to this file.')
+  args = parser.parse_args()
   print('| H = W, channels | XLA convolution | im2col + one matmul | 9 shifted matmuls, summed |')
   print('|---|---:|---:|---:|')
+  records = []
   for size, channels in [(64, 128), (32, 256), (16, 512), (8, 1024)]:
     x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, channels))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, channels, channels)) * 0.01
@@ -59,8 +65,13 @@ def main():
     cells = []
     for conv in (conv_xla, conv_im2col, conv_nine_matmuls):
       t = seconds(conv, x, w)
+      records.append({'size': size, 'channels': channels, 'method': conv.__name__, 'seconds': t,
+                      'gflops': flops / t / 1e9})
       cells.append(f'{t * 1e3:.1f} ms, {flops / t / 1e9:.0f} GFLOP/s')
     print(f'| {size}, {channels} | ' + ' | '.join(cells) + ' |', flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(records, f, indent=2)
 
 
 if __name__ == '__main__':

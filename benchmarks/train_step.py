@@ -9,42 +9,25 @@ PyTorch code was measured (reference 3.9); `demo` is configs/demo.py (pixel spac
 Reported: compile time of the AOT-compiled step, the median step time over --steps steps after
 two warm-up steps, samples/s, XLA's FLOP count for the step (cost analysis), achieved FLOP/s and its
 ratio to the peak measured in the same process (median of a 4096^3 float32 matrix product),
-XLA's memory analysis of the step and the process's peak RSS. Extra `--set section.field=value`
+XLA's memory analysis of the step, the process's peak RSS, and the host time one step call takes
+to return (dispatch; the step runs asynchronously) and the time per step of --steps steps run back
+to back without waiting (pipelined, as in the training loop). Extra `--set section.field=value`
 arguments change the config (e.g. --set model.compute_dtype=bfloat16).
 """
 
 import argparse
-import ast
 import json
-import os
-import resource
 import statistics
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from common import apply_settings, flops, peak_flops, peak_rss_mib, xla_memory
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from configs import default, demo  # noqa: E402
-from fmboost_jax import train, upsampling  # noqa: E402
-
-
-def peak_flops(n: int = 4096, repeats: int = 5) -> float:
-  """FLOP/s of a float32 n x n x n matrix product (the machine's practical peak)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(times)
+from configs import default, demo
+from fmboost_jax import train, upsampling
 
 
 def build(model: str, settings: list[str]):
@@ -60,11 +43,7 @@ def build(model: str, settings: list[str]):
     config = demo.get_config()
     s, channels = config.data.high_res_size, 3
     batch = {'image': jnp.zeros((config.data.batch_size, s, s, 3))}
-  for setting in settings:
-    key, value = setting.split('=', 1)
-    section, field = key.split('.')
-    current = config[section][field]
-    config[section][field] = value if isinstance(current, str) else ast.literal_eval(value)
+  apply_settings(config, settings)
   return config, channels, batch
 
 
@@ -88,19 +67,26 @@ def main():
       s, b, f, key, graphdef=graphdef, first_stage_graphdef=first_stage_graphdef, tx=tx,
       config=config), donate_argnums=0).lower(state, batch, first_stage_params).compile()
   compile_seconds = time.perf_counter() - t0
-  cost = step.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost['flops'])
-  memory = step.memory_analysis()
+  memory = xla_memory(step)
 
-  times = []
+  times, dispatch = [], []
   for i in range(args.steps + 2):
     t0 = time.perf_counter()
     state, measurements = step(state, batch, first_stage_params)
+    t1 = time.perf_counter()  # The call returns once the step is enqueued (async dispatch).
     jax.block_until_ready(measurements)
     if i >= 2:
       times.append(time.perf_counter() - t0)
+      dispatch.append(t1 - t0)
   median = statistics.median(times)
+  # The same steps back to back without waiting in between, as the training loop runs them: if the
+  # host's dispatch work showed up, this would be slower than the blocked median.
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, measurements = step(state, batch, first_stage_params)
+  jax.block_until_ready(measurements)
+  pipelined = (time.perf_counter() - t0) / args.steps
+  step_flops = flops(step)
   peak = peak_flops()
   params = sum(x.size for x in jax.tree.leaves(state.params))
   results = {
@@ -109,11 +95,10 @@ def main():
       'compile_seconds': compile_seconds, 'step_seconds_median': median,
       'step_seconds_min': min(times), 'step_seconds_max': max(times),
       'samples_per_second': config.data.batch_size / median,
-      'flops_per_step': flops, 'achieved_gflops': flops / median / 1e9,
-      'peak_gflops': peak / 1e9, 'fraction_of_peak': flops / median / peak,
-      'temp_mib': getattr(memory, 'temp_size_in_bytes', 0) / 2**20,
-      'argument_mib': getattr(memory, 'argument_size_in_bytes', 0) / 2**20,
-      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'dispatch_ms_median': 1e3 * statistics.median(dispatch), 'pipelined_seconds': pipelined,
+      'flops_per_step': step_flops, 'achieved_gflops': step_flops / median / 1e9,
+      'peak_gflops': peak / 1e9, 'fraction_of_peak': step_flops / median / peak,
+      **memory, 'peak_rss_mib': peak_rss_mib(),
       'loss': float(measurements['loss']),
   }
   print(json.dumps(results, indent=2))

@@ -424,10 +424,12 @@ class UNet(nnx.Module):
     emb = timestep_embedding(t, self.model_channels)
     emb = self.time_dense2(nnx.silu(self.time_dense1(emb)))
 
-    if self.remat == 'none':
-      apply = lambda block, *args: block(*args)
-    else:  # Each residual block's activations are recomputed in the backward pass (policy aside).
-      apply = nnx.remat(lambda block, *args: block(*args), policy=REMAT_POLICIES[self.remat])
+    def call(block, *args):
+      return block(*args)
+
+    # With remat, each residual block's activations are recomputed in the backward pass (those the
+    # policy saves aside).
+    apply = call if self.remat == 'none' else nnx.remat(call, policy=REMAT_POLICIES[self.remat])
 
     h = x.astype(self.dtype)
     skips = []

@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`, so this directory
+is on sys.path): config overrides, the machine's measured peak, memory, and the machine line."""
+
+import ast
+import datetime
+import importlib.metadata
+import os
+import resource
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+MiB = 2.0**20
+
+
+def apply_settings(config, settings: list[str]) -> None:
+  """Applies `section.field=value` overrides (values parsed as Python literals unless strings)."""
+  for setting in settings:
+    key, value = setting.split('=', 1)
+    section, field = key.split('.')
+    current = config[section][field]
+    config[section][field] = value if isinstance(current, str) else ast.literal_eval(value)
+
+
+def peak_flops(n: int = 4096, repeats: int = 5) -> float:
+  """FLOP/s of a float32 n x n x n matrix product in JAX (the machine's practical peak)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory so far."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def xla_memory(compiled) -> dict[str, float]:
+  """XLA's buffer sizes of a compiled function, in MiB."""
+  m = compiled.memory_analysis()
+  return {'temp_mib': getattr(m, 'temp_size_in_bytes', 0) / MiB,
+          'argument_mib': getattr(m, 'argument_size_in_bytes', 0) / MiB,
+          'output_mib': getattr(m, 'output_size_in_bytes', 0) / MiB}
+
+
+def flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])
+
+
+def machine() -> str:
+  """One line: CPU, cores, memory, date, library versions."""
+  with open('/proc/cpuinfo') as f:
+    cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '?')
+  with open('/proc/meminfo') as f:
+    mem_gib = int(next(line.split()[1] for line in f if line.startswith('MemTotal'))) / 2**20
+  versions = []
+  for package in ('jax', 'jaxlib', 'flax', 'torch', 'diffusers'):
+    try:
+      versions.append(f'{package} {importlib.metadata.version(package)}')
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return (f'{cpu}, {len(os.sched_getaffinity(0))} usable cores, {mem_gib:.0f} GiB RAM, no '
+          f'accelerator; Python {sys.version.split()[0]}, {", ".join(versions)}; '
+          f'{datetime.datetime.now():%Y-%m-%d %H:%M}')
