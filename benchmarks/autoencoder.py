@@ -179,14 +179,14 @@ def main():
     rows.append(f'| {label} | {size} | {_cell(r["compile_s"])} | {_cell(r["median_s"], "{:.3f}")} '
                 f'| {_cell(r["peak_rss"], "{:.0f}")} | {_cell(r["compile_rss"], "{:.0f}")} '
                 f'| {_cell(r["xla_temp"], "{:.0f}")} | {_cell(r["xla_io"], "{:.0f}")} |')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(records, f, indent=2)
   text = _header(sys.argv) + '\n' + '\n'.join(rows) + '\n'
   if args.out:
     with open(args.out, 'w') as f:
       f.write(text)
   print(text)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(records, f, indent=2)
 
 
 if __name__ == '__main__':

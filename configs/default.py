@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   # each, 2-3x faster on CPUs (benchmarks/results.md); same parameters and results either way.
   config.model.conv_impl = 'xla'
   # Rematerialisation of each residual block in the backward pass, trading compute for activation
-  # memory: 'none' | 'full' (keep block inputs only) | 'dots' (also keep matrix-product outputs).
+  # memory: 'none' | 'full' (keep block inputs only) | 'dots' (also keep unbatched matrix products;
+  # see models/unet.py). No effect on CPUs, where XLA folds the recomputation back.
   config.model.remat = 'none'
 
   # What is learned (fmboost_jax/flow.py).

@@ -383,12 +383,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < config.train.num_steps:
       if step == profile_start and config.train.profile_steps > 0:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      # The per-step path copies between host and devices only where it says so (the batch in,
-      # the stop flag out); an implicit copy, i.e. a hidden host sync, is an error here.
+      batch = sharding.global_batch(next(train_iter), mesh)  # The step's one host-to-device copy.
+      # Inputs already on the devices: an implicit transfer (a hidden host sync) is an error.
       with jax.transfer_guard('disallow'):
-        batch = sharding.global_batch(next(train_iter), mesh)
         state, measurements = compiled_step(state, batch, first_stage_params)
-        stop_agreed = stop.agreed(mesh)
       step += 1
       if step == profile_start + config.train.profile_steps and config.train.profile_steps > 0:
         jax.block_until_ready(state)
@@ -405,7 +403,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last_scores = evaluate()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
         save()
-      if stop_agreed:
+      if stop.agreed(mesh):
         stopped = True
         logging.info('Received a stop signal (here or on another process): saving at step %d and '
                      'exiting.', step)

@@ -268,7 +268,8 @@ def test_remat_policies_recompute_blocks_with_the_same_gradients(perturbed_model
     ops[policy] = _count_ops(lowered)
   # The program handed to XLA recomputes each of the 11 residual blocks (3 encoder UNetBlocks, 2
   # middle ResBlocks, 6 decoder UNetBlocks) behind an optimization barrier: 'full' recomputes
-  # their convolutions and matrix products, 'dots' the convolutions but keeps the matrix products.
+  # their convolutions and matrix products, 'dots' the convolutions but keeps the unbatched matrix
+  # products (dense layers).
   # (XLA's CPU pipeline drops the barriers and folds the recomputation back, so on CPUs the option
   # changes nothing; benchmarks/results.md has the measurement.)
   assert ops['none']['optimization_barrier'] == 0

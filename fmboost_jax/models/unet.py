@@ -452,8 +452,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Rematerialisation (gradient checkpointing) of every UNetBlock and middle ResBlock: 'none' keeps
 # all activations for the backward pass; 'full' keeps only each block's input and recomputes the
-# rest; 'dots' also keeps the outputs of matrix products (dense layers, attention, and convolutions
-# with conv_impl='matmul'), recomputing the cheap normalisations and activations.
+# rest; 'dots' also keeps the outputs of matrix products without batch dimensions (dense layers and
+# convolutions with conv_impl='matmul'; attention's batched products are recomputed).
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
