@@ -89,6 +89,17 @@ def test_sd_parameter_counts_and_layout():
   assert model.encoder.mid.block_1.norm1.num_groups == 32
 
 
+@pytest.mark.parametrize('length, chunk', [(64, 16), (48, 16), (64, 64)])
+def test_query_chunked_attention_equals_full_attention(length, chunk):
+  # 64/16: four query blocks; 48/16: three; 64/64: a single block (the full attention itself).
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, length, 3, 8)) for i in range(3))
+  ref = jax.nn.dot_product_attention(q, k, v, scale=0.3)
+  out = jax.jit(lambda q, k, v: ae.query_chunked_attention(q, k, v, scale=0.3, chunk=chunk))(
+      q, k, v)
+  assert out.shape == ref.shape
+  assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-6
+
+
 def test_first_stage_interface(small_model):
   model = small_model
   assert (model.channels, model.factor) == (4, 4)
