@@ -1,17 +1,17 @@
 """Runs every benchmark and writes the tables into benchmarks/results.md and README.md.
 
-  .venv/bin/python benchmarks/run.py                  # everything, about 40 minutes on 2 cores
-  .venv/bin/python benchmarks/run.py --only train     # some parts: train solver demo_sampling
-                                                      #   autoencoder convolution
+  .venv/bin/python benchmarks/run.py                  # everything, about 45 minutes on 2 cores
+  .venv/bin/python benchmarks/run.py --only train     # some parts: train torch_reference solver
+                                                      #   demo_sampling autoencoder convolution
 
-Each measurement runs in its own process (train_step.py, solver.py, sampling.py, autoencoder.py,
-convolution.py; see their docstrings), one after the other: run it on a quiet machine, nothing else
-using the cores. The text between the `benchmarks/run.py` markers in results.md and README.md is
-replaced; everything outside them (the optimisation log, the analysis) is left as it is. With
---only, the parts not run keep the numbers of the previous run (kept in benchmarks/results.json);
---render rewrites the tables from that file without measuring.
-The demo sampling rows need the README demo's checkpoint in --demo_workdir; without one the demo
-is trained first (about 6 minutes).
+Each measurement runs in its own process (train_step.py, torch_unet_step.py, solver.py,
+sampling.py, autoencoder.py, convolution.py; see their docstrings), one after the other: run it on
+a quiet machine, nothing else using the cores. The text between the `benchmarks/run.py` markers in
+results.md and README.md is replaced; everything outside them (the optimisation log, the analysis)
+is left as it is. With --only, the parts not run keep the numbers of the previous run (kept in
+benchmarks/results.json); --render rewrites the tables from that file without measuring. The demo
+sampling rows need the README demo's checkpoint in --demo_workdir; without one the demo is
+trained first (about 6 minutes).
 """
 
 import argparse
