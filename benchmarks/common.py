@@ -4,6 +4,7 @@ is on sys.path): config overrides, the machine's measured peak, memory, and the 
 import ast
 import datetime
 import importlib.metadata
+import json
 import os
 import resource
 import statistics
@@ -75,3 +76,12 @@ def machine() -> str:
   return (f'{cpu}, {len(os.sched_getaffinity(0))} usable cores, {mem_gib:.0f} GiB RAM, no '
           f'accelerator; Python {sys.version.split()[0]}, {", ".join(versions)}; '
           f'{datetime.datetime.now():%Y-%m-%d %H:%M}')
+
+
+def report(results: dict, json_path: str | None) -> None:
+  """Prints the results as JSON and, if asked (--json, as benchmarks/run.py does), writes them."""
+  print(json.dumps(results, indent=2))
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(results, f, indent=2)
+

@@ -16,11 +16,10 @@ and size (median of 5). Extra `--set section.field=value` change the config.
 """
 
 import argparse
-import json
 import statistics
 import time
 
-from common import apply_settings, flops, peak_rss_mib, xla_memory
+from common import apply_settings, flops, peak_rss_mib, report, xla_memory
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +98,7 @@ def main():
       'per_nfe_over_forward': seconds / nfe / forward_seconds,
       **xla_memory(compiled), 'peak_rss_mib': peak_rss_mib(),
   }
-  print(json.dumps(results, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+  report(results, args.json)
 
 
 if __name__ == '__main__':

@@ -14,11 +14,12 @@ dependency only (requirements-dev.txt).
 """
 
 import argparse
-import json
 import math
 import resource
 import statistics
 import time
+
+from common import report
 
 import torch
 from torch import nn
@@ -161,10 +162,7 @@ def main():
              'step_seconds_median': statistics.median(times), 'step_seconds_min': min(times),
              'step_seconds_max': max(times),
              'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-  print(json.dumps(results, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+  report(results, args.json)
 
 
 if __name__ == '__main__':

@@ -16,11 +16,10 @@ arguments change the config (e.g. --set model.compute_dtype=bfloat16).
 """
 
 import argparse
-import json
 import statistics
 import time
 
-from common import apply_settings, flops, peak_flops, peak_rss_mib, xla_memory
+from common import apply_settings, flops, peak_flops, peak_rss_mib, report, xla_memory
 
 import jax
 import jax.numpy as jnp
@@ -101,10 +100,7 @@ def main():
       **memory, 'peak_rss_mib': peak_rss_mib(),
       'loss': float(measurements['loss']),
   }
-  print(json.dumps(results, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+  report(results, args.json)
 
 
 if __name__ == '__main__':
