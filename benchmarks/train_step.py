@@ -50,6 +50,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', choices=['unet_base', 'demo'], default='unet_base')
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--no_donate', action='store_true',
+                      help='Do not donate the train state to the step (as the loop does).')
   parser.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE')
   parser.add_argument('--json', help='Also write the results to this file.')
   args = parser.parse_args()
@@ -64,7 +66,7 @@ def main():
   t0 = time.perf_counter()
   step = jax.jit(lambda s, b, f: train.train_step(
       s, b, f, key, graphdef=graphdef, first_stage_graphdef=first_stage_graphdef, tx=tx,
-      config=config), donate_argnums=0).lower(state, batch, first_stage_params).compile()
+      config=config), donate_argnums=() if args.no_donate else 0).lower(state, batch, first_stage_params).compile()
   compile_seconds = time.perf_counter() - t0
   memory = xla_memory(step)
 
@@ -89,7 +91,8 @@ def main():
   peak = peak_flops()
   params = sum(x.size for x in jax.tree.leaves(state.params))
   results = {
-      'model': args.model, 'settings': args.set, 'parameters': int(params),
+      'model': args.model, 'settings': args.set, 'donated': not args.no_donate,
+      'parameters': int(params),
       'batch_size': config.data.batch_size, 'devices': jax.device_count(),
       'compile_seconds': compile_seconds, 'step_seconds_median': median,
       'step_seconds_min': min(times), 'step_seconds_max': max(times),

@@ -270,8 +270,8 @@ def test_remat_policies_recompute_blocks_with_the_same_gradients(perturbed_model
   # middle ResBlocks, 6 decoder UNetBlocks) behind an optimization barrier: 'full' recomputes
   # their convolutions and matrix products, 'dots' the convolutions but keeps the unbatched matrix
   # products (dense layers).
-  # (XLA's CPU pipeline drops the barriers and folds the recomputation back, so on CPUs the option
-  # changes nothing; benchmarks/results.md has the measurement.)
+  # (XLA's CPU pipeline drops the barriers and folds most of the recomputation back, so on CPUs the
+  # option saves no memory; benchmarks/results.md has the measurement.)
   assert ops['none']['optimization_barrier'] == 0
   assert ops['full']['optimization_barrier'] == ops['dots']['optimization_barrier'] == 11
   assert ops['full']['convolution'] > ops['none']['convolution']
