@@ -66,7 +66,8 @@ def main():
   t0 = time.perf_counter()
   step = jax.jit(lambda s, b, f: train.train_step(
       s, b, f, key, graphdef=graphdef, first_stage_graphdef=first_stage_graphdef, tx=tx,
-      config=config), donate_argnums=() if args.no_donate else 0).lower(state, batch, first_stage_params).compile()
+      config=config), donate_argnums=() if args.no_donate else 0).lower(
+          state, batch, first_stage_params).compile()
   compile_seconds = time.perf_counter() - t0
   memory = xla_memory(step)
 
