@@ -159,6 +159,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   try:
     flow.check_config(config.flow)
     sampling.check_config(config.sample)
+    unet.check_config(config.model)
   except ValueError as e:
     raise UserError(str(e)) from None
   mode, latents = config.flow.upsampling_mode, config.data.source == 'latents'

@@ -174,6 +174,7 @@ def _error_line(proc):
     (['--config.data.source=folder', '--config.data.path=/nonexistent/photos'], 1,
      '/nonexistent/photos'),
     (['--config.flow.objective=dm'], 1, 'objective'),
+    (['--config.model.remat=everything'], 1, "config.model.remat='everything' is not supported"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
   proc = runs.run_main(tmp_path / 'w', *overrides, devices=devices, timeout=120)

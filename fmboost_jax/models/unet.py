@@ -464,6 +464,17 @@ REMAT_POLICIES = {
 _CONV_IMPLS = {'xla': jax.lax.conv_general_dilated, 'matmul': conv_as_matmul}
 
 
+def check_config(model_config) -> None:
+  """Raises ValueError with one sentence for a `config.model` choice that does not exist."""
+  for field, choices, default in (('compute_dtype', _DTYPES, 'float32'),
+                                  ('conv_impl', _CONV_IMPLS, 'xla'),
+                                  ('remat', REMAT_POLICIES, 'none')):
+    value = model_config.get(field, default)
+    if value not in choices:
+      raise ValueError(f'config.model.{field}={value!r} is not supported; use one of '
+                       f'{sorted(choices)}.')
+
+
 def unet_from_config(model_config, channels: int, *, rngs: nnx.Rngs) -> UNet:
   """Builds the UNet of `config.model` for data with `channels` channels.
 
@@ -480,15 +491,7 @@ def unet_from_config(model_config, channels: int, *, rngs: nnx.Rngs) -> UNet:
   Returns:
     The UNet, computing in `compute_dtype` with float32 parameters.
   """
-  compute_dtype = model_config.compute_dtype
-  if compute_dtype not in _DTYPES:
-    raise ValueError(
-        f'config.model.compute_dtype={compute_dtype!r} is not supported; '
-        f'use one of {sorted(_DTYPES)}.')
-  conv_impl = model_config.get('conv_impl', 'xla')
-  if conv_impl not in _CONV_IMPLS:
-    raise ValueError(f'config.model.conv_impl={conv_impl!r} is unknown; use one of '
-                     f'{sorted(_CONV_IMPLS)}.')
+  check_config(model_config)
   model = UNet(
       in_channels=2 * channels,
       out_channels=channels,
@@ -498,14 +501,14 @@ def unet_from_config(model_config, channels: int, *, rngs: nnx.Rngs) -> UNet:
       attention_levels=tuple(model_config.attention_levels),
       num_heads=model_config.num_heads,
       head_dim=model_config.head_dim,
-      dtype=_DTYPES[compute_dtype],
+      dtype=_DTYPES[model_config.get('compute_dtype', 'float32')],
       param_dtype=jnp.float32,
       remat=model_config.get('remat', 'none'),
       rngs=rngs,
   )
   for _, module in nnx.iter_modules(model):
     if isinstance(module, nnx.Conv):
-      module.conv_general_dilated = _CONV_IMPLS[conv_impl]
+      module.conv_general_dilated = _CONV_IMPLS[model_config.get('conv_impl', 'xla')]
   return model
 
 
