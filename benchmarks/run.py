@@ -87,8 +87,9 @@ def measure(parts: list[str], demo_workdir: str) -> dict:
   if 'demo_sampling' in parts:
     if not os.path.isdir(os.path.join(REPO, demo_workdir, 'checkpoints')):
       print(f'No checkpoint in {demo_workdir}: training the README demo first.', flush=True)
-      subprocess.run([sys.executable, 'main.py', '--config=configs/demo.py',
-                      f'--workdir={demo_workdir}'], cwd=REPO, check=True)
+      if subprocess.run([sys.executable, 'main.py', '--config=configs/demo.py',
+                         f'--workdir={demo_workdir}'], cwd=REPO, check=False).returncode:
+        sys.exit(f'training the demo into {demo_workdir} failed (its error is above).')
     results['demo_sampling'] = _run('sampling.py', [f'--workdir={demo_workdir}',
                                                     '--input_size=64'])
   if 'autoencoder' in parts:
