@@ -215,6 +215,31 @@ def test_conv_as_matmul_equals_the_xla_convolution_and_its_gradients(shape, kern
     assert relative(a, b) < 1e-5
 
 
+@pytest.mark.parametrize('conv_impl', ['xla', 'matmul'])
+@pytest.mark.parametrize('shape', [(2, 5, 7, 6), (1, 1, 1, 6), (1, 8, 3, 6)])
+def test_upsample_equals_a_convolution_of_the_nearest_upsampled_map(conv_impl, shape):
+  up = unet_lib.Upsample(6, rngs=nnx.Rngs(0))
+  up.conv.conv_general_dilated = unet_lib._CONV_IMPLS[conv_impl]
+  up.conv.bias[...] = jax.random.normal(jax.random.key(2), (6,))
+  x = jax.random.normal(jax.random.key(1), shape)
+  relative = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+  # The definition: repeat every pixel 2x2, then the 3x3 convolution with zero padding 1.
+  reference = lambda up, x: up.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))  # noqa: E731
+  assert up(x).shape == (shape[0], 2 * shape[1], 2 * shape[2], 6)
+  assert relative(up(x), reference(up, x)) < 1e-6
+  big = jnp.zeros((2, 16, 16, 6))
+  flops = lambda f: jax.jit(f).lower(up, big).compile().cost_analysis()['flops']  # noqa: E731
+  assert flops(lambda up, x: up(x)) < 0.5 * flops(reference)  # 4 of every 9 multiply-adds.
+  loss = lambda f: lambda up, x: jnp.sum(jnp.sin(f(up, x)))  # noqa: E731
+  grads = nnx.grad(loss(lambda up, x: up(x)), argnums=(0, 1))(up, x)
+  ref_grads = nnx.grad(loss(reference), argnums=(0, 1))(up, x)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert a.shape == b.shape and relative(a, b) < 1e-5
+  up.conv.dtype = jnp.bfloat16  # bf16 compute with float32 parameters, taps summed in float32.
+  assert up(x).dtype == jnp.bfloat16
+  assert relative(up(x).astype(jnp.float32), reference(up, x).astype(jnp.float32)) < 1e-2
+
+
 def test_unet_with_matmul_convolutions_computes_the_same_velocity(perturbed_model):
   config = default.get_config()
   config.model.update(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,

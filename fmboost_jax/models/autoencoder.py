@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from fmboost_jax.errors import UserError
-from fmboost_jax.models.unet import torch_bias_init, torch_kernel_init
+from fmboost_jax.models.unet import Upsample, torch_bias_init, torch_kernel_init
 
 Array = jax.Array
 Dtype = Any
@@ -175,19 +175,6 @@ class Downsample(nnx.Module):
                       param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.conv(x)
-
-
-class Upsample(nnx.Module):
-  """Nearest x2 then conv3x3 (padding 1): `[B, H, W, C] -> [B, 2H, 2W, C]`."""
-
-  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     return self.conv(x)
 
 
