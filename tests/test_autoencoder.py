@@ -89,6 +89,22 @@ def test_sd_parameter_counts_and_layout():
   assert model.encoder.mid.block_1.norm1.num_groups == 32
 
 
+def test_decoder_program_convolutions(small_model):
+  """Decoding lowers each 3x3 conv to a convolution, each Upsample to four 2x2 phase convolutions
+  and each 1x1 conv to a matrix product (faster on CPUs; benchmarks/results.md, log 13)."""
+  graphdef, state = nnx.split(small_model)
+  hlo = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)).lower(
+      state, jnp.zeros((1, 6, 8, 4))).as_text()
+  kernels = re.findall(r'stablehlo\.convolution.*: \(tensor<[^>]*>, tensor<(\d+)x(\d+)x', hlo)
+  assert len(kernels) == hlo.count('stablehlo.convolution')
+  modules = [m for _, m in nnx.iter_modules(small_model.decoder)]
+  ups = [m for m in modules if isinstance(m, ae.Upsample)]
+  convs = [m for m in modules if isinstance(m, nnx.Conv) and all(m is not u.conv for u in ups)]
+  assert len(ups) == 2 and any(c.kernel_size == (1, 1) for c in convs)
+  assert sorted(kernels) == sorted([('2', '2')] * 4 * len(ups) +
+                                   [('3', '3')] * sum(c.kernel_size == (3, 3) for c in convs))
+
+
 @pytest.mark.parametrize('length, chunk', [(64, 16), (48, 16), (64, 64)])
 def test_query_chunked_attention_equals_full_attention(length, chunk):
   # 64/16: four query blocks; 48/16: three; 64/64: a single block (the full attention itself).

@@ -37,7 +37,8 @@ import numpy as np
 from flax import nnx
 
 from fmboost_jax.errors import UserError
-from fmboost_jax.models.unet import Upsample, torch_bias_init, torch_kernel_init
+from fmboost_jax.models.unet import (Upsample, conv_as_matmul, torch_bias_init,
+                                     torch_kernel_init)
 
 Array = jax.Array
 Dtype = Any
@@ -53,7 +54,12 @@ ENCODE_TILE, ENCODE_OVERLAP = 512, 128
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, *, strides: int = 1,
           padding: Any = None, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """A 2-D conv (default: symmetric padding (k-1)/2) with PyTorch's default initialisation."""
+  """A 2-D conv (default: symmetric padding (k-1)/2) with PyTorch's default initialisation.
+
+  1x1 convolutions run as one matrix product (`conv_as_matmul`): XLA's CPU convolution takes 2-3x
+  longer for them at the autoencoder's sizes (benchmarks/results.md, log 13); other sizes stay XLA
+  convolutions, which are faster there than im2col products (log 6).
+  """
   if padding is None:
     pad = (kernel_size - 1) // 2
     padding = ((pad, pad), (pad, pad))
@@ -63,6 +69,7 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, *, strides: int
       (kernel_size, kernel_size),
       strides=(strides, strides),
       padding=padding,
+      conv_general_dilated=conv_as_matmul if kernel_size == 1 else jax.lax.conv_general_dilated,
       kernel_init=torch_kernel_init,
       bias_init=torch_bias_init(kernel_size * kernel_size * in_channels),
       dtype=dtype,
