@@ -55,7 +55,8 @@ SOLVER = [
     ('Dopri5, rtol 1e-3, atol 1e-5',
      ['--size=64', '--solver=dopri5', '--rtol=1e-3', '--atol=1e-5']),
 ]
-AUTOENCODER = [['--sizes', '512', '--repeats', '3'], ['--sizes', '1024', '--repeats', '1']]
+AUTOENCODER_REPEATS = 3
+AUTOENCODER = [['--sizes', size, '--repeats', str(AUTOENCODER_REPEATS)] for size in ('512', '1024')]
 PARTS = ('train', 'torch_reference', 'solver', 'demo_sampling', 'autoencoder', 'convolution')
 
 
@@ -283,7 +284,7 @@ def render(results: dict) -> tuple[str, str]:
                    f"{'met' if max(ratios) <= 1.0 else 'missed'}).")
     section = ['### Autoencoder (SD v1 KL-f8) against diffusers', '',
                '`benchmarks/autoencoder.py`: random weights, float32, batch 1, every operation in '
-               'a fresh process; median of 3 runs at 512 px and 1 run at 1024 px, after a warm-up; '
+               f'a fresh process; median of {AUTOENCODER_REPEATS} runs after a warm-up; '
                'peak RSS is the increase during the runs.', '', *lines, '']
     full += section
     short += section

@@ -105,6 +105,24 @@ def test_decoder_program_convolutions(small_model):
                                    [('3', '3')] * sum(c.kernel_size == (3, 3) for c in convs))
 
 
+@pytest.mark.parametrize('shape', [(2, 6, 10, 64), (1, 7, 64), (3, 4, 4, 32)])
+def test_group_norm_equals_flax_group_norm(shape):
+  kw = dict(num_groups=32 if shape[-1] == 64 else 8, epsilon=1e-6, rngs=nnx.Rngs(0))
+  ours = ae.GroupNorm(shape[-1], **kw)
+  ours.scale[...] = 1 + 0.1 * jax.random.normal(jax.random.key(1), shape[-1:])
+  ours.bias[...] = 0.1 * jax.random.normal(jax.random.key(2), shape[-1:])
+  flax_gn = nnx.GroupNorm(shape[-1], use_fast_variance=False, **kw)
+  nnx.update(flax_gn, nnx.state(ours))
+  # A large common offset: a one-pass variance (E[x^2] - E[x]^2) would lose digits here.
+  x = 30.0 + jnp.arange(shape[-1]) / 8 + jax.random.normal(jax.random.key(0), shape)
+  out, ref = jax.jit(lambda x: ours(x))(x), flax_gn(x)
+  assert out.shape == shape and out.dtype == jnp.float32
+  assert _rel(out, ref) < 1e-5
+  ours.dtype = flax_gn.dtype = jnp.bfloat16  # bf16 compute: float32 statistics, bf16 output.
+  out, ref = ours(x), flax_gn(x)
+  assert out.dtype == ref.dtype == jnp.bfloat16 and _rel(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize('length, chunk', [(64, 16), (48, 16), (64, 64)])
 def test_query_chunked_attention_equals_full_attention(length, chunk):
   # 64/16: four query blocks; 48/16: three; 64/64: a single block (the full attention itself).
