@@ -89,10 +89,10 @@ class GroupNorm(nnx.GroupNorm):
 
   Computed in float32 (cast to `dtype` at the end), with a two-pass variance: per-channel means
   over the positions, averaged within each group, then the same for the squared deviations from
-  the group mean. Reducing over the positions
-  first keeps the channels as the vectorised minor axis; at the autoencoder's large sizes on CPUs
-  this is up to 1.45x faster than `nnx.GroupNorm`'s reduction over a `[B, positions, groups,
-  group_size]` view (benchmarks/results.md, log 14), with the same result up to float rounding.
+  the group mean. Reducing over the positions first keeps the channels as the vectorised minor
+  axis; at the autoencoder's large sizes on CPUs this is up to 1.45x faster than `nnx.GroupNorm`'s
+  reduction over a `[B, positions, groups, group_size]` view (benchmarks/results.md, log 14), with
+  the same result up to float rounding.
   """
 
   def __call__(self, x: Array) -> Array:
