@@ -59,6 +59,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_name = ''  # e.g. 'oxford_flowers102' when source='tfds'.
   config.data.tfds_split = 'train'
   config.data.tfds_data_dir = ''
+  # The held-out set: 'images' = whole images never trained on (val_path, tfds_val_split, or a
+  # val_fraction share of data.path picked by a hash of each file's relative path); 'strips' = the
+  # bottom high_res_size rows of every image (the bundled photographs of the demo).
+  config.data.holdout = 'images'
+  config.data.val_path = ''  # A folder of held-out images (source='folder'); '' = val_fraction.
+  config.data.val_fraction = 0.02
+  config.data.tfds_val_split = 'validation'
+  # Images with a shorter side below high_res_size are skipped (and counted); True scales them up.
+  config.data.resize_small = False
+  # Images with more pixels are skipped (and counted) without being decoded.
+  config.data.max_pixels = 64_000_000
   config.data.high_res_size = 1024
   config.data.low_res_size = 512
   config.data.batch_size = 64  # Global, over all processes and devices.

@@ -27,6 +27,7 @@ def get_config(variant: str = ''):
   config.model.head_dim = 32
 
   config.data.source = 'skimage'
+  config.data.holdout = 'strips'  # 15 photographs: each lends its bottom strip to the held-out set.
   config.data.high_res_size = 32
   config.data.low_res_size = 16
   config.data.batch_size = 16

@@ -5,18 +5,27 @@ Every batch is `{'image': float32 [B_local, S, S, 3] in [-1, 1]}` with
 Low-res inputs are synthesised on device elsewhere (`fmboost_jax/upsampling.py`); this module only
 produces high-res crops.
 
-Held-out split. For every image of height H and width W, the bottom S rows are the validation
-strip and training crops are drawn only from the top H - S rows, so a training crop never overlaps a
-validation tile. An image is usable only if H >= 2 S and W >= S. Validation images are the
-non-overlapping S x S tiles taken left to right along the bottom strip of each usable image, image
-after image in source order, until `config.data.num_val_images` tiles are collected.
+Held-out split (`config.data.holdout`, rules in `Geometry`):
+  * 'images' (the default; real datasets): the held-out set is whole images that are never trained
+    on: the folder `config.data.val_path`, the tfds split `config.data.tfds_val_split`, or the
+    share `config.data.val_fraction` of `config.data.path` chosen by a hash of each file's relative
+    path (`is_held_out`: stable, adding files never moves another across the split). An image is
+    usable when its shorter side is at least S (a 1024 x 1024 photo at S = 1024 is one crop);
+    smaller ones are skipped and counted, or scaled up with `config.data.resize_small`. Training
+    crops are random; the validation crop of a held-out image is its centre S x S square.
+  * 'strips' (the bundled photographs of the demo, which are few): the bottom S rows of every image
+    are held out and training crops come from the top H - S rows; usable images have H >= 2 S and
+    W >= S; validation tiles are the S x S squares along the bottom strips.
+Images above `config.data.max_pixels` are skipped and counted without ever being decoded (a
+12000 x 12000 PNG takes seconds and gigabytes to decode, at every access).
 
 Sources (`config.data.source`):
   * 'skimage': colour and grayscale photographs bundled inside scikit-image (no download), decoded
     once and cached in memory.
   * 'folder': every .jpg/.jpeg/.png/.webp/.bmp file under `config.data.path` (recursive,
     case-insensitive, symlinks followed). Each file is fully decoded once at start-up to drop
-    unreadable (non-image, corrupt, truncated) and too small files; training decodes lazily.
+    unreadable (non-image, corrupt, truncated), too small and too large files; training decodes
+    lazily.
   * 'tfds': `tfds.data_source(config.data.tfds_name, ...)` (random access, ArrayRecord), its 'image'
     feature, decoded lazily; too small images are skipped on the fly. Nothing is ever downloaded.
 
@@ -37,7 +46,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
+import warnings
 from typing import Any, Sequence
 
 from absl import logging
@@ -52,6 +63,7 @@ from fmboost_jax import errors
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 SOURCES = ('skimage', 'folder', 'tfds', 'latents')
+HOLDOUTS = ('images', 'strips')
 LATENTS_METADATA = 'metadata.json'
 LATENTS_VALIDATION = 'validation_images.npy'
 # The first-stage settings a precomputed dataset must share with the config that trains on it.
@@ -143,9 +155,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise DataError(
         f"config.data.path is empty but config.data.source={data.source!r}; set it to a folder of "
         f"{'images' if data.source == 'folder' else 'precomputed latents (--mode=precompute)'}.")
-  if data.source == 'folder' and not data.path:
+  if data.holdout not in HOLDOUTS:
+    raise DataError(f'Unknown config.data.holdout={data.holdout!r}; set it to images (whole '
+                    'held-out images) or strips (the bottom strip of every image, for the bundled '
+                    'photographs).')
+  by_hash = data.holdout == 'images' and data.source in ('folder', 'skimage') and not data.val_path
+  if by_hash and not 0 < data.val_fraction < 1:
     raise DataError(
-        "config.data.path is empty but config.data.source='folder'; set it to a folder of images.")
+        f'config.data.val_fraction={data.val_fraction} must lie strictly between 0 and 1 (the '
+        'share of images held out, e.g. 0.02), or set config.data.val_path to a folder of '
+        'held-out images.')
+  if data.val_path and data.source != 'folder':
+    raise DataError(f"config.data.val_path is set but config.data.source={data.source!r}; it "
+                    "holds the held-out images of source='folder' only, so clear it.")
+  if data.max_pixels < size * size:
+    raise DataError(f'config.data.max_pixels={data.max_pixels} is below one {size}x{size} crop; '
+                    'raise it (the default is 64000000).')
   if data.source == 'tfds' and not data.tfds_name:
     raise DataError(
         "config.data.tfds_name is empty but config.data.source='tfds'; set it to a prepared TFDS "
@@ -241,65 +266,87 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Held-out geometry: training region (top H - S rows) and validation strip (bottom S rows).
+# Held-out geometry: which images are usable, where training crops and validation crops lie.
 
 
-def is_usable(height: int, width: int, size: int) -> bool:
-  """Whether an image of `height` x `width` holds a training region and a validation strip."""
-  return height >= 2 * size and width >= size
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Crop size, held-out layout and size rules of a dataset (`config.data`).
 
+  holdout='images' (real datasets): held-out images are whole images of their own; an image is
+  usable when its shorter side is at least S (or always, with `resize_small`, which scales smaller
+  images up so that their shorter side is S); training crops lie anywhere in the image and the
+  validation crop of a held-out image is its centre S x S square.
 
-def train_crop_offset(
-    height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
-  """Draws the top-left corner of a training crop.
-
-  Args:
-    height: Image height H, at least 2 * size.
-    width: Image width W, at least size.
-    size: Crop size S.
-    rng: Numpy generator; draws the row, then the column.
-
-  Returns:
-    (top, left) with 0 <= top <= H - 2 S (so the crop's rows lie in [0, H - S)) and
-    0 <= left <= W - S, each uniform.
+  holdout='strips' (the bundled photographs): every image lends its bottom S rows to the held-out
+  set; an image is usable when H >= 2 S and W >= S, training crops lie in its top H - S rows and
+  the validation tiles are the non-overlapping S x S squares along its bottom strip.
   """
-  if not is_usable(height, width, size):
-    raise ValueError(f'Image {height}x{width} is smaller than {2 * size}x{size}.')
-  top = int(rng.integers(0, height - 2 * size + 1))
-  left = int(rng.integers(0, width - size + 1))
-  return top, left
+  size: int
+  strips: bool = False
+  resize_small: bool = False
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'Geometry':
+    data = config.data
+    return cls(data.high_res_size, data.holdout == 'strips', data.resize_small)
+
+  def usable(self, height: int, width: int) -> bool:
+    if self.strips:
+      return height >= 2 * self.size and width >= self.size
+    return self.resize_small or min(height, width) >= self.size
+
+  def minimum(self) -> str:
+    """The size rule, for messages."""
+    if self.strips:
+      return (f'{2 * self.size}x{self.size} px (H x W: {self.size} px crops above a held-out '
+              'strip)')
+    return f'{self.size} px on the shorter side'
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    """The image as crops are taken from it: scaled up (bicubic) to a shorter side of S when it is
+    smaller and `resize_small` is set; otherwise unchanged."""
+    height, width = image.shape[:2]
+    if self.strips or min(height, width) >= self.size:
+      return image
+    k = self.size / min(height, width)
+    target = (max(self.size, round(width * k)), max(self.size, round(height * k)))
+    return np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BICUBIC))
+
+  def train_crop_offset(self, height: int, width: int,
+                        rng: np.random.Generator) -> tuple[int, int]:
+    """Draws the top-left corner (top, left) of a training crop, uniformly: the row, then the
+    column. With strips, the crop's rows lie in [0, H - S)."""
+    if not self.usable(height, width) or min(height, width) < self.size:
+      raise ValueError(f'Image {height}x{width} is smaller than {self.minimum()}.')
+    bottom = height - (2 if self.strips else 1) * self.size
+    top = int(rng.integers(0, bottom + 1))
+    left = int(rng.integers(0, width - self.size + 1))
+    return top, left
+
+  def train_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random S x S training crop [S, S, C] of `image` (prepared first)."""
+    image = self.prepare(image)
+    top, left = self.train_crop_offset(image.shape[0], image.shape[1], rng)
+    return image[top:top + self.size, left:left + self.size]
+
+  def validation_offsets(self, height: int, width: int) -> list[tuple[int, int]]:
+    """Top-left corners of the validation crops of one (prepared) image: the tiles along the bottom
+    strip, left to right, or the centre square; [] for an unusable image."""
+    s = self.size
+    if not self.usable(height, width) or min(height, width) < s:
+      return []
+    if self.strips:
+      return [(height - s, left) for left in range(0, width - s + 1, s)]
+    return [((height - s) // 2, (width - s) // 2)]
 
 
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-  """Crops a random S x S window from the training region (top H - S rows) of `image`.
-
-  Args:
-    image: [H, W, C] with H >= 2 S and W >= S.
-    size: Crop size S.
-    rng: Numpy generator (see `train_crop_offset`).
-
-  Returns:
-    A view [S, S, C] of `image`.
-  """
-  top, left = train_crop_offset(image.shape[0], image.shape[1], size, rng)
-  return image[top:top + size, left:left + size]
-
-
-def validation_tile_offsets(height: int, width: int, size: int) -> list[tuple[int, int]]:
-  """Top-left corners of the validation tiles of one image, left to right.
-
-  Args:
-    height: Image height H.
-    width: Image width W.
-    size: Tile size S.
-
-  Returns:
-    [(H - S, 0), (H - S, S), ...]: floor(W / S) non-overlapping tiles along the bottom S rows,
-    or [] for an image that is not usable (H < 2 S or W < S).
-  """
-  if not is_usable(height, width, size):
-    return []
-  return [(height - size, left) for left in range(0, width - size + 1, size)]
+def is_held_out(relative_path: str, fraction: float) -> bool:
+  """Whether a file belongs to the held-out share `fraction` of a folder, by a hash of its path
+  relative to the folder ('/'-separated): the same answer on every machine and run, and adding or
+  removing other files never moves a file across the split."""
+  digest = hashlib.sha256(relative_path.replace(os.sep, '/').encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') < fraction * 2.0**64
 
 
 def _spread_order(n: int) -> list[int]:
@@ -347,16 +394,23 @@ class FolderScan:
 
   Attributes:
     root: The scanned folder.
-    usable: [(path, height, width)] of images with H >= 2 S and W >= S, sorted by path.
+    usable: [(path, height, width)] of usable images (`Geometry.usable`), sorted by path.
     unreadable: [(path, error message)] of files with an image extension that failed to decode.
-    too_small: [(path, height, width)] of decodable images below 2 S x S.
+    too_small: [(path, height, width)] of decodable images below the geometry's minimum.
+    too_large: [(path, height, width)] of images above `max_pixels` (never decoded).
     num_ignored: Files without an image extension (not decoded).
   """
   root: str
   usable: list[tuple[str, int, int]]
   unreadable: list[tuple[str, str]]
   too_small: list[tuple[str, int, int]]
+  too_large: list[tuple[str, int, int]]
   num_ignored: int
+
+  def summary(self, geometry: Geometry, max_pixels: int) -> str:
+    return (f'{len(self.usable)} usable, {len(self.unreadable)} unreadable, {len(self.too_small)} '
+            f'too small (below {geometry.minimum()}), {len(self.too_large)} too large (above '
+            f'config.data.max_pixels={max_pixels}), {self.num_ignored} non-image files ignored')
 
 
 def _list_folder(root: str) -> tuple[list[str], int]:
@@ -376,28 +430,38 @@ def _list_folder(root: str) -> tuple[list[str], int]:
   return sorted(files), num_ignored
 
 
-def _probe_file(path: str) -> tuple[int, int] | str:
-  """Returns (height, width) of a fully decodable image, or the error message."""
+def _probe_file(path: str, max_pixels: int) -> tuple[str, Any]:
+  """('size', (height, width)) of a fully decodable image, ('too_large', (height, width)) of one
+  above `max_pixels` (read from its header, never decoded), or ('unreadable', message)."""
   try:
-    image = decode_image_file(path)
+    with warnings.catch_warnings():  # Pillow warns about large images; the limit is ours.
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        width, height = img.size
+      if height * width > max_pixels:
+        return 'too_large', (height, width)
+      image = decode_image_file(path)
   except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'
-  return image.shape[0], image.shape[1]
+    return 'unreadable', f'{type(e).__name__}: {e}'
+  return 'size', (image.shape[0], image.shape[1])
 
 
 _SCAN_CACHE: dict[Any, FolderScan] = {}
 
 
-def scan_image_folder(root: str, size: int, num_threads: int = 8) -> FolderScan:
+def scan_image_folder(root: str, geometry: Geometry, num_threads: int = 8,
+                      max_pixels: int = 2**62) -> FolderScan:
   """Decodes every image file under `root` once (thread pool) and sorts the files by usability.
 
-  Results are cached per process while no file changes (same paths, sizes and mtimes), so the
-  training iterator and the validation images share one scan.
+  Images above `max_pixels` are counted from their header and never decoded. Results are cached
+  per process while no file changes (same paths, sizes and mtimes), so the training iterator and
+  the validation images share one scan.
 
   Args:
     root: Folder to scan recursively.
-    size: Crop size S; usable images are at least 2 S x S.
+    geometry: The crop size and size rules (`Geometry`).
     num_threads: Decoding threads (0 means 1).
+    max_pixels: Larger images are skipped.
 
   Returns:
     A `FolderScan`.
@@ -422,21 +486,18 @@ def scan_image_folder(root: str, size: int, num_threads: int = 8) -> FolderScan:
       stats.append((path, st.st_size, st.st_mtime_ns))
     except OSError:
       stats.append((path, -1, -1))
-  key = (os.path.realpath(root), size, num_ignored, tuple(stats))
+  key = (os.path.realpath(root), geometry, max_pixels, num_ignored, tuple(stats))
   if key in _SCAN_CACHE:
     return _SCAN_CACHE[key]
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_threads, 32))) as pool:
-    results = list(pool.map(_probe_file, files))
-  usable, unreadable, too_small = [], [], []
-  for path, result in zip(files, results):
-    if isinstance(result, str):
-      unreadable.append((path, result))
-    elif is_usable(*result, size):
-      usable.append((path, *result))
-    else:
-      too_small.append((path, *result))
-  scan = FolderScan(root, usable, unreadable, too_small, num_ignored)
+    results = list(pool.map(functools.partial(_probe_file, max_pixels=max_pixels), files))
+  found = {'usable': [], 'unreadable': [], 'too_small': [], 'too_large': []}
+  for path, (kind, value) in zip(files, results):
+    if kind == 'size':
+      kind = 'usable' if geometry.usable(*value) else 'too_small'
+    found[kind].append((path, value) if kind == 'unreadable' else (path, *value))
+  scan = FolderScan(root, num_ignored=num_ignored, **found)
   if len(_SCAN_CACHE) >= 4:
     _SCAN_CACHE.pop(next(iter(_SCAN_CACHE)))
   _SCAN_CACHE[key] = scan
@@ -463,45 +524,48 @@ class _FolderImages:
 
 
 class _TfdsImages:
-  """Random access to the 'image' feature of a tfds data source, as uint8 RGB."""
+  """Random access to the 'image' feature of a tfds data source, as uint8 RGB (None: skip)."""
 
-  def __init__(self, source: Any, size: int):
+  def __init__(self, source: Any, geometry: Geometry, max_pixels: int):
     self._source = source
-    self._size = size
+    self._geometry = geometry
+    self._max_pixels = max_pixels
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> np.ndarray | None:
     image = to_rgb_uint8(self._source[index]['image'])
-    if not is_usable(image.shape[0], image.shape[1], self._size):
+    height, width = image.shape[:2]
+    if not self._geometry.usable(height, width) or height * width > self._max_pixels:
       logging.log_first_n(
-          logging.WARNING, 'Skipping tfds image %d of %dx%d px, smaller than %dx%d px.', 5, index,
-          image.shape[0], image.shape[1], 2 * self._size, self._size)
+          logging.WARNING, 'Skipping tfds image %d of %dx%d px: it must be at least %s and at '
+          'most config.data.max_pixels=%d pixels.', 5, index, height, width,
+          self._geometry.minimum(), self._max_pixels)
       return None
     return image
 
 
-def _open_tfds(config: ml_collections.ConfigDict) -> _TfdsImages:
-  """Opens the configured tfds split as a random-access source (never downloads)."""
+def _open_tfds(config: ml_collections.ConfigDict, split: str) -> _TfdsImages:
+  """Opens a tfds split as a random-access source (never downloads)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   data = config.data
-  size = data.high_res_size
+  geometry = Geometry.from_config(config)
   data_dir = data.tfds_data_dir or None
   where = f'data_dir {data_dir!r}' if data_dir else 'the default TFDS data_dir'
   try:
-    source = tfds.data_source(data.tfds_name, split=data.tfds_split, data_dir=data_dir,
-                              download=False)
+    source = tfds.data_source(data.tfds_name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # pylint: disable=broad-except
     reason = str(e).strip().splitlines()[0].rstrip(' :.') if str(e).strip() else 'no details'
     check_name = ('check config.data.tfds_name, or ' if type(e).__name__ == 'DatasetNotFoundError'
                   else '')
     raise DataError(
-        f'TFDS dataset {data.tfds_name!r} (split {data.tfds_split!r}) could not be opened from '
+        f'TFDS dataset {data.tfds_name!r} (split {split!r}) could not be opened from '
         f'{where} ({type(e).__name__}: {reason}); {check_name}prepare it offline with `tfds build '
         f'{data.tfds_name} --file_format=array_record --data_dir=DIR` and set '
-        'config.data.tfds_data_dir=DIR (nothing is downloaded here).') from None
+        'config.data.tfds_data_dir=DIR (nothing is downloaded here), or name another split in '
+        'config.data.tfds_split / tfds_val_split.') from None
   features = getattr(getattr(source, 'dataset_info', None), 'features', None)
   if features is not None and 'image' not in features.keys():
     raise DataError(
@@ -509,52 +573,93 @@ def _open_tfds(config: ml_collections.ConfigDict) -> _TfdsImages:
         f'{sorted(features.keys())}); choose an image dataset for config.data.tfds_name.')
   if features is not None:
     shape = tuple(features['image'].shape)
-    if len(shape) == 3 and shape[0] is not None and shape[1] is not None and not is_usable(
-        shape[0], shape[1], size):
+    if len(shape) == 3 and shape[0] is not None and shape[1] is not None and not geometry.usable(
+        shape[0], shape[1]):
       raise DataError(
-          f'TFDS dataset {data.tfds_name!r} has {shape[0]}x{shape[1]} images, smaller than the '
-          f'{2 * size}x{size} px needed for {size} px crops plus a held-out strip; lower '
-          'config.data.high_res_size or choose a larger-image dataset.')
+          f'TFDS dataset {data.tfds_name!r} has {shape[0]}x{shape[1]} images, smaller than '
+          f'{geometry.minimum()}; lower config.data.high_res_size or choose a larger-image '
+          'dataset.')
   if not len(source):
     raise DataError(
-        f'TFDS split {data.tfds_name}/{data.tfds_split} is empty; choose a non-empty '
-        'config.data.tfds_split.')
-  return _TfdsImages(source, size)
+        f'TFDS split {data.tfds_name}/{split} is empty; choose a non-empty split.')
+  return _TfdsImages(source, geometry, data.max_pixels)
 
 
-def open_images(config: ml_collections.ConfigDict) -> Sequence[np.ndarray | None]:
-  """Returns the configured images as a random-access sequence of uint8 [H, W, 3] (or None)."""
+def _split_name(split: str) -> str:
+  return 'held-out' if split == 'validation' else 'training'
+
+
+def open_images(config: ml_collections.ConfigDict,
+                split: str = 'train') -> Sequence[np.ndarray | None]:
+  """Returns the images of one split as a random-access sequence of uint8 [H, W, 3] (or None).
+
+  With holdout='strips' both splits are the same images (their regions differ, see `Geometry`).
+  With holdout='images', 'validation' is `config.data.val_path` (a folder of its own), the tfds
+  split `config.data.tfds_val_split`, or the files of the folder (the photographs' names for
+  skimage) that `is_held_out` assigns to the held-out share `config.data.val_fraction`; 'train'
+  is the rest.
+
+  Raises:
+    DataError: When the split has no usable image, or the held-out folder overlaps the training
+      folder.
+  """
+  if split not in ('train', 'validation'):
+    raise ValueError(f'split={split!r}; use train or validation.')
   data = config.data
-  size = data.high_res_size
+  geometry = Geometry.from_config(config)
+  held_out = split == 'validation'
+  by_hash = not geometry.strips and not (data.source == 'folder' and data.val_path)
+  what = _split_name(split) if not geometry.strips else 'usable'
+  fix = (f'lower config.data.high_res_size, set config.data.resize_small=True, or add images of '
+         f'at least {geometry.minimum()}')
+  if held_out and by_hash:
+    fix += ' or raise config.data.val_fraction'
   if data.source == 'skimage':
     photos = load_skimage_photos()
-    usable = [image for _, image in photos if is_usable(image.shape[0], image.shape[1], size)]
-    logging.info('skimage photographs: %d usable, %d too small (below %dx%d px).',
-                 len(usable), len(photos) - len(usable), 2 * size, size)
+    if by_hash:
+      photos = [(n, im) for n, im in photos if is_held_out(n, data.val_fraction) == held_out]
+    usable = [image for _, image in photos if geometry.usable(*image.shape[:2])]
+    logging.info('skimage photographs (%s): %d usable, %d too small (below %s).', what,
+                 len(usable), len(photos) - len(usable), geometry.minimum())
     if not usable:
-      largest = max(image.shape[0] for _, image in photos)
+      largest = max(min(image.shape[:2]) for _, image in load_skimage_photos())
       raise DataError(
-          f'None of the {len(photos)} bundled scikit-image photographs is at least {2 * size}x'
-          f'{size} px (the tallest is {largest} px) for {size} px crops plus a held-out strip; set '
-          f'config.data.high_res_size to at most {largest // 2} or use a folder/tfds source.')
+          f'None of the {len(photos)} {"" if geometry.strips else what + " "}bundled '
+          f'scikit-image photographs is at least '
+          f'{geometry.minimum()} (the largest shorter side is {largest} px); {fix}, or use a '
+          'folder/tfds source.')
     return usable
   if data.source == 'folder':
-    scan = scan_image_folder(data.path, size, data.num_threads)
-    logging.info(
-        'Image folder %s: %d usable, %d unreadable, %d too small (below %dx%d px), %d non-image '
-        'files ignored.', data.path, len(scan.usable), len(scan.unreadable), len(scan.too_small),
-        2 * size, size, scan.num_ignored)
+    root = data.val_path if held_out and not by_hash and not geometry.strips else data.path
+    if data.val_path and not geometry.strips:
+      _check_separate(data.path, data.val_path)
+    scan = scan_image_folder(root, geometry, data.num_threads, data.max_pixels)
+    paths = [path for path, _, _ in scan.usable]
+    if by_hash:
+      paths = [p for p in paths if is_held_out(os.path.relpath(p, root), data.val_fraction)
+               == held_out]
+    logging.info('Image folder %s: %s; %d %s images.', root,
+                 scan.summary(geometry, data.max_pixels), len(paths), what)
     if scan.unreadable:
       logging.warning('Unreadable files (first %d of %d): %s', min(5, len(scan.unreadable)),
                       len(scan.unreadable), '; '.join(f'{p} ({m})' for p, m in scan.unreadable[:5]))
-    if not scan.usable:
+    if not paths:
       raise DataError(
-          f'Image folder {data.path!r} has no usable image: {len(scan.unreadable)} unreadable and '
-          f'{len(scan.too_small)} smaller than the minimum {2 * size}x{size} px (H x W, for '
-          f'{size} px crops plus a held-out strip); add larger images or lower '
-          'config.data.high_res_size.')
-    return _FolderImages([path for path, _, _ in scan.usable])
-  return _open_tfds(config)
+          f'Image folder {root!r} has no {what} image ({scan.summary(geometry, data.max_pixels)}'
+          f'{", val_fraction=" + str(data.val_fraction) if by_hash else ""}); {fix}.')
+    return _FolderImages(paths)
+  name = data.tfds_val_split if held_out and not geometry.strips else data.tfds_split
+  return _open_tfds(config, name)
+
+
+def _check_separate(path: str, val_path: str) -> None:
+  """The held-out folder must not be, contain, or lie inside the training folder."""
+  a, b = os.path.realpath(path), os.path.realpath(val_path)
+  if os.path.commonpath([a, b]) in (a, b):
+    raise DataError(
+        f'config.data.val_path={val_path!r} overlaps config.data.path={path!r} (one lies inside '
+        'the other), so held-out images would be trained on; use two separate folders, or leave '
+        'val_path empty to hold out config.data.val_fraction of data.path.')
 
 
 class _LatentRecords:
@@ -620,22 +725,22 @@ def _seed(config: ml_collections.ConfigDict, *salt: int) -> int:
 
 
 def _train_example(index: int, rng: np.random.Generator, *, source: Sequence[Any],
-                   size: int | None) -> dict[str, np.ndarray]:
+                   geometry: Geometry | None) -> dict[str, np.ndarray]:
   """random_map transform of one global stream position: the record at `index` (precomputed latents
-  as they are; images randomly cropped in the training region and flipped). A missing or too small
+  as they are; images randomly cropped in the training region and flipped). A missing or unusable
   image (tfds checks sizes lazily) is replaced by a deterministic substitute, so that every stream
   position yields an example and the stream never depends on how it is split over processes."""
   for attempt in range(_MAX_SUBSTITUTES):
     record = source[(index + attempt * _SUBSTITUTE_STRIDE) % len(source)]
-    if size is None:
+    if geometry is None:
       return record
-    if record is not None and is_usable(record.shape[0], record.shape[1], size):
-      crop = random_crop(record, size, rng)
+    if record is not None and geometry.usable(record.shape[0], record.shape[1]):
+      crop = geometry.train_crop(record, rng)
       if rng.random() < 0.5:
         crop = crop[:, ::-1]
       return {'image': normalize(crop)}
   raise DataError(f'{_MAX_SUBSTITUTES} images in a row near record {index} are all smaller than '
-                  f'{2 * size}x{size} px; lower config.data.high_res_size or use larger images.')
+                  f'{geometry.minimum()}; lower config.data.high_res_size or use larger images.')
 
 
 def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:
@@ -663,9 +768,9 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
   count, index = jax.process_count(), jax.process_index()
   local_batch = local_batch_size(config)
   if data.source == 'latents':
-    source, size = _LatentRecords(data.path, latents_metadata(config)['shards']), None
+    source, geometry = _LatentRecords(data.path, latents_metadata(config)['shards']), None
   else:
-    source, size = open_images(config), data.high_res_size
+    source, geometry = open_images(config, 'train'), Geometry.from_config(config)
   if not len(source):
     raise DataError(f'No training records in config.data.source={data.source!r}.')
   if data.source == 'tfds':
@@ -673,10 +778,10 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
     if all(source[i] is None for i in probe):
       raise DataError(
           f'The first {len(probe)} images of TFDS {data.tfds_name}/{data.tfds_split} are all '
-          f'smaller than {2 * size}x{size} px; lower config.data.high_res_size or choose a '
+          f'smaller than {geometry.minimum()}; lower config.data.high_res_size or choose a '
           'larger-image dataset.')
   ds = grain.MapDataset.range(len(source)).shuffle(seed=_seed(config, 0)).repeat(None)
-  ds = ds.random_map(functools.partial(_train_example, source=source, size=size),
+  ds = ds.random_map(functools.partial(_train_example, source=source, geometry=geometry),
                      seed=_seed(config, 1))
   ds = ds.batch(local_batch, drop_remainder=True)[index::count]
   # Each worker thread prepares whole local batches; the buffer is given in images, and holds at
@@ -704,12 +809,14 @@ def create_train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetIte
 
 
 def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
-  """Returns the deterministic held-out validation tiles (the same on every process).
+  """Returns the deterministic held-out validation crops (the same on every process and run).
 
-  Tiles are non-overlapping S x S squares along the bottom S rows of the usable images, taken
-  round-robin (one per image per round, spread over each image's width) until
-  `config.data.num_val_images` are collected. Flat tiles (std below 0.02) are skipped.
-  No training crop overlaps them.
+  holdout='images': the centre S x S crop of each held-out image, in order (sorted paths, the tfds
+  validation split's order), until `config.data.num_val_images` are collected. holdout='strips':
+  the non-overlapping S x S tiles along the bottom S rows of the images, taken round-robin (one per
+  image per round, spread over each image's width). Flat crops (std below 0.02) are skipped. No
+  training crop overlaps them. Precomputed latents keep the crops of the images they were made
+  from (`LATENTS_VALIDATION`).
 
   Args:
     config: Experiment config.
@@ -718,7 +825,7 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
     float32 [num_val_images, S, S, 3] in [-1, 1].
 
   Raises:
-    DataError: On a bad config, unusable data, or fewer tiles than `num_val_images`.
+    DataError: On a bad config, unusable data, or fewer crops than `num_val_images`.
   """
   check_config(config)
   data = config.data
@@ -730,9 +837,12 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
       raise DataError(f'{data.path!r} holds {len(tiles)} validation images, fewer than '
                       f'config.data.num_val_images={wanted}; lower it or precompute again.')
     return np.array(tiles[:wanted])
-  images = open_images(config)
-  # Round-robin over the images, one tile per image per round, so that the held-out set spans as
-  # many photographs as possible; within an image, successive rounds spread over its width.
+  if not wanted:
+    return np.zeros((0, size, size, 3), np.float32)
+  geometry = Geometry.from_config(config)
+  images = open_images(config, 'validation')
+  # Round-robin over the images, one crop per image per round, so that the held-out set spans as
+  # many images as possible; within an image, successive rounds spread over its width (strips).
   tiles, num_images, cache, exhausted = [], 0, {}, set()
   for round_index in range(len(images) and max(1, wanted)):
     for i in range(len(images)):
@@ -741,25 +851,30 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
       if i in exhausted:
         continue
       if i not in cache:
-        cache[i] = images[i]
+        image = images[i]
+        cache[i] = None if image is None else geometry.prepare(image)
         num_images += cache[i] is not None
       image = cache[i]
-      offsets = [] if image is None else validation_tile_offsets(image.shape[0], image.shape[1],
-                                                                 size)
+      offsets = [] if image is None else geometry.validation_offsets(*image.shape[:2])
       if round_index >= len(offsets):
         exhausted.add(i)
+        cache[i] = None  # Done with it: free the memory.
         continue
       top, left = offsets[_spread_order(len(offsets))[round_index]]
       tile = normalize(image[top:top + size, left:left + size])
       if tile.std() >= _MIN_VAL_TILE_STD:
         tiles.append(tile)
+      if round_index + 1 >= len(offsets):
+        exhausted.add(i)
+        cache[i] = None
     if len(tiles) >= wanted or len(exhausted) == len(images):
       break
   if len(tiles) < wanted:
+    where = ('along the bottom strips of' if geometry.strips else 'from')
+    more = ('add more (or wider) images' if geometry.strips else
+            'raise config.data.val_fraction or add held-out images')
     raise DataError(
-        f'Only {len(tiles)} validation tiles of {size}x{size} px exist along the bottom strips of '
-        f'the {num_images} usable images, fewer than config.data.num_val_images={wanted}; lower '
-        f'num_val_images to at most {len(tiles)} or add more (or wider) images.')
-  if not tiles:
-    return np.zeros((0, size, size, 3), np.float32)
+        f'Only {len(tiles)} validation crops of {size}x{size} px come {where} the {num_images} '
+        f'usable held-out images, fewer than config.data.num_val_images={wanted}; lower '
+        f'num_val_images to at most {len(tiles)} or {more}.')
   return np.stack(tiles)

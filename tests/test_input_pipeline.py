@@ -19,8 +19,10 @@ from fmboost_jax import errors
 from fmboost_jax import input_pipeline as ip
 
 
-def make_config(source='skimage', size=16, batch_size=4, num_val_images=2, **data):
+def make_config(source='skimage', size=16, batch_size=4, num_val_images=2, holdout='strips',
+                **data):
   config = default.get_config()
+  config.data.holdout = holdout
   config.seed = 7
   config.data.source = source
   config.data.high_res_size = size
@@ -164,27 +166,63 @@ def test_file_conversion_modes(tmp_path):
 
 def test_random_crops_stay_above_validation_strip():
   height, width, size = 100, 40, 16
+  geometry = ip.Geometry(size, strips=True)
   image = coded_image(0, height, width)
   rng = np.random.default_rng(0)
   tops, lefts = [], []
   for _ in range(2000):
-    top, left = ip.train_crop_offset(height, width, size, rng)
+    top, left = geometry.train_crop_offset(height, width, rng)
     assert 0 <= top and top + size <= height - size and 0 <= left <= width - size
     tops.append(top)
     lefts.append(left)
   assert min(tops) == 0 and max(tops) == height - 2 * size  # The whole region is reachable.
   assert min(lefts) == 0 and max(lefts) == width - size
   for _ in range(200):
-    crop = ip.random_crop(image, size, rng)
+    crop = geometry.train_crop(image, rng)
     assert crop.shape == (size, size, 3) and crop[-1, 0, 1] < height - size
 
-  tiles = ip.validation_tile_offsets(height, width, size)
+  tiles = geometry.validation_offsets(height, width)
   assert tiles == [(84, 0), (84, 16)]
   assert all(top == height - size for top, _ in tiles)
-  assert ip.validation_tile_offsets(2 * size - 1, width, size) == []
-  assert ip.validation_tile_offsets(2 * size, size - 1, size) == []
+  assert geometry.validation_offsets(2 * size - 1, width) == []
+  assert geometry.validation_offsets(2 * size, size - 1) == []
   with pytest.raises(ValueError):
-    ip.train_crop_offset(2 * size - 1, width, size, rng)
+    geometry.train_crop_offset(2 * size - 1, width, rng)
+
+
+def test_whole_image_geometry_uses_every_pixel_and_the_centre_for_validation():
+  size = 16
+  geometry = ip.Geometry(size)
+  assert geometry.usable(16, 16) and geometry.usable(16, 40) and not geometry.usable(15, 40)
+  assert geometry.minimum() == '16 px on the shorter side'
+  rng = np.random.default_rng(0)
+  offsets = {geometry.train_crop_offset(20, 40, rng) for _ in range(3000)}
+  assert {t for t, _ in offsets} == set(range(5)) and {left for _, left in offsets} == set(range(25))
+  assert geometry.train_crop_offset(16, 16, rng) == (0, 0)  # The crop is the whole image.
+  assert geometry.validation_offsets(16, 16) == [(0, 0)]
+  assert geometry.validation_offsets(21, 40) == [(2, 12)]
+  assert geometry.validation_offsets(15, 40) == []
+
+  # resize_small scales an image up to a shorter side of S, aspect kept; others are untouched.
+  scaled = ip.Geometry(size, resize_small=True)
+  assert scaled.usable(4, 9)
+  small = coded_image(0, 8, 12)
+  assert scaled.prepare(small).shape == (16, 24, 3)
+  assert scaled.train_crop(small, rng).shape == (16, 16, 3)
+  big = coded_image(0, 20, 20)
+  assert scaled.prepare(big) is big
+
+
+def test_hash_split_is_stable_and_near_the_fraction():
+  names = [f'dir{i % 7}/img_{i:05d}.jpg' for i in range(20000)]
+  held = [n for n in names if ip.is_held_out(n, 0.1)]
+  assert 0.09 < len(held) / len(names) < 0.11
+  # Membership depends on the name alone: adding files never moves an existing one.
+  assert [n for n in names[:5000] if ip.is_held_out(n, 0.1)] == [n for n in held if n in
+                                                                 set(names[:5000])]
+  # A larger fraction holds out a superset; the path separator does not matter.
+  assert set(held) <= {n for n in names if ip.is_held_out(n, 0.2)}
+  assert ip.is_held_out(os.path.join('a', 'b.png'), 0.5) == ip.is_held_out('a/b.png', 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +240,7 @@ def test_skimage_photos_load_offline(monkeypatch):
   assert len(photos) == 15
   for _, image in photos:
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
-  usable = [name for name, image in photos if ip.is_usable(*image.shape[:2], 64)]
+  usable = [name for name, image in photos if ip.Geometry(64, strips=True).usable(*image.shape[:2])]
   assert len(usable) >= 10 and len(usable) == 15
   import skimage.data  # pylint: disable=g-import-not-at-top
   np.testing.assert_array_equal(photos[0][1], skimage.data.astronaut())
@@ -296,7 +334,7 @@ def test_folder_recursive_mixed_extensions_and_held_out(tmp_path):
       image.save(tmp_path / name)
   (tmp_path / 'a' / 'notes.txt').write_text('not an image')
 
-  scan = ip.scan_image_folder(str(tmp_path), size, num_threads=2)
+  scan = ip.scan_image_folder(str(tmp_path), ip.Geometry(size, strips=True), num_threads=2)
   assert [os.path.relpath(p, tmp_path) for p, _, _ in scan.usable] == [
       'a/0.Png', 'a/b/1.PNG', 'a/b/3.jpg', 'c/2.webp', 'c/4.BMP']
   assert [(h, w) for _, h, w in scan.usable] == [(40, 24), (48, 32), (36, 48), (32, 40), (64, 56)]
@@ -342,7 +380,7 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
   (tmp_path / 'whole.jpeg').unlink()
   (tmp_path / 'README.md').write_text('docs')
 
-  scan = ip.scan_image_folder(str(tmp_path), size, num_threads=2)
+  scan = ip.scan_image_folder(str(tmp_path), ip.Geometry(size, strips=True), num_threads=2)
   assert [os.path.basename(p) for p, _, _ in scan.usable] == ['good.png']
   assert sorted(os.path.basename(p) for p, _ in scan.unreadable) == [
       'corrupt.jpg', 'text.png', 'truncated.JPEG', 'truncated.png']
@@ -352,18 +390,18 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
   config = make_config('folder', size=size, batch_size=2, num_val_images=1, path=str(tmp_path))
   caplog.set_level(logging.INFO)
   batch = next(ip.create_train_iterator(config))['image']
-  assert '1 usable, 4 unreadable, 2 too small (below 32x16 px), 1 non-image' in caplog.text
+  assert ('1 usable, 4 unreadable, 2 too small (below 32x16 px (H x W: 16 px crops above a '
+          'held-out strip)), 0 too large') in caplog.text
   check_held_out(batch, {0: 40}, size)
   np.testing.assert_array_equal(to_uint8(ip.validation_images(config))[0, :, 0, 1],
                                 np.arange(24, 40))
 
   config.data.num_val_images = 2
-  with pytest.raises(ip.DataError, match='Only 1 validation tiles .*num_val_images=2'):
+  with pytest.raises(ip.DataError, match='Only 1 validation crops .*num_val_images=2'):
     ip.validation_images(config)
 
   (tmp_path / 'good.png').unlink()
-  with pytest.raises(ip.DataError, match=r'no usable image: 4 unreadable and 2 smaller than the '
-                     r'minimum 32x16 px'):
+  with pytest.raises(ip.DataError, match=r'no usable image \(0 usable, 4 unreadable, 2 too small \(below 32x16 px'):
     ip.create_train_iterator(config)
 
 
@@ -473,3 +511,152 @@ def test_tfds_unknown_or_unprepared(tmp_path):
   config.data.tfds_name = 'mnist'  # Registered in tfds but not prepared in this data_dir.
   with pytest.raises(ip.DataError, match="'mnist'.*could not be opened"):
     ip.validation_images(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole held-out images (holdout='images', the default for real datasets).
+
+
+def numbered_image(k, height, width):
+  """uint8 [H, W, 3]: channel 0 is 5 k (k < 50 names the image), 1 the row, 2 the column."""
+  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+  return np.stack([np.full((height, width), 5 * k), rows, cols], -1).astype(np.uint8)
+
+
+def numbers(images):
+  return sorted(set(np.round(to_uint8(images[:, 0, 0, 0]) / 5).astype(int).tolist()))
+
+
+def test_folder_holds_out_whole_images_by_a_hash_of_their_paths(tmp_path, caplog):
+  size = 16
+  shapes = {}
+  for k in range(40):
+    shapes[k] = (16 + k % 3, 16 + 2 * (k % 4))  # Shorter side exactly S for most of them.
+    (tmp_path / f'd{k % 3}').mkdir(exist_ok=True)
+    Image.fromarray(numbered_image(k, *shapes[k])).save(tmp_path / f'd{k % 3}' / f'{k}.png')
+  Image.fromarray(numbered_image(45, 15, 40)).save(tmp_path / 'small.png')
+  config = make_config('folder', size=size, batch_size=8, num_val_images=4, holdout='images',
+                       path=str(tmp_path), val_fraction=0.25)
+  relative = {k: f'd{k % 3}/{k}.png' for k in range(40)}
+  held = sorted((relative[k], k) for k in range(40) if ip.is_held_out(relative[k], 0.25))
+  held_ids = [k for _, k in held]
+  assert 4 <= len(held_ids) <= 18
+
+  caplog.set_level(logging.INFO)
+  it = ip.create_train_iterator(config)
+  seen = set()
+  for _ in range(12):
+    seen.update(numbers(next(it)['image']))
+  assert '40 usable, 0 unreadable, 1 too small (below 16 px on the shorter side)' in caplog.text
+  assert seen == set(range(40)) - set(held_ids)  # Every training image, never a held-out one.
+
+  val = to_uint8(ip.validation_images(config))
+  assert val.shape == (4, size, size, 3)
+  for crop, (_, k) in zip(val, held[:4]):  # Centre crops, in path order.
+    h, w = shapes[k]
+    np.testing.assert_array_equal(crop, numbered_image(k, h, w)[(h - size) // 2:][:size,
+                                                                (w - size) // 2:][:, :size])
+  np.testing.assert_array_equal(to_uint8(ip.validation_images(config)), val)
+
+  # Adding images never moves an existing one across the split.
+  for k in range(40, 45):
+    Image.fromarray(numbered_image(k, 16, 16)).save(tmp_path / f'new{k}.png')
+  more = ip.open_images(config, 'validation')
+  assert [numbers(ip.normalize(more[i])[None])[0] for i in range(len(more))
+          if numbers(ip.normalize(more[i])[None])[0] < 40] == held_ids
+
+  config.data.num_val_images = 40
+  with pytest.raises(ip.DataError, match=r'Only \d+ validation crops .* raise '
+                     'config.data.val_fraction'):
+    ip.validation_images(config)
+
+
+def test_a_folder_of_exactly_high_res_size_images_trains(tmp_path):
+  """1024 x 1024 photographs at high_res_size=1024, scaled down 64x: every crop is a whole image."""
+  size = 16
+  for k in range(12):
+    Image.fromarray(numbered_image(k, size, size)).save(tmp_path / f'{k}.png')
+  config = make_config('folder', size=size, batch_size=4, num_val_images=2, holdout='images',
+                       path=str(tmp_path), val_fraction=0.3)
+  batch = to_uint8(next(ip.create_train_iterator(config))['image'])
+  for crop in batch:
+    k = int(round(crop[0, 0, 0] / 5))
+    image = numbered_image(k, size, size).astype(np.int64)
+    assert np.array_equal(crop, image) or np.array_equal(crop, image[:, ::-1])
+  assert ip.validation_images(config).shape == (2, size, size, 3)
+
+
+def test_separate_held_out_folder(tmp_path):
+  size = 16
+  (tmp_path / 'train').mkdir()
+  (tmp_path / 'val').mkdir()
+  for k in range(6):
+    Image.fromarray(numbered_image(k, 20, 20)).save(tmp_path / 'train' / f'{k}.png')
+  for k in range(6, 9):
+    Image.fromarray(numbered_image(k, 16, 24)).save(tmp_path / 'val' / f'{k}.png')
+  config = make_config('folder', size=size, batch_size=6, num_val_images=3, holdout='images',
+                       path=str(tmp_path / 'train'), val_path=str(tmp_path / 'val'))
+  assert numbers(next(ip.create_train_iterator(config))['image']) == list(range(6))
+  assert numbers(ip.validation_images(config)) == [6, 7, 8]
+
+  config.data.val_path = str(tmp_path / 'train' / 'sub')
+  (tmp_path / 'train' / 'sub').mkdir()
+  with pytest.raises(ip.DataError, match='val_path=.* overlaps config.data.path=.*two separate'):
+    ip.validation_images(config)
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'notes.txt').write_text('no images')
+  config.data.val_path = str(tmp_path / 'empty')
+  with pytest.raises(ip.DataError, match="'.*empty' holds no .* files"):
+    ip.validation_images(config)
+  config.data.val_path = str(tmp_path / 'val')
+  config.data.high_res_size, config.data.low_res_size = 20, 10
+  with pytest.raises(ip.DataError, match='has no held-out image .*3 too small .*resize_small'):
+    ip.validation_images(config)
+  config.data.resize_small = True
+  assert ip.validation_images(config).shape == (3, 20, 20, 3)
+
+
+@pytest.mark.parametrize('fraction', [0.0, 1.0, -0.5, 2.0])
+def test_val_fraction_outside_zero_one_is_refused(fraction):
+  config = make_config('skimage', holdout='images', val_fraction=fraction)
+  with pytest.raises(ip.DataError, match=f'val_fraction={fraction} must lie strictly between'):
+    ip.create_train_iterator(config)
+  config.data.holdout = 'halves'
+  with pytest.raises(ip.DataError, match="Unknown config.data.holdout='halves'"):
+    ip.validation_images(config)
+
+
+def test_no_image_reaching_high_res_size_is_one_clear_error(tmp_path):
+  for k in range(5):
+    Image.fromarray(numbered_image(k, 12, 30)).save(tmp_path / f'{k}.png')
+  config = make_config('folder', size=16, holdout='images', path=str(tmp_path),
+                       val_fraction=0.5)
+  with pytest.raises(ip.DataError, match=r"has no training image \(0 usable, 0 unreadable, 5 too "
+                     r'small \(below 16 px on the shorter side\).*set config.data.resize_small'):
+    ip.create_train_iterator(config)
+
+
+def test_images_above_max_pixels_are_skipped_and_never_decoded(tmp_path, monkeypatch, caplog):
+  size = 16
+  for k in range(4):
+    Image.fromarray(numbered_image(k, 20, 20)).save(tmp_path / f'{k}.png')
+  Image.fromarray(numbered_image(9, 200, 300)).save(tmp_path / 'huge.png')
+  decoded = []
+  original = ip.decode_image_file
+  monkeypatch.setattr(ip, 'decode_image_file', lambda p: decoded.append(os.path.basename(p))
+                      or original(p))
+  geometry = ip.Geometry(size)
+  scan = ip.scan_image_folder(str(tmp_path), geometry, num_threads=2, max_pixels=50_000)
+  assert [(os.path.basename(p), h, w) for p, h, w in scan.too_large] == [('huge.png', 200, 300)]
+  assert len(scan.usable) == 4 and 'huge.png' not in decoded
+  config = make_config('folder', size=size, batch_size=4, path=str(tmp_path), max_pixels=50_000,
+                       holdout='images', val_fraction=0.01)
+  caplog.set_level(logging.INFO)
+  it = ip.create_train_iterator(config)
+  for _ in range(3):
+    assert 9 not in numbers(next(it)['image'])
+  assert 'huge.png' not in decoded
+  assert '1 too large (above config.data.max_pixels=50000)' in caplog.text
+  config.data.max_pixels = 100
+  with pytest.raises(ip.DataError, match='max_pixels=100 is below one 16x16 crop'):
+    ip.create_train_iterator(config)
