@@ -137,9 +137,9 @@ def main(argv):
     elif FLAGS.mode == 'precompute':
       from fmboost_jax import precompute  # noqa: PLC0415
       meta = precompute.precompute(FLAGS.config, FLAGS.workdir)
-      print(f"Wrote {meta['num_records']} records to {FLAGS.workdir}; train with "
-            f'--config.data.source=latents --config.data.path={FLAGS.workdir} '
-            '--config.flow.upsampling_mode=identity')
+      if jax.process_index() == 0:
+        print(f"Wrote {meta['num_records']} records to {FLAGS.workdir}; train with "
+              f'--config.data.source=latents --config.data.path={FLAGS.workdir}')
     elif FLAGS.mode == 'convert':
       convert(FLAGS.config, FLAGS.workdir)
   except UserError as e:

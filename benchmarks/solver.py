@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import default
-from fmboost_jax import flow, sampling, train
+from fmboost_jax import flow, sampling, trained_model
 from fmboost_jax.models import unet
 
 
@@ -66,13 +66,13 @@ def main():
 
   def sample(params, x_up, key):
     x0, context = flow.source_and_context(x_up, key, config.flow)
-    solution = sampling.solve(train.velocity_fn(graphdef, params), x0, context,
+    solution = sampling.solve(trained_model.velocity_fn(graphdef, params), x0, context,
                               solver=args.solver, nfe=args.nfe, rtol=args.rtol, atol=args.atol,
                               max_steps=config.sample.max_steps)
     return solution.x1, solution.nfe, solution.ok
 
   def forward(params, x, t):
-    return train.velocity_fn(graphdef, params)(x, x, t)
+    return trained_model.velocity_fn(graphdef, params)(x, x, t)
 
   t0 = time.perf_counter()
   compiled = jax.jit(sample).lower(params, x_up, key).compile()

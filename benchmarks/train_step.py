@@ -26,14 +26,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import default, demo
-from fmboost_jax import train, upsampling
+from fmboost_jax import train, trained_model, upsampling
 
 
 def build(model: str, settings: list[str]):
   if model == 'unet_base':
     config = default.get_config()
     config.first_stage.name = 'identity'
-    config.flow.upsampling_mode = 'identity'
     config.data.source = 'latents'
     config.data.batch_size = 2
     shape, channels = (2, 64, 64, 4), 4
@@ -59,7 +58,7 @@ def main():
   config, channels, batch = build(args.model, args.set)
   first_stage_graphdef, first_stage_params = nnx.split(upsampling.IdentityFirstStage())
   tx = train.make_optimizer(config.optim)
-  graphdef = train.model_graphdef(config, channels)
+  graphdef = trained_model.model_graphdef(config, channels)
   state = jax.jit(lambda k: train.init_state(config, channels, tx, k))(jax.random.PRNGKey(0))
   key = jax.random.PRNGKey(1)
 

@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.flow.sigma_min = 0.0
   config.flow.noising_step = 400  # Cosine noise augmentation of the source; 0 disables it.
   config.flow.num_noising_steps = 1000
-  config.flow.upsampling_mode = 'psu'  # 'psu' | 'bilinear' | 'nearest' | 'identity'.
+  config.flow.upsampling_mode = 'psu'  # 'psu' | 'bilinear' | 'nearest'.
 
   # Data (fmboost_jax/input_pipeline.py). Images are float32 NHWC in [-1, 1].
   config.data = ml_collections.ConfigDict()
@@ -77,10 +77,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_threads = 8
   config.data.prefetch_buffer_size = 32  # Images buffered ahead (at least one batch per thread).
 
-  # main.py --mode=precompute: seeded random crops per image, records per .npy shard.
+  # main.py --mode=precompute: seeded random crops per image, records per .npy shard (about
+  # shard_size / crops_per_image whole images each), images per encode call on each process.
   config.precompute = ml_collections.ConfigDict()
   config.precompute.crops_per_image = 4
   config.precompute.shard_size = 4096
+  config.precompute.batch_size = 8
 
   # Adam with linear warm-up (reference 5.1).
   config.optim = ml_collections.ConfigDict()

@@ -1,4 +1,8 @@
-"""Orbax checkpoints in `<workdir>/checkpoints`: the train state and the data iterator, together.
+"""Orbax checkpoints in `<workdir>/checkpoints`: the train state, the data iterator and the config.
+
+Each step holds three items: `state`, `data` (the grain iterator position of every process) and
+`config` (the experiment config as JSON, `checkpoints/STEP/config/metadata`), so that whatever
+restores a step (sampling, evaluation, a cascade) reads the config that step was trained with.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
 mid-save leaves the previous checkpoint as the latest usable one.
@@ -9,13 +13,14 @@ import os
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from fmboost_jax.errors import UserError
 
 
 class Checkpointer:
-  """Saves and restores `{'state': pytree, 'data': grain iterator}` by step."""
+  """Saves and restores `{'state': pytree, 'data': grain iterator, 'config': JSON}` by step."""
 
   def __init__(self, directory: str, *, keep: int):
     """`keep` latest checkpoints are preserved; 0 keeps all."""
@@ -25,7 +30,7 @@ class Checkpointer:
                                            enable_async_checkpointing=True)
     try:
       self._manager = ocp.CheckpointManager(directory, options=options,
-                                            item_names=('state', 'data'))
+                                            item_names=('state', 'data', 'config'))
     except OSError as e:
       raise UserError(f'cannot create the checkpoint directory {directory} ({e.strerror}); '
                       'choose a writable --workdir.') from None
@@ -34,11 +39,13 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator) -> None:
-    """Starts an asynchronous save of `state` and the iterator position at `step`."""
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator,
+           config: ml_collections.ConfigDict) -> None:
+    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
 
   def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
     """Restores the state onto `abstract_state` (ShapeDtypeStructs with shardings).
@@ -72,8 +79,9 @@ class Checkpointer:
       first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0][:200]
       raise UserError(
           f'the checkpoint at step {step} in {self.directory} does not fit this config '
-          f'({first_line}); train with the config it was made with (config.json in the workdir) '
-          'or choose a new --workdir.') from e
+          f'({first_line}); train with the config it was made with (saved beside it, '
+          f'{os.path.join(self.directory, str(step), "config", "metadata")}) or choose a new '
+          '--workdir.') from e
     if other_count:
       data_iterator.set_state(next(iter(positions.values())))
     return restored['state']
@@ -92,6 +100,16 @@ def latest_step(directory: str) -> int | None:
     return None
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
   return max(steps) if steps else None
+
+
+def restore_config(directory: str, step: int) -> ml_collections.ConfigDict:
+  """The config saved with the checkpoint at `step` (lists where the config had tuples)."""
+  path = os.path.join(os.path.abspath(directory), str(step), 'config')
+  if not os.path.isdir(path):
+    raise UserError(f'the checkpoint at step {step} in {directory} holds no saved config; it was '
+                    'written by an older version of fmboost_jax: train it again.')
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return ml_collections.ConfigDict(checkpointer.restore(path))
 
 
 def restore_subtree(directory: str, step: int, name: str, abstract):
@@ -123,8 +141,8 @@ def _check_fits(path: str, abstract, what: str, only: str | None = None) -> None
     listed = '; '.join(problems[:3]) + (f'; and {len(problems) - 3} more' if len(problems) > 3
                                         else '')
     raise UserError(
-        f'{what} does not fit this config ({listed}); use the config it was made with '
-        '(config.json in the workdir) or choose a new --workdir.')
+        f'{what} does not fit this config ({listed}); use the config it was made with (saved '
+        'beside it in checkpoints/STEP/config) or choose a new --workdir.')
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -3,8 +3,9 @@
   python main.py --mode=evaluate --config=configs/demo.py --workdir=workdirs/demo \
       --config.eval.checkpoints='workdirs/demo;workdirs/demo_fm;workdirs/demo_l2'
 
-Every checkpoint is a `--mode=train` workdir (its `config.json` says what was trained; its latest
-checkpoint gives the EMA weights, see `inference.load_stage`). The held-out images are those of
+Every checkpoint is a `--mode=train` workdir (its latest checkpoint gives the EMA weights and the
+config they were trained with, see `trained_model.load`; `--config.first_stage.weights`, when set,
+replaces the recorded autoencoder path). The held-out images are those of
 `--config.data` (`input_pipeline.validation_images`, `config.data.num_val_images` of them). Each is
 downsized to `low_res_size` and upsampled back by bilinear interpolation and by every checkpoint
 (flows with `config.sample`'s solver and NFE, regression with its one step), and every output is
@@ -38,8 +39,9 @@ from PIL import Image, ImageDraw
 
 from fmboost_jax import input_pipeline, metrics, sharding, upsampling, weights
 from fmboost_jax.errors import UserError
-from fmboost_jax.inference import Stage, load_stage, parse_stages
+from fmboost_jax.inference import parse_stages
 from fmboost_jax.train import eval_step, ensure_writable
+from fmboost_jax.trained_model import TrainedModel, load
 
 FID_FLAG = '--config.eval.inception_weights'
 COLUMNS = (  # (key, header, format); FID columns first as in the paper's Table 2.
@@ -71,7 +73,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
                     '.safetensors with its keys).')
 
 
-def _label(stage: Stage, taken: set[str]) -> str:
+def _label(stage: TrainedModel, taken: set[str]) -> str:
   label = stage.config.flow.objective.upper()
   if label in taken:
     label = f'{label} ({os.path.basename(os.path.normpath(stage.workdir))})'
@@ -79,7 +81,7 @@ def _label(stage: Stage, taken: set[str]) -> str:
   return label
 
 
-def _check_compatible(stage: Stage, config: ml_collections.ConfigDict) -> None:
+def _check_compatible(stage: TrainedModel, config: ml_collections.ConfigDict) -> None:
   for field in ('high_res_size', 'low_res_size'):
     if stage.config.data[field] != config.data[field]:
       raise UserError(f'{stage.workdir} was trained with data.{field}='
@@ -87,13 +89,10 @@ def _check_compatible(stage: Stage, config: ml_collections.ConfigDict) -> None:
                       f'{config.data[field]}; evaluate it with the config it was trained with.')
 
 
-def _eval_config(stage: Stage, sample: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The stage's training config with the sampler settings to evaluate; a stage trained on
-  precomputed latents upsamples images the way those latents were made."""
+def _eval_config(stage: TrainedModel, sample: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The stage's training config with the sampler settings to evaluate."""
   config = ml_collections.ConfigDict(stage.config.to_dict())
   config.sample = ml_collections.ConfigDict(sample.to_dict())
-  if config.flow.upsampling_mode == 'identity':
-    config.flow.upsampling_mode = input_pipeline.latents_metadata(config)['upsampling_mode']
   return config
 
 
@@ -178,7 +177,7 @@ class Evaluator:
     return {'full': inception_features(self.inception, images, self.batch_size),
             'crops': inception_features(self.inception, crops, self.batch_size)}
 
-  def run(self, stage: Stage, sample: ml_collections.ConfigDict,
+  def run(self, stage: TrainedModel, sample: ml_collections.ConfigDict,
           keep: int) -> tuple[_Accumulator, np.ndarray, list[bool]]:
     """Upsamples every held-out image with `stage` under `sample` settings.
 
@@ -351,7 +350,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   replicated = sharding.replicated(mesh)
   paths = [p.strip() for p in config.eval.checkpoints.split(';') if p.strip()] or [workdir]
-  stages = [load_stage(path, settings, replicated)
+  stages = [load(path, settings, replicated, first_stage_weights=config.first_stage.weights)
             for path, settings in parse_stages(';'.join(paths), workdir, config.sample)]
   for stage in stages:
     _check_compatible(stage, config)

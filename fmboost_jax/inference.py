@@ -3,10 +3,12 @@
   python main.py --mode=sample --config=configs/demo.py --workdir=workdirs/demo \
       --inputs=skimage --config.sample.input_size=64 --config.sample.figure=True
 
-A stage is a training workdir: its `config.json` (written by --mode=train) says what the model,
-the flow and the first stage are, and its latest checkpoint holds the weights (the EMA weights when
-the stage was trained with config.ema.use_for_sampling). `--config.sample` holds the solver, the
-seed, the batch size and, for a cascade, the list of stages; the rest of --config is not used.
+A stage is a training workdir: its latest checkpoint holds the weights (the EMA weights when the
+stage was trained with config.ema.use_for_sampling) and the config they were trained with, which
+says what the model, the flow and the first stage are (`trained_model.load`). `--config.sample`
+holds the solver, the seed, the batch size and, for a cascade, the list of stages;
+`--config.first_stage.weights`, when set, replaces the autoencoder path the stages recorded (a moved
+workdir or weights file); the rest of --config is not used.
 
 Inputs are images (any size; each stage multiplies it by its high_res_size / low_res_size) or .npy /
 .npz files of first-stage latents ([N,] C, h, w or [N,] h, w, C). Every stage builds its source as
@@ -30,10 +32,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from fmboost_jax import checkpointing, input_pipeline, metrics, sampling, sharding, upsampling
+from fmboost_jax import input_pipeline, metrics, sampling, sharding, upsampling
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import unet
-from fmboost_jax.train import ensure_writable, model_graphdef, velocity_fn
+from fmboost_jax.train import ensure_writable
+from fmboost_jax.trained_model import TrainedModel, load, velocity_fn
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 LATENT_EXTENSIONS = ('.npy', '.npz')
@@ -47,19 +49,6 @@ class Input:
   source: str  # The file (and array key / index) it came from.
   kind: str  # 'image' or 'latent'.
   array: np.ndarray  # float32 image [h, w, 3] in [-1, 1], or scaled latent [h, w, C].
-
-
-@dataclasses.dataclass
-class Stage:
-  workdir: str
-  step: int
-  config: ml_collections.ConfigDict  # The stage's training config.
-  sample: ml_collections.ConfigDict  # Its solver settings.
-  scale: int  # Output size / input size.
-  unit: int  # Network input sizes (latent grid) must be multiples of this.
-  first_stage: Any
-  graphdef: nnx.GraphDef
-  params: Any
 
 
 # ----------------------------------------------------------------------------- stages
@@ -90,36 +79,6 @@ def parse_stages(spec: str, workdir: str,
       raise UserError(f'stage {i + 1} ({path}): {e}') from None
     stages.append((path, settings_config))
   return stages
-
-
-def load_stage(workdir: str, sample_config: ml_collections.ConfigDict,
-               replicated: jax.sharding.Sharding) -> Stage:
-  """Reads a training workdir's config and restores its sampling weights onto the mesh."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise UserError(f'{workdir} holds no config.json; point --workdir (or a stage of '
-                    'config.sample.stages) at the workdir of a --mode=train run.')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  directory = os.path.join(workdir, 'checkpoints')
-  step = checkpointing.latest_step(directory)
-  if step is None:
-    raise UserError(f'{workdir} holds no checkpoint (nothing in {directory}); train it first with '
-                    f'--mode=train --workdir={workdir}.')
-  first_stage = upsampling.first_stage_from_config(config)
-  graphdef = model_graphdef(config, first_stage.channels)
-  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: unet.unet_from_config(config.model, first_stage.channels, rngs=nnx.Rngs(0))),
-      nnx.Param))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          shapes)
-  name = 'ema_params' if config.ema.use_for_sampling else 'params'
-  params = checkpointing.restore_subtree(directory, step, name, abstract)
-  scale = config.data.high_res_size // config.data.low_res_size
-  unit = 2**(len(config.model.channel_mult) - 1)
-  return Stage(workdir=workdir, step=step, config=config, sample=sample_config, scale=scale,
-               unit=unit, first_stage=first_stage, graphdef=graphdef, params=params)
-
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -234,7 +193,7 @@ def _pad_to(x: jax.Array, unit: int) -> jax.Array:
   return jnp.pad(x, pad, mode='edge') if any(p[1] for p in pad) else x
 
 
-def _input_unit(stage: Stage, kind: str) -> int:
+def _input_unit(stage: TrainedModel, kind: str) -> int:
   """Input sizes must be multiples of this so that the target latent grid fits the network."""
   factor = stage.first_stage.factor if kind == 'image' else 1
   unit = stage.unit * factor // math.gcd(stage.unit * factor, stage.scale)
@@ -260,7 +219,7 @@ class _Compiled:
     return self.cache[cache_key](*args)
 
 
-def _solve_stage(compiled: _Compiled, index: int, stage: Stage, kind: str, x: jax.Array,
+def _solve_stage(compiled: _Compiled, index: int, stage: TrainedModel, kind: str, x: jax.Array,
                  key: jax.Array, save_trajectory: int) -> sampling.Solution:
   """One stage on a padded batch: low-res input [B, h, w, *] -> Solution on the target grid."""
   factor = stage.first_stage.factor if kind == 'image' else 1
@@ -290,7 +249,7 @@ def _decode(compiled: _Compiled, first_stage, latents: jax.Array, tiled: bool) -
                   in_shardings=(compiled.replicated, compiled.batch))
 
 
-def check_cascade(stages: list[Stage]) -> None:
+def check_cascade(stages: list[TrainedModel]) -> None:
   first = stages[0].config.first_stage.to_dict()
   for i, stage in enumerate(stages[1:], start=2):
     if stage.config.first_stage.to_dict() != first:
@@ -344,7 +303,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
                     'the multi-process flags.')
   mesh = sharding.make_mesh(config.mesh)
   compiled = _Compiled(mesh)
-  stages = [load_stage(path, settings, compiled.replicated)
+  stages = [load(path, settings, compiled.replicated,
+                 first_stage_weights=config.first_stage.weights)
             for path, settings in parse_stages(s.stages, workdir, s)]
   check_cascade(stages)
   first_stage = stages[0].first_stage

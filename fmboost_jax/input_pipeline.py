@@ -510,6 +510,10 @@ class _FolderImages:
   def __init__(self, paths: Sequence[str]):
     self._paths = list(paths)
 
+  @property
+  def paths(self) -> list[str]:
+    return list(self._paths)
+
   def __len__(self) -> int:
     return len(self._paths)
 
@@ -693,10 +697,13 @@ def latents_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     'there with main.py --mode=precompute first.')
   with open(path) as f:
     meta = json.load(f)
-  for field in ('high_res_size', 'low_res_size'):
-    if meta[field] != config.data[field]:
+  for field, wanted in (('high_res_size', config.data.high_res_size),
+                        ('low_res_size', config.data.low_res_size),
+                        ('upsampling_mode', config.flow.upsampling_mode)):
+    if meta[field] != wanted:
+      section = 'flow' if field == 'upsampling_mode' else 'data'
       raise DataError(f'the latents in {config.data.path!r} were made with {field}={meta[field]}, '
-                      f'but config.data.{field}={config.data[field]}; use the same value.')
+                      f'but config.{section}.{field}={wanted}; use the same value.')
   for field in LATENTS_FIRST_STAGE_FIELDS:
     made, wanted = meta['first_stage'][field], config.first_stage[field]
     if (list(made) if isinstance(made, (list, tuple)) else made) != (

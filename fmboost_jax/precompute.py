@@ -1,113 +1,224 @@
 """`main.py --mode=precompute`: write the (x1, x_up) latents of a dataset once, train from them.
 
-For every usable image, `config.precompute.crops_per_image` seeded random crops of its training
-region (random flips included) are encoded exactly as the training step would: x1 = E(crop) and
-x_up = the low-res crop brought to the latent grid with `config.flow.upsampling_mode` (PSU by
-default). Both are stored scaled, float32, in .npy shards of `config.precompute.shard_size`
-records, with `metadata.json` and the held-out validation images. Training reads them back with
-`--config.data.source=latents --config.data.path=DIR --config.flow.upsampling_mode=identity`.
+For every usable training image, `config.precompute.crops_per_image` seeded random crops (random
+flips included) are encoded exactly as the training step would: x1 = E(crop) and x_up = the
+low-res crop brought to the latent grid with `config.flow.upsampling_mode` (PSU by default). Both
+are stored scaled, float32, in .npy shards (memory-mapped by training: the fastest random access
+measured, benchmarks/results.md), with `metadata.json` and the held-out validation crops. Training
+reads them back with `--config.data.source=latents --config.data.path=DIR`.
+
+A job at scale: run it in every process of a `jax.distributed` job (the same flags as training;
+DIR on storage that every host sees). The images are cut into shards of whole images (shard j holds
+the crops of images [j m, (j + 1) m), m = max(1, shard_size // crops_per_image)); process p encodes
+the shards j = p, p + P, ..., batched over its own devices, and writes each one under a temporary
+name that is renamed when complete. A killed precompute started again resumes: finished shards are
+kept and skipped. `precompute.json`, written before any shard, names the dataset (its files) and
+every setting the latents depend on; a DIR holding another dataset's or setting's shards is refused.
+After a barrier, process 0 checks that every shard is there and writes `metadata.json`.
 """
 
+import concurrent.futures
+import hashlib
 import json
 import os
+import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from fmboost_jax import input_pipeline, upsampling
 from fmboost_jax.errors import UserError
 
+MANIFEST = 'precompute.json'
 
-def crops(config: ml_collections.ConfigDict):
-  """Yields the deterministic training crops, uint8 [S, S, 3], of every usable image in order."""
-  size = config.data.high_res_size
-  for i, image in enumerate(input_pipeline.open_images(config)):
-    if image is None or not input_pipeline.is_usable(image.shape[0], image.shape[1], size):
+
+def _atomic_save(path: str, array: np.ndarray) -> None:
+  temporary = f'{path}.tmp-{os.getpid()}.npy'
+  np.save(temporary, array)
+  os.replace(temporary, path)
+
+
+def _atomic_json(path: str, value) -> None:
+  temporary = f'{path}.tmp-{os.getpid()}'
+  with open(temporary, 'w') as f:
+    json.dump(value, f, indent=2, default=list)
+  os.replace(temporary, path)
+
+
+def shard_names(index: int) -> dict[str, str]:
+  return {'x1': f'x1-{index:05d}.npy', 'x_up': f'x_up-{index:05d}.npy'}
+
+
+def manifest(config: ml_collections.ConfigDict, images) -> dict:
+  """What the latents depend on: the settings, and the training images (their paths, or their count
+  for the bundled photographs and tfds)."""
+  data = config.data
+  paths = getattr(images, 'paths', None)
+  root = os.path.realpath(data.path) if data.source == 'folder' else ''
+  files = [os.path.relpath(p, root) for p in paths] if paths is not None else []
+  return {
+      'source': {k: data[k] for k in ('source', 'tfds_name', 'tfds_split', 'holdout', 'val_path',
+                                      'val_fraction', 'resize_small', 'max_pixels')},
+      'num_images': len(images),
+      'files_sha256': hashlib.sha256('\n'.join(files).encode('utf-8')).hexdigest(),
+      'high_res_size': data.high_res_size,
+      'low_res_size': data.low_res_size,
+      'upsampling_mode': config.flow.upsampling_mode,
+      'first_stage': {k: config.first_stage[k] for k in input_pipeline.LATENTS_FIRST_STAGE_FIELDS},
+      'crops_per_image': config.precompute.crops_per_image,
+      'shard_size': config.precompute.shard_size,
+      'seed': config.seed,
+  }
+
+
+def crops(config: ml_collections.ConfigDict, images=None, indices=None):
+  """Yields the deterministic training crops, uint8 [S, S, 3], of the usable training images
+  (`indices` of them, default all) in order: crop k of image i uses the seed (seed, i, k)."""
+  geometry = input_pipeline.Geometry.from_config(config)
+  images = input_pipeline.open_images(config, 'train') if images is None else images
+  for i in range(len(images)) if indices is None else indices:
+    image = images[i]
+    if image is None or not geometry.usable(image.shape[0], image.shape[1]):
       continue
     for k in range(config.precompute.crops_per_image):
       rng = np.random.default_rng([config.seed, i, k])
-      crop = input_pipeline.random_crop(image, size, rng)
+      crop = geometry.train_crop(image, rng)
       yield crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
+def _check_output(workdir: str, wanted: dict) -> bool:
+  """True when `workdir` holds a finished or partial precompute of `wanted`; False when it is new
+  or empty; a UserError for anything else (read-only: every process checks the same)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'the output {workdir} is a file; choose a folder for --workdir.')
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    return False
+  path = os.path.join(workdir, MANIFEST)
+  if not os.path.isfile(path):
+    raise UserError(f'the output directory {workdir} is not empty and holds no {MANIFEST} of a '
+                    'precompute; choose a new --workdir.')
+  with open(path) as f:
+    found = json.load(f)
+  found, wanted = json.loads(json.dumps(found)), json.loads(json.dumps(wanted, default=list))
+  differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
+  if differ:
+    raise UserError(
+        f'{workdir} holds the latents of another dataset or other settings ({MANIFEST} differs in '
+        f'{", ".join(differ)}); nothing was changed there: choose a new --workdir, or precompute '
+        'with the settings it was started with.')
+  return True
+
+
 def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes the latents of config.data's images to `workdir`; returns the metadata."""
-  if jax.process_count() > 1:
-    raise UserError('--mode=precompute runs in one process; start it without jax.distributed.')
+  """Writes this process's shards of config.data's latents to `workdir`; returns the metadata."""
   if config.data.source == 'latents':
     raise UserError('config.data.source=latents is already precomputed; precompute from images.')
-  if config.precompute.crops_per_image < 1 or config.precompute.shard_size < 1:
-    raise UserError('config.precompute.crops_per_image and shard_size must be at least 1.')
+  p = config.precompute
+  if p.crops_per_image < 1 or p.shard_size < 1 or p.batch_size < 1:
+    raise UserError('config.precompute.crops_per_image, shard_size and batch_size must be at least '
+                    '1.')
+  if config.flow.upsampling_mode not in upsampling.MODES:
+    raise UserError(f'config.flow.upsampling_mode={config.flow.upsampling_mode!r} is unknown; use '
+                    f'one of {upsampling.MODES}.')
   workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and os.listdir(workdir):
-    raise UserError(f'the output directory {workdir} is not empty; choose a new --workdir.')
+  images = input_pipeline.open_images(config, 'train')
+  wanted = manifest(config, images)
+  resuming = _check_output(workdir, wanted)
+  first_stage = upsampling.first_stage_from_config(config)
+  process, count = jax.process_index(), jax.process_count()
+  multihost_utils.sync_global_devices('precompute: output checked')
   try:
     os.makedirs(workdir, exist_ok=True)
+    if process == 0 and not resuming:
+      _atomic_json(os.path.join(workdir, MANIFEST), wanted)
   except OSError as e:
-    raise UserError(f'cannot create {workdir} ({e.strerror}); choose a writable --workdir.') \
+    raise UserError(f'cannot write to {workdir} ({e.strerror}); choose a writable --workdir.') \
         from None
 
-  first_stage = upsampling.first_stage_from_config(config)
+  per_shard = max(1, p.shard_size // p.crops_per_image)
+  num_shards = -(-len(images) // per_shard)
+  mine = [j for j in range(process, num_shards, count)]
+  todo = [j for j in mine if not all(os.path.isfile(os.path.join(workdir, name))
+                                     for name in shard_names(j).values())]
+  logging.info('Precompute: %d images in %d shards; process %d of %d has %d shards, %d of them '
+               'done already.', len(images), num_shards, process, count, len(mine),
+               len(mine) - len(todo))
+
+  # Encoding: batches sharded over this process's own devices (no collectives between processes).
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_size = -(-p.batch_size // len(devices)) * len(devices)
   graphdef, params = nnx.split(first_stage)
-  batch_size = config.data.batch_size
+  params = jax.device_put(params, replicated)
+  encode = jax.jit(
+      lambda params, x: upsampling.training_pair(nnx.merge(graphdef, params), {'image': x},
+                                                 config.data.low_res_size,
+                                                 config.flow.upsampling_mode),
+      in_shardings=(replicated, batch_sharding))
 
-  @jax.jit
-  def encode(params, images):
-    return upsampling.training_pair(nnx.merge(graphdef, params), {'image': images},
-                                    config.data.low_res_size, config.flow.upsampling_mode)
+  def encode_all(crop_list):
+    parts = []
+    for start in range(0, len(crop_list), batch_size):
+      chunk = np.stack([input_pipeline.normalize(c) for c in crop_list[start:start + batch_size]])
+      n = len(chunk)
+      if n < batch_size:  # Pad the last batch: one compiled shape.
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+      x1, x_up = jax.device_get(encode(params, jax.device_put(chunk, batch_sharding)))
+      parts.append((x1[:n], x_up[:n]))
+    return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
 
-  shards, pending, total = [], [], 0
+  t0, done_images = time.perf_counter(), 0
+  with concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_threads)) as pool:
+    for n, j in enumerate(todo):
+      indices = range(j * per_shard, min((j + 1) * per_shard, len(images)))
+      decoded = list(pool.map(images.__getitem__, indices))
+      crop_list = list(crops(config, images=dict(zip(indices, decoded)), indices=indices))
+      if not crop_list:
+        raise UserError(f'shard {j} (images {indices.start}-{indices.stop - 1}) has no usable '
+                        'image left; an image changed on disk since the scan: precompute again.')
+      x1, x_up = encode_all(crop_list)
+      names = shard_names(j)
+      _atomic_save(os.path.join(workdir, names['x_up']), x_up)
+      _atomic_save(os.path.join(workdir, names['x1']), x1)  # Written last: marks the shard done.
+      done_images += len(indices)
+      seconds = time.perf_counter() - t0
+      logging.info('Precompute, process %d: shard %d (%d of %d here), %d records; %.2f images/s.',
+                   process, j, n + 1, len(todo), len(x1), done_images / seconds)
 
-  def write_shard(parts):
-    x1, x_up = (np.concatenate([p[j] for p in parts]) for j in (0, 1))
-    name = f'{len(shards):05d}'
-    np.save(os.path.join(workdir, f'x1-{name}.npy'), x1)
-    np.save(os.path.join(workdir, f'x_up-{name}.npy'), x_up)
-    shards.append({'x1': f'x1-{name}.npy', 'x_up': f'x_up-{name}.npy', 'count': len(x1)})
-    logging.info('Wrote shard %s with %d records.', name, len(x1))
-
-  def flush(batch):
-    nonlocal total
-    n = len(batch)
-    images = np.stack([input_pipeline.normalize(c) for c in batch])
-    if n < batch_size:  # Pad the last batch: one compiled shape.
-      images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
-    x1, x_up = jax.device_get(encode(params, images))
-    pending.append((x1[:n], x_up[:n]))
-    total += n
-    if sum(len(p[0]) for p in pending) >= config.precompute.shard_size:
-      write_shard(pending)
-      pending.clear()
-
-  batch = []
-  for crop in crops(config):
-    batch.append(crop)
-    if len(batch) == batch_size:
-      flush(batch)
-      batch = []
-  if batch:
-    flush(batch)
-  if pending:
-    write_shard(pending)
-
-  np.save(os.path.join(workdir, input_pipeline.LATENTS_VALIDATION),
-          input_pipeline.validation_images(config))
+  if process == 0 and not os.path.isfile(os.path.join(workdir, input_pipeline.LATENTS_VALIDATION)):
+    _atomic_save(os.path.join(workdir, input_pipeline.LATENTS_VALIDATION),
+                 input_pipeline.validation_images(config))
+  multihost_utils.sync_global_devices('precompute: shards written')
+  meta_path = os.path.join(workdir, input_pipeline.LATENTS_METADATA)
+  if process != 0:
+    return {'num_records': None, 'shards': [shard_names(j) for j in mine]}
+  shards = []
+  for j in range(num_shards):
+    names = shard_names(j)
+    if not all(os.path.isfile(os.path.join(workdir, name)) for name in names.values()):
+      raise UserError(f'shard {j} is missing in {workdir} after every process finished; '
+                      'precompute on storage that every host sees, and start it again to '
+                      'finish (finished shards are kept).')
+    shards.append({**names, 'count': len(np.load(os.path.join(workdir, names['x1']),
+                                                    mmap_mode='r'))})
   latent_shape = list(np.load(os.path.join(workdir, shards[0]['x1']), mmap_mode='r').shape[1:])
   meta = {
-      'num_records': total,
+      'num_records': sum(s['count'] for s in shards),
       'shards': shards,
       'latent_shape': latent_shape,
-      'high_res_size': config.data.high_res_size,
-      'low_res_size': config.data.low_res_size,
-      'upsampling_mode': config.flow.upsampling_mode,
-      'first_stage': {k: config.first_stage[k] for k in config.first_stage},
-      'source': {k: config.data[k] for k in ('source', 'path', 'tfds_name', 'tfds_split')},
-      'crops_per_image': config.precompute.crops_per_image,
-      'seed': config.seed,
+      **{k: wanted[k] for k in ('high_res_size', 'low_res_size', 'upsampling_mode',
+                                'first_stage', 'crops_per_image', 'seed')},
+      'first_stage_weights': config.first_stage.weights,
+      'source': {**wanted['source'], 'path': config.data.path},
+      'num_images': len(images),
+      'num_validation_images': int(np.load(os.path.join(
+          workdir, input_pipeline.LATENTS_VALIDATION), mmap_mode='r').shape[0]),
   }
-  with open(os.path.join(workdir, input_pipeline.LATENTS_METADATA), 'w') as f:
-    json.dump(meta, f, indent=2, default=list)
+  _atomic_json(meta_path, meta)
   return meta

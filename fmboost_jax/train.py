@@ -25,6 +25,7 @@ from fmboost_jax import checkpointing, flow, input_pipeline, metrics, sampling, 
 from fmboost_jax import upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import unet
+from fmboost_jax.trained_model import model_graphdef, velocity_fn
 
 
 class TrainingDiverged(UserError):
@@ -70,19 +71,6 @@ def ema_update(ema_params, params, step: jax.Array, ema_config: ml_collections.C
 
 
 # ----------------------------------------------------------------------------- model and state
-
-
-def velocity_fn(graphdef: nnx.GraphDef, params) -> flow.VelocityFn:
-  """The network as v(x_t, context, t), from its graph and a pure-dict of parameters."""
-  model = nnx.merge(graphdef, nnx.State(params))
-  return lambda x_t, context, t: model(jnp.concatenate([x_t, context], axis=-1), t)
-
-
-def model_graphdef(config: ml_collections.ConfigDict, channels: int) -> nnx.GraphDef:
-  abstract = nnx.eval_shape(
-      lambda: unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract, nnx.Param)
-  return graphdef
 
 
 def init_state(config: ml_collections.ConfigDict, channels: int,
@@ -162,14 +150,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     unet.check_config(config.model)
   except ValueError as e:
     raise UserError(str(e)) from None
-  mode, latents = config.flow.upsampling_mode, config.data.source == 'latents'
+  mode = config.flow.upsampling_mode
   if mode not in upsampling.MODES:
     raise UserError(f'config.flow.upsampling_mode={mode!r} is unknown; use one of '
                     f'{upsampling.MODES}.')
-  if latents != (mode == 'identity'):
-    raise UserError("config.flow.upsampling_mode='identity' goes with precomputed latents "
-                    "(config.data.source='latents') and only with them; set "
-                    f"{'upsampling_mode=identity' if latents else 'another upsampling_mode'}.")
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if config.train[name] < 1:
       raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
@@ -288,8 +272,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = int(jax.device_get(state.step))
   if is_main:
     parameter_overview.log_parameter_overview(state.params)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # One compiled step, ahead of the loop, with explicit shardings and the state donated.
   first_stage_sharding = jax.tree.map(lambda _: replicated, first_stage_params)
@@ -306,13 +288,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       out_shardings=(state_sharding, replicated),
       donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
-  # Validation starts from images; with precomputed latents it upsamples them as they were made.
-  eval_config = config.copy_and_resolve_references()
-  if config.data.source == 'latents':
-    eval_config.flow.upsampling_mode = input_pipeline.latents_metadata(config)['upsampling_mode']
   jitted_eval = jax.jit(
       lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
-                                   first_stage_graphdef=first_stage_graphdef, config=eval_config),
+                                   first_stage_graphdef=first_stage_graphdef, config=config),
       in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
       out_shardings=replicated)
 
@@ -375,7 +353,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def save():
     nonlocal last_saved
     flush_measurements()  # Never save a state whose steps were not all finite.
-    checkpointer.save(step, state, train_iter)
+    checkpointer.save(step, state, train_iter, config)
     last_saved = step
 
   stopped = False

@@ -9,7 +9,8 @@ Upsampling modes (config.flow.upsampling_mode):
   bilinear: resize the low-res latent directly (jax.image.resize 'linear', antialias=False, which
             equals torch's bilinear with align_corners=False).
   nearest:  resize the low-res latent directly with nearest neighbours.
-  identity: the input is already on the target grid (e.g. precomputed PSU latents).
+Precomputed latents (precompute.py) were brought to the grid with one of these modes, which they
+record; training from them uses the stored pair and keeps the mode for sampling and evaluation.
 """
 
 from typing import Protocol
@@ -21,7 +22,7 @@ from fmboost_jax import weights
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import autoencoder
 
-MODES = ('psu', 'bilinear', 'nearest', 'identity')
+MODES = ('psu', 'bilinear', 'nearest')
 
 
 class FirstStage(Protocol):
@@ -113,11 +114,6 @@ def upsample(first_stage: FirstStage, mode: str, target_size: tuple[int, int], *
     return first_stage.encode(resize(low_res_images, pixel_size, 'linear'))
   if low_res_latents is None:
     low_res_latents = first_stage.encode(low_res_images)
-  if mode == 'identity':
-    if low_res_latents.shape[1:3] != tuple(target_size):
-      raise ValueError(f'identity upsampling needs inputs of size {tuple(target_size)}, '
-                       f'got {low_res_latents.shape[1:3]}; use psu, bilinear or nearest.')
-    return low_res_latents
   return resize(low_res_latents, target_size, 'linear' if mode == 'bilinear' else 'nearest')
 
 
@@ -127,11 +123,9 @@ def training_pair(first_stage: FirstStage, batch: dict[str, jax.Array], low_res_
 
   From images {'image': [B, S, S, 3]}: x1 = E(images) is the target and x_up is the bilinearly
   downsized image brought back to the target grid with `mode`. A precomputed batch
-  {'x1', 'x_up'} (precompute.py, `identity` mode) is used as it is.
+  {'x1', 'x_up'} (precompute.py, made with the same `mode`) is used as it is.
   """
   if 'x1' in batch:
-    if mode != 'identity':
-      raise ValueError(f"precomputed latents are already upsampled; use 'identity', not {mode!r}.")
     return batch['x1'], batch['x_up']
   images = batch['image']
   x1 = jax.lax.stop_gradient(first_stage.encode(images))

@@ -2,6 +2,8 @@
 devices: the Table 2 rows, the NFE sweep, the figure, and one clear line for every bad input."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -80,8 +82,8 @@ def test_evaluate_is_deterministic(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize('change, message', [
-    (dict(checkpoints='EMPTY'), 'holds no config.json'),
-    (dict(checkpoints='NOCKPT'), 'holds no checkpoint'),
+    (dict(checkpoints='EMPTY'), 'holds no checkpoint'),
+    (dict(checkpoints='NOCONFIG'), 'holds no saved config'),
     (dict(nfe_sweep=(0, 2)), 'config.eval.nfe_sweep=(0, 2) must be'),
     (dict(sample_nfe=0), 'config.sample.nfe=0 must be an integer of at least 1'),
     (dict(num_val_images=10_000), 'fewer than config.data.num_val_images=10000'),
@@ -94,8 +96,11 @@ def test_bad_input_is_one_clear_error(checkpoints, tmp_path, change, message):
   for key, value in change.items():
     if key == 'checkpoints':
       (tmp_path / 'run').mkdir()
-      if value == 'NOCKPT':
-        (tmp_path / 'run' / 'config.json').write_text(demo.get_config('tiny').to_json())
+      if value == 'NOCONFIG':  # A checkpoint of an older version, without the config item.
+        shutil.copytree(os.path.join(checkpoints['cfm'], 'checkpoints'),
+                        tmp_path / 'run' / 'checkpoints')
+        for step in os.listdir(tmp_path / 'run' / 'checkpoints'):
+          shutil.rmtree(tmp_path / 'run' / 'checkpoints' / step / 'config')
       config.eval.checkpoints = str(tmp_path / 'run')
     elif key == 'sample_nfe':
       config.sample.nfe = value

@@ -101,11 +101,11 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
                             num_res_blocks=1)
   config.precompute.update(crops_per_image=2, shard_size=10)
   crops = np.stack([input_pipeline.normalize(c) for c in precompute.crops(config)])
-  usable = len(input_pipeline.open_images(config))
+  usable = len(input_pipeline.open_images(config, 'train'))
   assert len(crops) == 2 * usable
   meta = input_pipeline.latents_metadata(_latents_config(config, out))
   assert meta['num_records'] == 2 * usable and meta['latent_shape'] == [8, 8, 4]
-  assert [s['count'] for s in meta['shards']][:-1] == [16] * (len(meta['shards']) - 1)
+  assert [s['count'] for s in meta['shards']][:-1] == [10] * (len(meta['shards']) - 1)
 
   # The image path of the training step, on the same crops, gives the stored tensors.
   first_stage = upsampling.first_stage_from_config(config)
@@ -118,8 +118,7 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
                              atol=1e-5, rtol=1e-5)
 
   # Training from the latents runs and resumes through main.py.
-  train_flags = [*vae_flags(weights), '--config.data.source=latents', f'--config.data.path={out}',
-                 '--config.flow.upsampling_mode=identity']
+  train_flags = [*vae_flags(weights), '--config.data.source=latents', f'--config.data.path={out}']
   workdir = tmp_path / 'train'
   proc = runs.run_main(workdir, *train_flags, '--config.train.num_steps=2')
   assert proc.returncode == 0, proc.stderr[-3000:]

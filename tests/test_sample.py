@@ -6,6 +6,7 @@ random-weight autoencoder with factor 2 (8x8 px <-> 4x4x4 latents).
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file as save_safetensors
 
 from configs import demo
-from fmboost_jax import inference, input_pipeline, metrics, sampling, train, upsampling
+from fmboost_jax import inference, input_pipeline, metrics, sampling, trained_model, upsampling
 from fmboost_jax.errors import UserError
 from tests import runs
 from tests.test_autoencoder import random_model
@@ -90,11 +91,11 @@ def test_output_is_the_sampler_applied_to_the_source_built_as_in_training(stages
   config = _sample_config(seed=11)
   inference.sample(config, stages['pixel'], [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
 
-  stage = inference.load_stage(stages['pixel'], config.sample,
-                               jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  stage = trained_model.load(stages['pixel'], config.sample,
+                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   x = np.repeat(input_pipeline.normalize(image)[None], 8, axis=0)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(11), 0), 0)
-  expected = sampling.boost(train.velocity_fn(stage.graphdef, stage.params),
+  expected = sampling.boost(stage.velocity(),
                             upsampling.IdentityFirstStage(), x, (16, 16), key, stage.config.flow,
                             config.sample)
   expected = np.asarray(metrics.to_uint8(expected[0]))
@@ -155,7 +156,8 @@ def test_latent_stage_takes_unscaled_latents_and_images(stages, tmp_path):
 
 @pytest.mark.parametrize('case, match', [
     ('no_checkpoint', 'holds no checkpoint'),
-    ('no_config', 'holds no config.json'),
+    ('weights_gone', 'was trained with the first-stage weights .*gone.safetensors, which no longer '
+     'exist there; pass the same autoencoder with --config.first_stage.weights=PATH'),
     ('empty_folder', 'holds no images'),
     ('missing_input', 'does not exist'),
     ('unreadable_only', 'none of the 1 input files could be read'),
@@ -167,12 +169,14 @@ def test_bad_input_is_one_clear_error(stages, tmp_path, case, match):
   workdir, inputs, config = stages['pixel'], [str(tmp_path / 'x.png')], _sample_config()
   _write_png(tmp_path / 'x.png', 8, 8, 0)
   if case == 'no_checkpoint':
-    os.makedirs(tmp_path / 'w')
-    with open(tmp_path / 'w' / 'config.json', 'w') as f:
-      f.write(demo.get_config('tiny').to_json())
-    workdir = str(tmp_path / 'w')
-  elif case == 'no_config':
     workdir = str(tmp_path)
+  elif case == 'weights_gone':  # The latent stage, moved away from its autoencoder file.
+    shutil.copytree(stages['latent'], tmp_path / 'moved')
+    workdir = str(tmp_path / 'moved')
+    config_file = tmp_path / 'moved' / 'checkpoints' / '2' / 'config' / 'metadata'
+    recorded = json.loads(config_file.read_text())
+    recorded['first_stage']['weights'] = str(tmp_path / 'gone.safetensors')
+    config_file.write_text(json.dumps(recorded))
   elif case == 'empty_folder':
     os.makedirs(tmp_path / 'empty')
     inputs = [str(tmp_path / 'empty')]
@@ -196,14 +200,15 @@ def test_command_line_error_is_one_line_and_exit_code_1(tmp_path):
   proc = runs.run_main(tmp_path, '--inputs=x.png', mode='sample', timeout=120)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      f'error: {tmp_path} holds no config.json; point --workdir (or a stage of '
-      'config.sample.stages) at the workdir of a --mode=train run.')
+      f'error: {tmp_path} holds no checkpoint (nothing in {tmp_path}/checkpoints); point '
+      '--workdir (or a stage of config.sample.stages) at the workdir of a --mode=train run, or '
+      f'train it first with --mode=train --workdir={tmp_path}.')
 
 
 def test_params_restored_for_sampling_are_the_checkpoints_ema_weights(stages):
   config = _sample_config()
-  stage = inference.load_stage(stages['pixel'], config.sample,
-                               jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  stage = trained_model.load(stages['pixel'], config.sample,
+                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   unquoted = lambda tree: {k.replace("'", ''): v for k, v in runs.flat(tree).items()}  # noqa: E731
   saved = unquoted(runs.restore_state(stages['pixel'], 2)['ema_params'])
   restored = unquoted(stage.params)

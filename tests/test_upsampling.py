@@ -73,8 +73,5 @@ def test_latent_space_modes_resize_the_encoded_low_res_input():
   for mode, method in (('bilinear', 'linear'), ('nearest', 'nearest')):
     np.testing.assert_allclose(upsampling.upsample(fs, mode, (8, 8), low_res_images=lr_pixels),
                                upsampling.resize(z, (8, 8), method), atol=1e-6)
-  np.testing.assert_array_equal(upsampling.upsample(fs, 'identity', (4, 4), low_res_latents=z), z)
-  with pytest.raises(ValueError, match='identity upsampling needs inputs of size'):
-    upsampling.upsample(fs, 'identity', (8, 8), low_res_latents=z)
   with pytest.raises(ValueError, match='unknown'):
     upsampling.upsample(fs, 'bicubic', (8, 8), low_res_latents=z)

@@ -1,0 +1,707 @@
+"""Throughput of the training input pipeline on the CPU: precomputed latents, storage formats, JPEGs.
+
+What is measured, all on synthetic data written to a temporary folder first (deleted at the end):
+
+  1. Precomputed latents (config.data.source='latents'): N records {'x1', 'x_up'}, each float32
+     [128, 128, 4] (256 KiB per array, 512 KiB per record), written as memory-mapped .npy shards
+     with the metadata.json that `--mode=precompute` writes (`write_latents`). The files are read
+     once before timing, so every row reads from a warm page cache (no disk I/O). Samples/s of
+     `input_pipeline.create_train_iterator(config)` (configs/default.py with source='latents',
+     batch_size 64) for several config.data.num_threads, after a few warm-up batches, over batches
+     for about --seconds each. Worker processes: the same pipeline (`create_train_dataset` with
+     num_threads=0) under `IterDataset.mp_prefetch(MultiprocessingOptions(num_workers=k))`; its
+     workers are spawned and receive the pipeline pickled, so the memory-mapped shards are pickled
+     as file references here (the default would copy every shard into every worker: the JSON
+     records how many MiB that pickle would be).
+  2. Storage format: random-order single-record reads of the same records through a grain
+     MapDataset (source -> shuffle -> map to {'x1', 'x_up'} -> to_iter_dataset(ReadOptions)),
+     records/s, from the .npy shards (the pipeline's `_LatentRecords`) and from ArrayRecord files
+     (`array_record` package, written with 'group_size:1,uncompressed', one record = the raw bytes of
+     x1 then x_up, read back with np.frombuffer through grain.sources.ArrayRecordDataSource). Both
+     warm in the page cache.
+  3. JPEGs (config.data.source='folder'): M 1024 x 1024 JPEGs (quality 90) made from the
+     scikit-image photographs (square crops, resized with PIL, with mild Gaussian noise so that the
+     files have the size of real photographs), batch 8 of 1024 px crops, images/s of
+     `create_train_iterator` for several num_threads. If the folder source refuses the images (the
+     size rule of the held-out strips wants 2048 x 1024), the same work (decode_image_file, random
+     1024 crop, random flip, normalize, batch) runs through a grain MapDataset with the same
+     ReadOptions instead, and the rows say so. Images/s per core divide by the cores the row can
+     use: max(1, num_threads) capped at the usable cores (num_threads=0 decodes on the calling
+     thread). The cores one GPU needs: 150 samples/s (the UNet-base train step at 128 x 128 x 8
+     latents on one H100/H200) over the best images/s per core.
+  4. One 12000 x 12000 PNG (an upscaled photograph, compress_level 1): seconds and peak RSS of
+     `input_pipeline.decode_image_file` in a fresh process (and of reading its header alone).
+
+Usage, from the repo root (about 2 minutes; --smoke: tiny sizes, a few seconds):
+
+  .venv/bin/python benchmarks/input_pipeline.py [--json PATH] [--smoke]
+
+Run it on a quiet machine: every row is CPU-bound, and the numbers scale with free cores.
+"""
+
+import argparse
+import copyreg
+import gc
+import io
+import json
+import mmap
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from common import REPO, machine  # noqa: F401  (REPO puts the repo on sys.path)
+
+TRAIN_STEP_SAMPLES_PER_SECOND = 150  # UNet-base, 128x128x8 latents, one H100/H200 (the issue).
+GPUS_PER_HOST = 8
+LATENTS_TARGET = 1500  # Samples/s the precomputed latents must reach on this 2-core machine.
+SHAPE = [128, 128, 4]  # Latent of a 1024 px crop: [S/8, S/8, 4].
+
+
+def _shown_args() -> list[str]:
+  """This run's arguments without --json (a temporary file when benchmarks/run.py calls)."""
+  args, skip = [], False
+  for a in sys.argv[1:]:
+    if skip or a.startswith('--json'):
+      skip = a == '--json' and not skip
+      continue
+    args.append(a)
+  return args
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def _close(iterator, timeout: float = 60.0) -> None:
+  """Closes a grain iterator and waits until its prefetch threads have finished their work (a
+  closed thread pool lets running tasks complete), so that no row pays for the previous one."""
+  close = getattr(iterator, 'close', None)
+  if close:
+    close()
+  gc.collect()
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and any(
+      t.name.startswith('grain') for t in threading.enumerate() if t is not threading.current_thread()):
+    time.sleep(0.01)
+
+
+def time_batches(iterator, batch_size: int, warmup: int, seconds: float,
+                 min_batches: int = 3) -> dict:
+  """Samples/s of `next(iterator)` after `warmup` batches, over at least `seconds`."""
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    next(iterator)
+  start = time.perf_counter()
+  n = 0
+  while n < min_batches or time.perf_counter() - start < seconds:
+    next(iterator)
+    n += 1
+  elapsed = time.perf_counter() - start
+  return {'samples_per_second': n * batch_size / elapsed, 'batches': n,
+          'seconds': elapsed, 'warmup_seconds': start - t0}
+
+
+# ----------------------------------------------------------------------------- synthetic latents
+
+
+def latents_metadata_dict(config, shards: list[dict], latent_shape: list[int]) -> dict:
+  """The metadata.json `fmboost_jax/precompute.py` writes, for records made with `config`."""
+  return {
+      'num_records': sum(s['count'] for s in shards),
+      'shards': shards,
+      'latent_shape': list(latent_shape),
+      'high_res_size': config.data.high_res_size,
+      'low_res_size': config.data.low_res_size,
+      'upsampling_mode': config.flow.upsampling_mode,
+      'first_stage': {k: config.first_stage[k] for k in config.first_stage},
+      'source': {k: config.data[k] for k in ('source', 'path', 'tfds_name', 'tfds_split')},
+      'crops_per_image': config.precompute.crops_per_image,
+      'seed': config.seed,
+  }
+
+
+def write_latents(path: str, config, num_records: int, shape: list[int], shard_size: int) -> dict:
+  """Writes random latent records as .npy shards x1-NNNNN.npy / x_up-NNNNN.npy + metadata.json."""
+  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(0)
+  shards = []
+  for start in range(0, num_records, shard_size):
+    count = min(shard_size, num_records - start)
+    name = f'{len(shards):05d}'
+    for key in ('x1', 'x_up'):
+      out = np.lib.format.open_memmap(os.path.join(path, f'{key}-{name}.npy'), mode='w+',
+                                      dtype=np.float32, shape=(count, *shape))
+      for i in range(0, count, 256):
+        out[i:i + 256] = rng.standard_normal((min(256, count - i), *shape), dtype=np.float32)
+      out.flush()
+      del out
+    shards.append({'x1': f'x1-{name}.npy', 'x_up': f'x_up-{name}.npy', 'count': count})
+  meta = latents_metadata_dict(config, shards, shape)
+  with open(os.path.join(path, input_pipeline.LATENTS_METADATA), 'w') as f:
+    json.dump(meta, f, indent=2, default=list)
+  size = config.data.high_res_size
+  np.save(os.path.join(path, input_pipeline.LATENTS_VALIDATION),
+          np.zeros((1, size, size, 3), np.float32))
+  return meta
+
+
+def warm_page_cache(paths: list[str]) -> float:
+  """Reads every file once (so that timed reads hit the page cache); returns the MiB read."""
+  total = 0
+  for path in paths:
+    with open(path, 'rb') as f:
+      while chunk := f.read(64 << 20):
+        total += len(chunk)
+  return total / 2**20
+
+
+def latents_config(path: str, batch_size: int, num_threads: int, upsampling_mode: str):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.data.source = 'latents'
+  config.data.path = path
+  config.data.batch_size = batch_size
+  config.data.num_threads = num_threads
+  config.flow.upsampling_mode = upsampling_mode
+  return config
+
+
+def _reduce_memmap(array):
+  """Pickles a memory-mapped .npy file as a reference to the file (reopened read-only where it
+  is unpickled) instead of by value; views and other arrays pickle as usual."""
+  if isinstance(array.base, mmap.mmap) and array.filename and array.mode in ('r', 'c'):
+    return np.memmap, (array.filename, array.dtype, array.mode, array.offset, array.shape,
+                       'F' if array.flags.f_contiguous and not array.flags.c_contiguous else 'C')
+  return np.asarray(array).__reduce__()
+
+
+class _CountingWriter(io.RawIOBase):
+  def __init__(self):
+    super().__init__()
+    self.size = 0
+
+  def writable(self):
+    return True
+
+  def write(self, b):
+    self.size += memoryview(b).nbytes
+    return memoryview(b).nbytes
+
+
+def pickled_mib(obj) -> float:
+  """Size of cloudpickle.dumps(obj) (as grain's mp_prefetch sends it to each worker), streamed."""
+  import cloudpickle  # pylint: disable=import-outside-toplevel
+  writer = _CountingWriter()
+  cloudpickle.dump(obj, writer)
+  return writer.size / 2**20
+
+
+def bench_latents(args, path: str, meta: dict) -> dict:
+  """Rows of create_train_iterator over num_threads, and of mp_prefetch over worker counts."""
+  import grain  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  cores = _cores()
+  # The metadata's upsampling mode first (as written by precompute); if the config check refuses
+  # it, the mode training from latents uses.
+  modes = [meta['upsampling_mode'], 'identity']
+  rows, notes = [], []
+  for threads in args.threads:
+    while True:
+      config = latents_config(path, args.batch_size, threads, modes[0])
+      try:
+        iterator = input_pipeline.create_train_iterator(config)
+        break
+      except input_pipeline.DataError as e:
+        if 'upsampling_mode' not in str(e) or len(modes) == 1:
+          raise
+        notes.append(f'flow.upsampling_mode={modes[0]!r} refused ({e}); using {modes[1]!r}.')
+        print(notes[-1], flush=True)
+        modes.pop(0)
+    r = time_batches(iterator, args.batch_size, args.warmup, args.seconds)
+    _close(iterator)
+    used = min(max(threads, 1), cores)
+    rows.append({'pipeline': 'create_train_iterator', 'num_threads': threads, 'num_workers': 0,
+                 'cores_used': used, 'samples_per_core': r['samples_per_second'] / used, **r})
+    print(f"latents, num_threads={threads}: {r['samples_per_second']:.0f} samples/s "
+          f"({r['batches']} batches in {r['seconds']:.1f} s)", flush=True)
+
+  # Worker processes over the same pipeline, prepared in the workers without threads. grain reads
+  # absl flags when it starts them (main.py parses them with absl.app.run).
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  config = latents_config(path, args.batch_size, 0, modes[0])
+  dataset = input_pipeline.create_train_dataset(config)
+  default_pickle = pickled_mib(dataset)
+  copyreg.pickle(np.memmap, _reduce_memmap)
+  try:
+    by_reference = pickled_mib(dataset)
+    for workers in args.workers:
+      try:
+        iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+        r = time_batches(iterator, args.batch_size, max(args.warmup, 2 * workers), args.seconds)
+        _close(iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        notes.append(f'mp_prefetch with {workers} workers failed: {type(e).__name__}: {e}')
+        print(notes[-1], flush=True)
+        continue
+      used = min(workers + 1, cores)  # The workers, and the main process that unpickles batches.
+      rows.append({'pipeline': 'mp_prefetch', 'num_threads': 0, 'num_workers': workers,
+                   'cores_used': used, 'samples_per_core': r['samples_per_second'] / used, **r})
+      print(f"latents, mp_prefetch num_workers={workers}: {r['samples_per_second']:.0f} "
+            f"samples/s ({r['batches']} batches in {r['seconds']:.1f} s)", flush=True)
+  finally:
+    copyreg.dispatch_table.pop(np.memmap, None)
+  return {'rows': rows, 'notes': notes, 'upsampling_mode': modes[0],
+          'default_pickle_mib': default_pickle, 'by_reference_pickle_mib': by_reference}
+
+
+# ----------------------------------------------------------------------------- storage formats
+
+
+def array_record_version() -> str | None:
+  try:
+    import array_record  # pylint: disable=import-outside-toplevel,unused-import # noqa: F401
+  except ImportError:
+    return None
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.metadata.version('array_record')
+  except importlib.metadata.PackageNotFoundError:
+    return '?'
+
+
+def write_array_record(path: str, latents_path: str, meta: dict) -> list[str]:
+  """The same records as ArrayRecord files (one per .npy shard): raw bytes of x1 then x_up."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  files = []
+  for shard in meta['shards']:
+    x1 = np.load(os.path.join(latents_path, shard['x1']), mmap_mode='r')
+    x_up = np.load(os.path.join(latents_path, shard['x_up']), mmap_mode='r')
+    name = os.path.join(path, shard['x1'].replace('x1-', 'latents-').replace('.npy',
+                                                                             '.array_record'))
+    writer = array_record_module.ArrayRecordWriter(name, 'group_size:1,uncompressed')
+    for a, b in zip(x1, x_up):
+      writer.write(a.tobytes() + b.tobytes())
+    writer.close()
+    files.append(name)
+  return files
+
+
+class _NpyRecords:
+  """The .npy record reader of the pipeline (`_LatentRecords`), or an equal copy if it changed."""
+
+  def __init__(self, path: str, shards: list[dict]):
+    self._arrays = [(np.load(os.path.join(path, sh['x1']), mmap_mode='r'),
+                     np.load(os.path.join(path, sh['x_up']), mmap_mode='r')) for sh in shards]
+    self._ends = np.cumsum([len(a) for a, _ in self._arrays])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int) -> dict:
+    shard = int(np.searchsorted(self._ends, index, side='right'))
+    offset = index - (int(self._ends[shard - 1]) if shard else 0)
+    x1, x_up = self._arrays[shard]
+    return {'x1': np.array(x1[offset]), 'x_up': np.array(x_up[offset])}
+
+
+class _FromBytes:
+  """bytes of x1 then x_up -> {'x1', 'x_up'} float32 arrays of `shape` (no copy)."""
+
+  def __init__(self, shape):
+    self.shape = tuple(shape)
+
+  def __call__(self, record: bytes) -> dict:
+    array = np.frombuffer(record, np.float32).reshape(2, *self.shape)
+    return {'x1': array[0], 'x_up': array[1]}
+
+
+def time_records(dataset, seconds: float, warmup: int = 16, chunk: int = 64) -> dict:
+  iterator = iter(dataset)
+  for _ in range(warmup):
+    next(iterator)
+  start, n = time.perf_counter(), 0
+  while n < 4 * chunk or time.perf_counter() - start < seconds:
+    for _ in range(chunk):
+      next(iterator)
+    n += chunk
+  elapsed = time.perf_counter() - start
+  _close(iterator)
+  return {'records_per_second': n / elapsed, 'records': n, 'seconds': elapsed}
+
+
+def bench_storage(args, latents_path: str, meta: dict, array_record_files: list[str] | None):
+  import grain  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  try:
+    npy = input_pipeline._LatentRecords(latents_path, meta['shards'])  # pylint: disable=protected-access
+    npy_reader = 'input_pipeline._LatentRecords'
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'input_pipeline._LatentRecords unavailable ({type(e).__name__}: {e}); using a copy.')
+    npy, npy_reader = _NpyRecords(latents_path, meta['shards']), 'a copy of _LatentRecords'
+  sources = [('npy (mmap)', grain.MapDataset.source(npy))]
+  if array_record_files:
+    source = grain.sources.ArrayRecordDataSource(array_record_files)
+    sources.append(('array_record', grain.MapDataset.source(source).map(
+        _FromBytes(meta['latent_shape']))))
+  rows = []
+  for name, dataset in sources:
+    dataset = dataset.shuffle(seed=0).repeat(None)
+    for threads in args.storage_threads:
+      buffered = max(threads, 64)
+      r = time_records(dataset.to_iter_dataset(grain.ReadOptions(
+          num_threads=threads, prefetch_buffer_size=buffered)), args.storage_seconds)
+      r.update(format=name, num_threads=threads, mib_per_second=r['records_per_second'] *
+               2 * int(np.prod(meta['latent_shape'])) * 4 / 2**20)
+      rows.append(r)
+      print(f"{name}, num_threads={threads}: {r['records_per_second']:.0f} records/s", flush=True)
+  return {'rows': rows, 'npy_reader': npy_reader}
+
+
+# ----------------------------------------------------------------------------- JPEGs
+
+
+def write_jpegs(path: str, count: int, size: int, noise: float) -> dict:
+  """COUNT size x size JPEGs (quality 90) from the bundled photographs: square crops at a few
+  offsets, flipped every other round, resized (bicubic), plus Gaussian noise of `noise` levels."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  photos = input_pipeline.load_skimage_photos()
+  rng = np.random.default_rng(0)
+  nbytes = []
+  for i in range(count):
+    name, image = photos[i % len(photos)]
+    k = i // len(photos)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = [(d * (k % 3)) // 2 for d in (h - side, w - side)]
+    crop = image[top:top + side, left:left + side]
+    if k % 2:
+      crop = crop[:, ::-1]
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
+        (size, size), Image.Resampling.BICUBIC), np.float32)
+    if noise:
+      out = out + rng.normal(0, noise, out.shape).astype(np.float32)
+    file = os.path.join(path, f'{i:03d}-{name}.jpg')
+    Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8)).save(file, quality=90)
+    nbytes.append(os.path.getsize(file))
+  return {'count': count, 'size': size, 'mean_kib': float(np.mean(nbytes)) / 1024,
+          'noise': noise}
+
+
+class _DecodeCropFlip:
+  """decode_image_file + random size x size crop + random horizontal flip + normalize."""
+
+  def __init__(self, paths: list[str], size: int):
+    self.paths, self.size = paths, size
+
+  def __call__(self, index: int, rng: np.random.Generator) -> dict:
+    from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    image = input_pipeline.decode_image_file(self.paths[index % len(self.paths)])
+    s, (h, w) = self.size, image.shape[:2]
+    top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+    crop = image[top:top + s, left:left + s]
+    if rng.random() < 0.5:
+      crop = crop[:, ::-1]
+    return {'image': input_pipeline.normalize(crop)}
+
+
+def folder_config(path: str, size: int, batch_size: int, num_threads: int):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.data.source = 'folder'
+  config.data.path = path
+  config.data.high_res_size = size
+  config.data.low_res_size = size // 2
+  config.data.batch_size = batch_size
+  config.data.num_threads = num_threads
+  return config
+
+
+def bench_jpegs(args, path: str) -> dict:
+  import grain  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  cores, rows, note, via = _cores(), [], '', 'create_train_iterator'
+  paths = sorted(os.path.join(path, f) for f in os.listdir(path))
+  t0 = time.perf_counter()
+  try:
+    iterator = input_pipeline.create_train_iterator(
+        folder_config(path, args.jpeg_size, args.jpeg_batch_size, args.jpeg_threads[0]))
+    _close(iterator)
+  except input_pipeline.DataError as e:
+    via = 'direct'
+    note = (f'create_train_iterator refused the {args.jpeg_size} px folder ({e}); timing the same '
+            'work (decode_image_file, random crop, random flip, normalize, batch) through a grain '
+            'MapDataset with the same ReadOptions instead.')
+    print(note, flush=True)
+  startup = time.perf_counter() - t0  # The folder scan (decodes every file once), when it ran.
+  for threads in args.jpeg_threads:
+    buffered = max(threads, 32 // args.jpeg_batch_size)  # As the pipeline buffers (default 32).
+    if via == 'create_train_iterator':
+      iterator = input_pipeline.create_train_iterator(
+          folder_config(path, args.jpeg_size, args.jpeg_batch_size, threads))
+    else:
+      dataset = (grain.MapDataset.range(len(paths)).shuffle(seed=0).repeat(None)
+                 .random_map(_DecodeCropFlip(paths, args.jpeg_size), seed=1)
+                 .batch(args.jpeg_batch_size, drop_remainder=True))
+      iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
+          num_threads=threads, prefetch_buffer_size=buffered)))
+    r = time_batches(iterator, args.jpeg_batch_size, args.jpeg_warmup, args.jpeg_seconds)
+    _close(iterator)
+    used = min(max(threads, 1), cores)
+    rows.append({'num_threads': threads, 'cores_used': used, 'images_per_second':
+                 r.pop('samples_per_second'), **r})
+    rows[-1]['images_per_core'] = rows[-1]['images_per_second'] / used
+    print(f"jpeg, num_threads={threads}: {rows[-1]['images_per_second']:.1f} images/s, "
+          f"{rows[-1]['images_per_core']:.1f} per core", flush=True)
+  best = max(r['images_per_core'] for r in rows)
+  return {'rows': rows, 'via': via, 'note': note, 'startup_seconds': startup,
+          'best_images_per_core': best,
+          'cores_per_gpu': TRAIN_STEP_SAMPLES_PER_SECOND / best}
+
+
+# ----------------------------------------------------------------------------- a huge image
+
+_DECODE = r'''
+import json, resource, sys, time, warnings
+from PIL import Image
+from fmboost_jax import input_pipeline
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+path = sys.argv[1]
+t0 = time.perf_counter()
+with Image.open(path) as img:
+  header = img.size
+header_seconds = time.perf_counter() - t0
+before = rss()
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  t0 = time.perf_counter()
+  image = input_pipeline.decode_image_file(path)
+  seconds = time.perf_counter() - t0
+print(json.dumps({'shape': list(image.shape), 'seconds': seconds, 'header_seconds': header_seconds,
+                  'rss_before_mib': before, 'peak_rss_mib': rss(), 'array_mib': image.nbytes / 2**20,
+                  'warnings': sorted({type(w.message).__name__ for w in caught})}))
+'''
+
+
+def bench_huge_png(path: str, size: int) -> dict:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  name, photo = input_pipeline.load_skimage_photos()[0]
+  t0 = time.perf_counter()
+  Image.fromarray(photo).resize((size, size), Image.Resampling.BILINEAR).save(
+      path, compress_level=1)
+  make_seconds = time.perf_counter() - t0
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, '-c', _DECODE, path], cwd=REPO, env=env,
+                        capture_output=True, text=True, check=False)
+  file_mib = os.path.getsize(path) / 2**20
+  os.remove(path)
+  if proc.returncode:
+    return {'size': size, 'error': proc.stderr.strip().splitlines()[-1]}
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  r.update(size=size, photo=name, file_mib=file_mib, make_seconds=make_seconds,
+           peak_increase_mib=r['peak_rss_mib'] - r['rss_before_mib'])
+  print(f"huge PNG {size}x{size}: decode {r['seconds']:.2f} s, peak RSS +"
+        f"{r['peak_increase_mib']:.0f} MiB", flush=True)
+  return r
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def tables(results: dict) -> str:
+  """The Markdown tables of a result (also rendered by benchmarks/run.py)."""
+  out = []
+  lat = results['latents']
+  s = lat['setup']
+  out += [f"Precomputed latents: {s['records']} records of 2 x float32 {s['shape']} "
+          f"({s['record_kib']:.0f} KiB each, {s['dataset_mib']:.0f} MiB in {s['shards']} .npy "
+          f"shards, read once before: page cache warm), batch {s['batch_size']}, target "
+          f"{LATENTS_TARGET} samples/s.", '',
+          '| pipeline | num_threads | workers | samples / s | cores used | samples / s / core |',
+          '|---|---:|---:|---:|---:|---:|']
+  for r in lat['rows']:
+    out.append(f"| `{r['pipeline']}` | {r['num_threads']} | {r['num_workers']} | "
+               f"{r['samples_per_second']:.0f} | {r['cores_used']} | "
+               f"{r['samples_per_core']:.0f} |")
+  out += ['', *[f'Note: {n}' for n in lat['notes']],
+          f"mp_prefetch pickles the pipeline into each worker: {lat['default_pickle_mib']:.1f} "
+          f"MiB by default (memory-mapped shards by value), {lat['by_reference_pickle_mib']:.2f} "
+          'MiB with the shards pickled as file references (as measured here).', '']
+  st = results.get('storage')
+  if st:
+    out += [f"Storage: random-order single-record reads through a grain MapDataset (page cache "
+            f"warm); .npy via {st['npy_reader']}; ArrayRecord "
+            f"{st.get('array_record') or 'not installed (rows missing)'}"
+            f"{'' if not st.get('array_record') else ' (' + st['array_record_note'] + ')'}.", '',
+            '| format | num_threads | records / s | MiB / s |', '|---|---:|---:|---:|']
+    for r in st['rows']:
+      out.append(f"| {r['format']} | {r['num_threads']} | {r['records_per_second']:.0f} | "
+                 f"{r['mib_per_second']:.0f} |")
+    if st.get('winner'):
+      out += ['', st['winner']]
+    out.append('')
+  jp = results['jpeg']
+  s = jp['setup']
+  out += [f"JPEGs: {s['count']} files of {s['size']}x{s['size']} px (quality 90, mean "
+          f"{s['mean_kib']:.0f} KiB), batch {s['batch_size']} of {s['size']} px crops, via "
+          f"{jp['via']}; per core = images/s / min(max(1, num_threads), {results['cores']} "
+          'usable cores).', '',
+          '| num_threads | images / s | cores used | images / s / core |',
+          '|---:|---:|---:|---:|']
+  for r in jp['rows']:
+    out.append(f"| {r['num_threads']} | {r['images_per_second']:.1f} | {r['cores_used']} | "
+               f"{r['images_per_core']:.1f} |")
+  out += ['', f"Cores per GPU for {TRAIN_STEP_SAMPLES_PER_SECOND} samples/s: "
+          f"{jp['cores_per_gpu']:.1f} (best {jp['best_images_per_core']:.1f} images/s per core); "
+          f"{GPUS_PER_HOST} GPUs: {GPUS_PER_HOST * jp['cores_per_gpu']:.0f} cores."]
+  if jp['note']:
+    out += ['', f"Note: {jp['note']}"]
+  huge = results.get('huge_png')
+  if huge:
+    out.append('')
+    if 'error' in huge:
+      out.append(f"Huge PNG {huge['size']}x{huge['size']}: decode failed: {huge['error']}")
+    else:
+      out.append(
+          f"Huge PNG {huge['size']}x{huge['size']} ({huge['file_mib']:.0f} MiB file, "
+          f"{huge['array_mib']:.0f} MiB decoded): `decode_image_file` {huge['seconds']:.2f} s, "
+          f"peak RSS +{huge['peak_increase_mib']:.0f} MiB (header alone "
+          f"{huge['header_seconds'] * 1e3:.1f} ms); warnings: "
+          f"{', '.join(huge['warnings']) or 'none'}.")
+  return '\n'.join(out) + '\n'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--records', type=int, default=4096, help='Latent records written.')
+  parser.add_argument('--shard-size', type=int, default=4096, help='Records per .npy shard.')
+  parser.add_argument('--batch-size', type=int, default=64)
+  parser.add_argument('--threads', type=int, nargs='+', default=[0, 1, 2, 4, 8],
+                      help='config.data.num_threads of the latents rows.')
+  parser.add_argument('--workers', type=int, nargs='+', default=[1, 2],
+                      help='mp_prefetch worker processes (none: --workers with no value).')
+  parser.add_argument('--seconds', type=float, default=4.0, help='Timed seconds per latents row.')
+  parser.add_argument('--warmup', type=int, default=3, help='Warm-up batches per row.')
+  parser.add_argument('--storage-threads', type=int, nargs='+', default=[0, 1, 2, 4, 8])
+  parser.add_argument('--storage-seconds', type=float, default=1.5)
+  parser.add_argument('--no-array-record', action='store_true')
+  parser.add_argument('--jpegs', type=int, default=48)
+  parser.add_argument('--jpeg-size', type=int, default=1024)
+  parser.add_argument('--jpeg-noise', type=float, default=3.0,
+                      help='Gaussian noise (levels) added so files have realistic sizes.')
+  parser.add_argument('--jpeg-batch-size', type=int, default=8)
+  parser.add_argument('--jpeg-threads', type=int, nargs='+', default=[0, 1, 2, 4])
+  parser.add_argument('--jpeg-seconds', type=float, default=5.0)
+  parser.add_argument('--jpeg-warmup', type=int, default=2)
+  parser.add_argument('--huge', type=int, default=12000, help='Huge PNG side (0: skip).')
+  parser.add_argument('--tmp', default=None, help='Where the synthetic data goes (a temp dir).')
+  parser.add_argument('--smoke', action='store_true', help='Tiny sizes, a few seconds.')
+  parser.add_argument('--json', help='Also write the results to this file.')
+  args = parser.parse_args()
+  shape = SHAPE
+  if args.smoke:
+    shape = [16, 16, 4]
+    args.records, args.shard_size, args.batch_size = 64, 32, 8
+    args.threads, args.workers, args.seconds, args.warmup = [0, 2], [1], 0.2, 1
+    args.storage_threads, args.storage_seconds = [0, 2], 0.1
+    args.jpegs, args.jpeg_size, args.jpeg_batch_size = 4, 64, 2
+    args.jpeg_threads, args.jpeg_seconds, args.jpeg_warmup, args.huge = [0, 2], 0.2, 1, 0
+
+  t_start = time.perf_counter()
+  load = os.getloadavg()
+  root = tempfile.mkdtemp(prefix='input_pipeline_bench_', dir=args.tmp)
+  record_bytes = 2 * int(np.prod(shape)) * 4
+  needed = args.records * record_bytes * (2 if not args.no_array_record else 1) + 2**30
+  free = shutil.disk_usage(root).free
+  if needed > free:
+    args.records = max(args.batch_size * 4, int((free - 2**30) // (2 * record_bytes)))
+    print(f'Only {free / 2**30:.1f} GiB free in {root}: using {args.records} records.')
+  results = {'machine': machine(), 'cores': _cores(), 'smoke': args.smoke,
+             'command': shlex.join(['.venv/bin/python', 'benchmarks/input_pipeline.py',
+                                    *_shown_args()]),
+             'loadavg_start': load}
+  try:
+    from configs import default  # pylint: disable=import-outside-toplevel
+    base = default.get_config()
+    latents = os.path.join(root, 'latents')
+    t0 = time.perf_counter()
+    meta = write_latents(latents, base, args.records, shape, args.shard_size)
+    files = [os.path.join(latents, s[k]) for s in meta['shards'] for k in ('x1', 'x_up')]
+    write_seconds = time.perf_counter() - t0
+    warm_mib = warm_page_cache(files)
+    lat = bench_latents(args, latents, meta)
+    lat['setup'] = {'records': args.records, 'shape': shape, 'record_kib': record_bytes / 1024,
+                    'dataset_mib': warm_mib, 'shards': len(meta['shards']),
+                    'batch_size': args.batch_size, 'write_seconds': write_seconds,
+                    'page_cache': 'warm (every shard read once before the rows)'}
+    best = max(lat['rows'], key=lambda r: r['samples_per_second'])
+    lat['best'] = {k: best[k] for k in ('pipeline', 'num_threads', 'num_workers',
+                                        'samples_per_second')}
+    lat['target_met'] = best['samples_per_second'] >= LATENTS_TARGET
+    results['latents'] = lat
+
+    version = None if args.no_array_record else array_record_version()
+    ar_files = None
+    if version:
+      ar_files = write_array_record(os.path.join(root, 'array_record'), latents, meta)
+      warm_page_cache(ar_files)
+    else:
+      print('array_record is not installed: no ArrayRecord rows.', flush=True)
+    st = bench_storage(args, latents, meta, ar_files)
+    st['array_record'] = version and f'array_record {version}'
+    st['array_record_note'] = ('installed as a dependency of grain and tensorflow-datasets, not '
+                               'pinned in requirements.txt; written with '
+                               "'group_size:1,uncompressed'")
+    if version:
+      best_of = {f: max(r['records_per_second'] for r in st['rows'] if r['format'] == f)
+                 for f in {r['format'] for r in st['rows']}}
+      one = {r['format']: r['records_per_second'] for r in st['rows'] if r['num_threads'] == 1}
+      win = max(best_of, key=best_of.get)
+      lose = min(best_of, key=best_of.get)
+      st['best'] = best_of
+      st['winner'] = (f'Faster: {win}, {best_of[win]:.0f} against {best_of[lose]:.0f} records/s '
+                      f'at the best thread count ({best_of[win] / best_of[lose]:.2f}x)' +
+                      (f"; one thread: npy {one['npy (mmap)']:.0f}, array_record "
+                       f"{one['array_record']:.0f}." if len(one) == 2 else '.'))
+    results['storage'] = st
+    shutil.rmtree(os.path.join(root, 'array_record'), ignore_errors=True)
+    shutil.rmtree(latents, ignore_errors=True)
+
+    jpegs = os.path.join(root, 'jpegs')
+    setup = write_jpegs(jpegs, args.jpegs, args.jpeg_size, args.jpeg_noise)
+    jp = bench_jpegs(args, jpegs)
+    jp['setup'] = {**setup, 'batch_size': args.jpeg_batch_size}
+    results['jpeg'] = jp
+
+    if args.huge:
+      if shutil.disk_usage(root).free > 4 * args.huge**2 * 3:
+        results['huge_png'] = bench_huge_png(os.path.join(root, 'huge.png'), args.huge)
+      else:
+        print('Not enough disk space for the huge PNG: skipped.')
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  results['loadavg_end'] = os.getloadavg()
+  results['minutes'] = (time.perf_counter() - t_start) / 60
+  text = tables(results)
+  print(f"\n{results['command']} ({results['minutes']:.1f} minutes)\nMachine: "
+        f"{results['machine']}; load average {load[0]:.2f} at the start.\n\n{text}")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
