@@ -1,4 +1,4 @@
-"""Throughput of the training input pipeline on the CPU: precomputed latents, storage formats, JPEGs.
+"""Throughput of the training input pipeline on the CPU: precomputed latents, storage, JPEGs.
 
 What is measured, all on synthetic data written to a temporary folder first (deleted at the end):
 
@@ -8,33 +8,37 @@ What is measured, all on synthetic data written to a temporary folder first (del
      once before timing, so every row reads from a warm page cache (no disk I/O). Samples/s of
      `input_pipeline.create_train_iterator(config)` (configs/default.py with source='latents',
      batch_size 64) for several config.data.num_threads, after a few warm-up batches, over batches
-     for about --seconds each. Worker processes: the same pipeline (`create_train_dataset` with
-     num_threads=0) under `IterDataset.mp_prefetch(MultiprocessingOptions(num_workers=k))`; its
-     workers are spawned and receive the pipeline pickled, so the memory-mapped shards are pickled
-     as file references here (the default would copy every shard into every worker: the JSON
-     records how many MiB that pickle would be).
+     for about --seconds each, and the CPU time the process (all its threads and worker
+     processes) spent meanwhile: cores busy = CPU s / wall s. Worker processes: the same pipeline
+     (`create_train_dataset` with num_threads=0) under
+     `IterDataset.mp_prefetch(MultiprocessingOptions(num_workers=k))`; its workers are spawned and
+     receive the pipeline pickled, so the memory-mapped shards are pickled as file references here
+     (by default every shard would be copied into every worker: the output says how many MiB).
   2. Storage format: random-order single-record reads of the same records through a grain
      MapDataset (source -> shuffle -> map to {'x1', 'x_up'} -> to_iter_dataset(ReadOptions)),
      records/s, from the .npy shards (the pipeline's `_LatentRecords`) and from ArrayRecord files
-     (`array_record` package, written with 'group_size:1,uncompressed', one record = the raw bytes of
-     x1 then x_up, read back with np.frombuffer through grain.sources.ArrayRecordDataSource). Both
-     warm in the page cache.
+     (`array_record` package, written with 'group_size:1,uncompressed', one record = the raw bytes
+     of x1 then x_up, read back with np.frombuffer through grain.sources.ArrayRecordDataSource).
+     Both warm in the page cache.
   3. JPEGs (config.data.source='folder'): M 1024 x 1024 JPEGs (quality 90) made from the
      scikit-image photographs (square crops, resized with PIL, with mild Gaussian noise so that the
      files have the size of real photographs), batch 8 of 1024 px crops, images/s of
      `create_train_iterator` for several num_threads. If the folder source refuses the images (the
      size rule of the held-out strips wants 2048 x 1024), the same work (decode_image_file, random
      1024 crop, random flip, normalize, batch) runs through a grain MapDataset with the same
-     ReadOptions instead, and the rows say so. Images/s per core divide by the cores the row can
-     use: max(1, num_threads) capped at the usable cores (num_threads=0 decodes on the calling
-     thread). The cores one GPU needs: 150 samples/s (the UNet-base train step at 128 x 128 x 8
-     latents on one H100/H200) over the best images/s per core.
-  4. One 12000 x 12000 PNG (an upscaled photograph, compress_level 1): seconds and peak RSS of
-     `input_pipeline.decode_image_file` in a fresh process (and of reading its header alone).
+     ReadOptions instead, and the rows say so. Images per core: images per CPU second of the
+     process (all threads; robust to other load on the machine), and, for reference, images/s over
+     the cores the threads can use, min(max(1, num_threads), usable cores) (num_threads=0 decodes
+     on the calling thread). The cores one GPU needs: 150 samples/s (the UNet-base train step at
+     128 x 128 x 8 latents on one H100/H200) over the best images per CPU second.
+  4. One 12000 x 12000 PNG (an upscaled photograph, compress_level 1; smooth, so a real photograph
+     of that size makes a larger file that decodes no faster): seconds and peak RSS (VmHWM) of
+     `input_pipeline.decode_image_file` in a fresh process, and of reading its header alone.
 
-Usage, from the repo root (about 2 minutes; --smoke: tiny sizes, a few seconds):
+Usage, from the repo root (about 2 minutes; --smoke: tiny sizes, a few seconds; --only some of
+latents storage jpeg huge):
 
-  .venv/bin/python benchmarks/input_pipeline.py [--json PATH] [--smoke]
+  .venv/bin/python benchmarks/input_pipeline.py [--json PATH] [--smoke] [--only PART ...]
 
 Run it on a quiet machine: every row is CPU-bound, and the numbers scale with free cores.
 """
@@ -45,6 +49,7 @@ import gc
 import io
 import json
 import mmap
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -56,12 +61,13 @@ import time
 
 import numpy as np
 
-from common import REPO, machine  # noqa: F401  (REPO puts the repo on sys.path)
+from common import REPO, machine  # common puts the repo on sys.path.
 
 TRAIN_STEP_SAMPLES_PER_SECOND = 150  # UNet-base, 128x128x8 latents, one H100/H200 (the issue).
 GPUS_PER_HOST = 8
 LATENTS_TARGET = 1500  # Samples/s the precomputed latents must reach on this 2-core machine.
 SHAPE = [128, 128, 4]  # Latent of a 1024 px crop: [S/8, S/8, 4].
+PARTS = ('latents', 'storage', 'jpeg', 'huge')
 
 
 def _shown_args() -> list[str]:
@@ -88,24 +94,42 @@ def _close(iterator, timeout: float = 60.0) -> None:
   gc.collect()
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline and any(
-      t.name.startswith('grain') for t in threading.enumerate() if t is not threading.current_thread()):
+      t.name.startswith('grain') and t is not threading.current_thread()
+      for t in threading.enumerate()):
     time.sleep(0.01)
+
+
+def cpu_seconds() -> float:
+  """CPU time (user + system) of this process's threads and of its live multiprocessing
+  children (grain's mp_prefetch workers)."""
+  total = time.process_time()
+  tick = os.sysconf('SC_CLK_TCK')
+  for child in multiprocessing.active_children():
+    try:
+      with open(f'/proc/{child.pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
 
 
 def time_batches(iterator, batch_size: int, warmup: int, seconds: float,
                  min_batches: int = 3) -> dict:
-  """Samples/s of `next(iterator)` after `warmup` batches, over at least `seconds`."""
+  """Samples/s of `next(iterator)` after `warmup` batches, over at least `seconds`, and the CPU
+  time spent meanwhile (all threads and worker processes): cores busy = CPU s / wall s."""
   t0 = time.perf_counter()
   for _ in range(warmup):
     next(iterator)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), cpu_seconds()
   n = 0
   while n < min_batches or time.perf_counter() - start < seconds:
     next(iterator)
     n += 1
-  elapsed = time.perf_counter() - start
-  return {'samples_per_second': n * batch_size / elapsed, 'batches': n,
-          'seconds': elapsed, 'warmup_seconds': start - t0}
+  elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+  return {'samples_per_second': n * batch_size / elapsed, 'batches': n, 'seconds': elapsed,
+          'warmup_seconds': start - t0, 'cpu_seconds': cpu, 'cores_busy': cpu / elapsed,
+          'samples_per_cpu_second': n * batch_size / max(cpu, 1e-9)}
 
 
 # ----------------------------------------------------------------------------- synthetic latents
@@ -128,10 +152,13 @@ def latents_metadata_dict(config, shards: list[dict], latent_shape: list[int]) -
 
 
 def write_latents(path: str, config, num_records: int, shape: list[int], shard_size: int) -> dict:
-  """Writes random latent records as .npy shards x1-NNNNN.npy / x_up-NNNNN.npy + metadata.json."""
+  """Writes latent records as .npy shards x1-NNNNN.npy / x_up-NNNNN.npy + metadata.json: a block
+  of 256 random records repeated (the content does not change read speed), record i starting
+  with the value i."""
   from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
-  rng = np.random.default_rng(0)
+  block = np.random.default_rng(0).standard_normal((min(256, num_records), *shape),
+                                                    dtype=np.float32)
   shards = []
   for start in range(0, num_records, shard_size):
     count = min(shard_size, num_records - start)
@@ -139,8 +166,9 @@ def write_latents(path: str, config, num_records: int, shape: list[int], shard_s
     for key in ('x1', 'x_up'):
       out = np.lib.format.open_memmap(os.path.join(path, f'{key}-{name}.npy'), mode='w+',
                                       dtype=np.float32, shape=(count, *shape))
-      for i in range(0, count, 256):
-        out[i:i + 256] = rng.standard_normal((min(256, count - i), *shape), dtype=np.float32)
+      for i in range(0, count, len(block)):
+        out[i:i + len(block)] = block[:count - i]
+      out.reshape(count, -1)[:, 0] = np.arange(start, start + count)
       out.flush()
       del out
     shards.append({'x1': f'x1-{name}.npy', 'x_up': f'x_up-{name}.npy', 'count': count})
@@ -208,7 +236,6 @@ def bench_latents(args, path: str, meta: dict) -> dict:
   """Rows of create_train_iterator over num_threads, and of mp_prefetch over worker counts."""
   import grain  # pylint: disable=import-outside-toplevel
   from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  cores = _cores()
   # The metadata's upsampling mode first (as written by precompute); if the config check refuses
   # it, the mode training from latents uses.
   modes = [meta['upsampling_mode'], 'identity']
@@ -227,11 +254,11 @@ def bench_latents(args, path: str, meta: dict) -> dict:
         modes.pop(0)
     r = time_batches(iterator, args.batch_size, args.warmup, args.seconds)
     _close(iterator)
-    used = min(max(threads, 1), cores)
     rows.append({'pipeline': 'create_train_iterator', 'num_threads': threads, 'num_workers': 0,
-                 'cores_used': used, 'samples_per_core': r['samples_per_second'] / used, **r})
+                 **r})
     print(f"latents, num_threads={threads}: {r['samples_per_second']:.0f} samples/s "
-          f"({r['batches']} batches in {r['seconds']:.1f} s)", flush=True)
+          f"({r['batches']} batches in {r['seconds']:.1f} s, {r['cores_busy']:.2f} cores busy)",
+          flush=True)
 
   # Worker processes over the same pipeline, prepared in the workers without threads. grain reads
   # absl flags when it starts them (main.py parses them with absl.app.run).
@@ -253,11 +280,10 @@ def bench_latents(args, path: str, meta: dict) -> dict:
         notes.append(f'mp_prefetch with {workers} workers failed: {type(e).__name__}: {e}')
         print(notes[-1], flush=True)
         continue
-      used = min(workers + 1, cores)  # The workers, and the main process that unpickles batches.
-      rows.append({'pipeline': 'mp_prefetch', 'num_threads': 0, 'num_workers': workers,
-                   'cores_used': used, 'samples_per_core': r['samples_per_second'] / used, **r})
+      rows.append({'pipeline': 'mp_prefetch', 'num_threads': 0, 'num_workers': workers, **r})
       print(f"latents, mp_prefetch num_workers={workers}: {r['samples_per_second']:.0f} "
-            f"samples/s ({r['batches']} batches in {r['seconds']:.1f} s)", flush=True)
+            f"samples/s ({r['batches']} batches in {r['seconds']:.1f} s, {r['cores_busy']:.2f} "
+            'cores busy)', flush=True)
   finally:
     copyreg.dispatch_table.pop(np.memmap, None)
   return {'rows': rows, 'notes': notes, 'upsampling_mode': modes[0],
@@ -344,7 +370,8 @@ def bench_storage(args, latents_path: str, meta: dict, array_record_files: list[
   import grain  # pylint: disable=import-outside-toplevel
   from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   try:
-    npy = input_pipeline._LatentRecords(latents_path, meta['shards'])  # pylint: disable=protected-access
+    records = input_pipeline._LatentRecords  # pylint: disable=protected-access
+    npy = records(latents_path, meta['shards'])
     npy_reader = 'input_pipeline._LatentRecords'
   except Exception as e:  # pylint: disable=broad-except
     print(f'input_pipeline._LatentRecords unavailable ({type(e).__name__}: {e}); using a copy.')
@@ -459,13 +486,15 @@ def bench_jpegs(args, path: str) -> dict:
           num_threads=threads, prefetch_buffer_size=buffered)))
     r = time_batches(iterator, args.jpeg_batch_size, args.jpeg_warmup, args.jpeg_seconds)
     _close(iterator)
-    used = min(max(threads, 1), cores)
-    rows.append({'num_threads': threads, 'cores_used': used, 'images_per_second':
-                 r.pop('samples_per_second'), **r})
-    rows[-1]['images_per_core'] = rows[-1]['images_per_second'] / used
+    threads_cores = min(max(threads, 1), cores)
+    rows.append({'num_threads': threads, 'images_per_second': r.pop('samples_per_second'),
+                 'images_per_cpu_second': r.pop('samples_per_cpu_second'),
+                 'threads_cores': threads_cores, **r})
+    rows[-1]['images_per_threads_core'] = rows[-1]['images_per_second'] / threads_cores
     print(f"jpeg, num_threads={threads}: {rows[-1]['images_per_second']:.1f} images/s, "
-          f"{rows[-1]['images_per_core']:.1f} per core", flush=True)
-  best = max(r['images_per_core'] for r in rows)
+          f"{rows[-1]['images_per_cpu_second']:.1f} per CPU second ({r['cores_busy']:.2f} cores "
+          'busy)', flush=True)
+  best = max(r['images_per_cpu_second'] for r in rows)
   return {'rows': rows, 'via': via, 'note': note, 'startup_seconds': startup,
           'best_images_per_core': best,
           'cores_per_gpu': TRAIN_STEP_SAMPLES_PER_SECOND / best}
@@ -474,10 +503,12 @@ def bench_jpegs(args, path: str) -> dict:
 # ----------------------------------------------------------------------------- a huge image
 
 _DECODE = r'''
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 from PIL import Image
 from fmboost_jax import input_pipeline
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():  # Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's).
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
 path = sys.argv[1]
 t0 = time.perf_counter()
 with Image.open(path) as img:
@@ -490,7 +521,8 @@ with warnings.catch_warnings(record=True) as caught:
   image = input_pipeline.decode_image_file(path)
   seconds = time.perf_counter() - t0
 print(json.dumps({'shape': list(image.shape), 'seconds': seconds, 'header_seconds': header_seconds,
-                  'rss_before_mib': before, 'peak_rss_mib': rss(), 'array_mib': image.nbytes / 2**20,
+                  'rss_before_mib': before, 'peak_rss_mib': rss(),
+                  'array_mib': image.nbytes / 2**20,
                   'warnings': sorted({type(w.message).__name__ for w in caught})}))
 '''
 
@@ -522,29 +554,35 @@ def bench_huge_png(path: str, size: int) -> dict:
 
 
 def tables(results: dict) -> str:
-  """The Markdown tables of a result (also rendered by benchmarks/run.py)."""
+  """The Markdown tables of a result (benchmarks/run.py renders the same from the JSON)."""
   out = []
-  lat = results['latents']
-  s = lat['setup']
-  out += [f"Precomputed latents: {s['records']} records of 2 x float32 {s['shape']} "
-          f"({s['record_kib']:.0f} KiB each, {s['dataset_mib']:.0f} MiB in {s['shards']} .npy "
-          f"shards, read once before: page cache warm), batch {s['batch_size']}, target "
-          f"{LATENTS_TARGET} samples/s.", '',
-          '| pipeline | num_threads | workers | samples / s | cores used | samples / s / core |',
-          '|---|---:|---:|---:|---:|---:|']
-  for r in lat['rows']:
-    out.append(f"| `{r['pipeline']}` | {r['num_threads']} | {r['num_workers']} | "
-               f"{r['samples_per_second']:.0f} | {r['cores_used']} | "
-               f"{r['samples_per_core']:.0f} |")
-  out += ['', *[f'Note: {n}' for n in lat['notes']],
-          f"mp_prefetch pickles the pipeline into each worker: {lat['default_pickle_mib']:.1f} "
-          f"MiB by default (memory-mapped shards by value), {lat['by_reference_pickle_mib']:.2f} "
-          'MiB with the shards pickled as file references (as measured here).', '']
+  lat = results.get('latents')
+  if lat:
+    s = lat['setup']
+    out += [f"Precomputed latents: {s['records']} records of 2 x float32 {s['shape']} "
+            f"({s['record_kib']:.0f} KiB each, {s['dataset_mib']:.0f} MiB in {s['shards']} .npy "
+            f"shard(s), read once before: page cache warm), batch {s['batch_size']}, target "
+            f"{LATENTS_TARGET} samples/s. Cores busy: CPU seconds of the process and its workers "
+            'over wall seconds.', '',
+            '| pipeline | num_threads | workers | samples / s | cores busy | samples / CPU s |',
+            '|---|---:|---:|---:|---:|---:|']
+    for r in lat['rows']:
+      out.append(f"| `{r['pipeline']}` | {r['num_threads']} | {r['num_workers']} | "
+                 f"{r['samples_per_second']:.0f} | {r['cores_busy']:.2f} | "
+                 f"{r['samples_per_cpu_second']:.0f} |")
+    b = lat['best']
+    out += ['', *[f'Note: {n}' for n in lat['notes']],
+            f"Best: {b['samples_per_second']:.0f} samples/s ({b['pipeline']}, num_threads="
+            f"{b['num_threads']}, workers {b['num_workers']}): target of {LATENTS_TARGET} "
+            f"{'met' if lat['target_met'] else 'missed'}. mp_prefetch pickles the pipeline into "
+            f"each worker: {lat['default_pickle_mib']:.1f} MiB by default (the memory-mapped "
+            f"shards by value), {lat['by_reference_pickle_mib']:.2f} MiB with the shards pickled "
+            'as file references (as in these rows).', '']
   st = results.get('storage')
   if st:
-    out += [f"Storage: random-order single-record reads through a grain MapDataset (page cache "
-            f"warm); .npy via {st['npy_reader']}; ArrayRecord "
-            f"{st.get('array_record') or 'not installed (rows missing)'}"
+    out += ['Storage: random-order single-record reads through a grain MapDataset (page cache '
+            f"warm); .npy via {st['npy_reader']}; ArrayRecord: "
+            f"{st.get('array_record') or 'not installed (no rows)'}"
             f"{'' if not st.get('array_record') else ' (' + st['array_record_note'] + ')'}.", '',
             '| format | num_threads | records / s | MiB / s |', '|---|---:|---:|---:|']
     for r in st['rows']:
@@ -553,35 +591,37 @@ def tables(results: dict) -> str:
     if st.get('winner'):
       out += ['', st['winner']]
     out.append('')
-  jp = results['jpeg']
-  s = jp['setup']
-  out += [f"JPEGs: {s['count']} files of {s['size']}x{s['size']} px (quality 90, mean "
-          f"{s['mean_kib']:.0f} KiB), batch {s['batch_size']} of {s['size']} px crops, via "
-          f"{jp['via']}; per core = images/s / min(max(1, num_threads), {results['cores']} "
-          'usable cores).', '',
-          '| num_threads | images / s | cores used | images / s / core |',
-          '|---:|---:|---:|---:|']
-  for r in jp['rows']:
-    out.append(f"| {r['num_threads']} | {r['images_per_second']:.1f} | {r['cores_used']} | "
-               f"{r['images_per_core']:.1f} |")
-  out += ['', f"Cores per GPU for {TRAIN_STEP_SAMPLES_PER_SECOND} samples/s: "
-          f"{jp['cores_per_gpu']:.1f} (best {jp['best_images_per_core']:.1f} images/s per core); "
-          f"{GPUS_PER_HOST} GPUs: {GPUS_PER_HOST * jp['cores_per_gpu']:.0f} cores."]
-  if jp['note']:
-    out += ['', f"Note: {jp['note']}"]
+  jp = results.get('jpeg')
+  if jp:
+    s = jp['setup']
+    out += [f"JPEGs: {s['count']} files of {s['size']}x{s['size']} px (quality 90, mean "
+            f"{s['mean_kib']:.0f} KiB), batch {s['batch_size']} of {s['size']} px crops, via "
+            f"`{jp['via']}`. Images / CPU s: images over the CPU seconds the process spent (all "
+            'threads); images / thread core: images/s over min(max(1, num_threads), '
+            f"{results['cores']} usable cores).", '',
+            '| num_threads | images / s | cores busy | images / CPU s | images / s / thread core |',
+            '|---:|---:|---:|---:|---:|']
+    for r in jp['rows']:
+      out.append(f"| {r['num_threads']} | {r['images_per_second']:.1f} | {r['cores_busy']:.2f} "
+                 f"| {r['images_per_cpu_second']:.1f} | {r['images_per_threads_core']:.1f} |")
+    out += ['', f"Cores per GPU for {TRAIN_STEP_SAMPLES_PER_SECOND} samples/s: "
+            f"{jp['cores_per_gpu']:.1f} (at the best {jp['best_images_per_core']:.1f} images per "
+            f"CPU second); {GPUS_PER_HOST} GPUs: {GPUS_PER_HOST * jp['cores_per_gpu']:.0f} cores."]
+    if jp['note']:
+      out += ['', f"Note: {jp['note']}"]
+    out.append('')
   huge = results.get('huge_png')
   if huge:
-    out.append('')
     if 'error' in huge:
       out.append(f"Huge PNG {huge['size']}x{huge['size']}: decode failed: {huge['error']}")
     else:
       out.append(
           f"Huge PNG {huge['size']}x{huge['size']} ({huge['file_mib']:.0f} MiB file, "
           f"{huge['array_mib']:.0f} MiB decoded): `decode_image_file` {huge['seconds']:.2f} s, "
-          f"peak RSS +{huge['peak_increase_mib']:.0f} MiB (header alone "
+          f"peak RSS +{huge['peak_increase_mib']:.0f} MiB in a fresh process (header alone "
           f"{huge['header_seconds'] * 1e3:.1f} ms); warnings: "
           f"{', '.join(huge['warnings']) or 'none'}.")
-  return '\n'.join(out) + '\n'
+  return '\n'.join(out).rstrip() + '\n'
 
 
 def main():
@@ -591,7 +631,7 @@ def main():
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--threads', type=int, nargs='+', default=[0, 1, 2, 4, 8],
                       help='config.data.num_threads of the latents rows.')
-  parser.add_argument('--workers', type=int, nargs='+', default=[1, 2],
+  parser.add_argument('--workers', type=int, nargs='*', default=[1, 2],
                       help='mp_prefetch worker processes (none: --workers with no value).')
   parser.add_argument('--seconds', type=float, default=4.0, help='Timed seconds per latents row.')
   parser.add_argument('--warmup', type=int, default=3, help='Warm-up batches per row.')
@@ -607,6 +647,8 @@ def main():
   parser.add_argument('--jpeg-seconds', type=float, default=5.0)
   parser.add_argument('--jpeg-warmup', type=int, default=2)
   parser.add_argument('--huge', type=int, default=12000, help='Huge PNG side (0: skip).')
+  parser.add_argument('--only', nargs='+', choices=PARTS, default=list(PARTS),
+                      help='Parts to measure (default: all).')
   parser.add_argument('--tmp', default=None, help='Where the synthetic data goes (a temp dir).')
   parser.add_argument('--smoke', action='store_true', help='Tiny sizes, a few seconds.')
   parser.add_argument('--json', help='Also write the results to this file.')
@@ -624,69 +666,72 @@ def main():
   load = os.getloadavg()
   root = tempfile.mkdtemp(prefix='input_pipeline_bench_', dir=args.tmp)
   record_bytes = 2 * int(np.prod(shape)) * 4
-  needed = args.records * record_bytes * (2 if not args.no_array_record else 1) + 2**30
-  free = shutil.disk_usage(root).free
-  if needed > free:
-    args.records = max(args.batch_size * 4, int((free - 2**30) // (2 * record_bytes)))
-    print(f'Only {free / 2**30:.1f} GiB free in {root}: using {args.records} records.')
-  results = {'machine': machine(), 'cores': _cores(), 'smoke': args.smoke,
+  if {'latents', 'storage'} & set(args.only):
+    needed = args.records * record_bytes * (1 if args.no_array_record else 2) + 2**30
+    free = shutil.disk_usage(root).free
+    if needed > free:
+      args.records = max(args.batch_size * 4, int((free - 2**30) // (2 * record_bytes)))
+      print(f'Only {free / 2**30:.1f} GiB free in {root}: using {args.records} records.')
+  results = {'machine': machine(), 'cores': _cores(), 'smoke': args.smoke, 'parts': args.only,
              'command': shlex.join(['.venv/bin/python', 'benchmarks/input_pipeline.py',
                                     *_shown_args()]),
              'loadavg_start': load}
   try:
-    from configs import default  # pylint: disable=import-outside-toplevel
-    base = default.get_config()
-    latents = os.path.join(root, 'latents')
-    t0 = time.perf_counter()
-    meta = write_latents(latents, base, args.records, shape, args.shard_size)
-    files = [os.path.join(latents, s[k]) for s in meta['shards'] for k in ('x1', 'x_up')]
-    write_seconds = time.perf_counter() - t0
-    warm_mib = warm_page_cache(files)
-    lat = bench_latents(args, latents, meta)
-    lat['setup'] = {'records': args.records, 'shape': shape, 'record_kib': record_bytes / 1024,
-                    'dataset_mib': warm_mib, 'shards': len(meta['shards']),
-                    'batch_size': args.batch_size, 'write_seconds': write_seconds,
-                    'page_cache': 'warm (every shard read once before the rows)'}
-    best = max(lat['rows'], key=lambda r: r['samples_per_second'])
-    lat['best'] = {k: best[k] for k in ('pipeline', 'num_threads', 'num_workers',
-                                        'samples_per_second')}
-    lat['target_met'] = best['samples_per_second'] >= LATENTS_TARGET
-    results['latents'] = lat
+    if {'latents', 'storage'} & set(args.only):
+      from configs import default  # pylint: disable=import-outside-toplevel
+      latents = os.path.join(root, 'latents')
+      t0 = time.perf_counter()
+      meta = write_latents(latents, default.get_config(), args.records, shape, args.shard_size)
+      files = [os.path.join(latents, s[k]) for s in meta['shards'] for k in ('x1', 'x_up')]
+      write_seconds = time.perf_counter() - t0
+      warm_mib = warm_page_cache(files)
+    if 'latents' in args.only:
+      lat = bench_latents(args, latents, meta)
+      lat['setup'] = {'records': args.records, 'shape': shape, 'record_kib': record_bytes / 1024,
+                      'dataset_mib': warm_mib, 'shards': len(meta['shards']),
+                      'batch_size': args.batch_size, 'write_seconds': write_seconds,
+                      'page_cache': 'warm (every shard read once before the rows)'}
+      best = max(lat['rows'], key=lambda r: r['samples_per_second'])
+      lat['best'] = {k: best[k] for k in ('pipeline', 'num_threads', 'num_workers',
+                                          'samples_per_second')}
+      lat['target_met'] = best['samples_per_second'] >= LATENTS_TARGET
+      results['latents'] = lat
 
-    version = None if args.no_array_record else array_record_version()
-    ar_files = None
-    if version:
-      ar_files = write_array_record(os.path.join(root, 'array_record'), latents, meta)
-      warm_page_cache(ar_files)
-    else:
-      print('array_record is not installed: no ArrayRecord rows.', flush=True)
-    st = bench_storage(args, latents, meta, ar_files)
-    st['array_record'] = version and f'array_record {version}'
-    st['array_record_note'] = ('installed as a dependency of grain and tensorflow-datasets, not '
-                               'pinned in requirements.txt; written with '
-                               "'group_size:1,uncompressed'")
-    if version:
-      best_of = {f: max(r['records_per_second'] for r in st['rows'] if r['format'] == f)
-                 for f in {r['format'] for r in st['rows']}}
-      one = {r['format']: r['records_per_second'] for r in st['rows'] if r['num_threads'] == 1}
-      win = max(best_of, key=best_of.get)
-      lose = min(best_of, key=best_of.get)
-      st['best'] = best_of
-      st['winner'] = (f'Faster: {win}, {best_of[win]:.0f} against {best_of[lose]:.0f} records/s '
-                      f'at the best thread count ({best_of[win] / best_of[lose]:.2f}x)' +
-                      (f"; one thread: npy {one['npy (mmap)']:.0f}, array_record "
-                       f"{one['array_record']:.0f}." if len(one) == 2 else '.'))
-    results['storage'] = st
-    shutil.rmtree(os.path.join(root, 'array_record'), ignore_errors=True)
-    shutil.rmtree(latents, ignore_errors=True)
+    if 'storage' in args.only:
+      version = None if args.no_array_record else array_record_version()
+      ar_files = None
+      if version:
+        ar_files = write_array_record(os.path.join(root, 'array_record'), latents, meta)
+        warm_page_cache(ar_files)
+      else:
+        print('array_record is not installed: no ArrayRecord rows.', flush=True)
+      st = bench_storage(args, latents, meta, ar_files)
+      st['array_record'] = version and f'array_record {version}'
+      st['array_record_note'] = ('installed in the venv as a dependency of grain and '
+                                 'tensorflow-datasets, not pinned in requirements.txt; written '
+                                 "with 'group_size:1,uncompressed'")
+      if version:
+        best_of = {f: max(r['records_per_second'] for r in st['rows'] if r['format'] == f)
+                   for f in {r['format'] for r in st['rows']}}
+        one = {r['format']: r['records_per_second'] for r in st['rows'] if r['num_threads'] == 1}
+        win, lose = max(best_of, key=best_of.get), min(best_of, key=best_of.get)
+        st['best'] = best_of
+        st['winner'] = (f'Faster: {win}, {best_of[win]:.0f} against {best_of[lose]:.0f} '
+                        f'records/s at the best thread count ({best_of[win] / best_of[lose]:.2f}x)'
+                        + (f"; one thread: npy {one['npy (mmap)']:.0f}, array_record "
+                           f"{one['array_record']:.0f}." if len(one) == 2 else '.'))
+      results['storage'] = st
+      shutil.rmtree(os.path.join(root, 'array_record'), ignore_errors=True)
+    shutil.rmtree(os.path.join(root, 'latents'), ignore_errors=True)
 
-    jpegs = os.path.join(root, 'jpegs')
-    setup = write_jpegs(jpegs, args.jpegs, args.jpeg_size, args.jpeg_noise)
-    jp = bench_jpegs(args, jpegs)
-    jp['setup'] = {**setup, 'batch_size': args.jpeg_batch_size}
-    results['jpeg'] = jp
+    if 'jpeg' in args.only:
+      jpegs = os.path.join(root, 'jpegs')
+      setup = write_jpegs(jpegs, args.jpegs, args.jpeg_size, args.jpeg_noise)
+      jp = bench_jpegs(args, jpegs)
+      jp['setup'] = {**setup, 'batch_size': args.jpeg_batch_size}
+      results['jpeg'] = jp
 
-    if args.huge:
+    if 'huge' in args.only and args.huge:
       if shutil.disk_usage(root).free > 4 * args.huge**2 * 3:
         results['huge_png'] = bench_huge_png(os.path.join(root, 'huge.png'), args.huge)
       else:

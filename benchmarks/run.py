@@ -3,15 +3,16 @@
   .venv/bin/python benchmarks/run.py                  # everything, about 45 minutes on 2 cores
   .venv/bin/python benchmarks/run.py --only train     # some parts: train torch_reference solver
                                                       #   demo_sampling autoencoder convolution
+                                                      #   input_pipeline
 
 Each measurement runs in its own process (train_step.py, torch_unet_step.py, solver.py,
-sampling.py, autoencoder.py, convolution.py; see their docstrings), one after the other: run it on
-a quiet machine, nothing else using the cores. The text between the `benchmarks/run.py` markers in
-results.md and README.md is replaced; everything outside them (the optimisation log, the analysis)
-is left as it is. With --only, the parts not run keep the numbers of the previous run (kept in
-benchmarks/results.json); --render rewrites the tables from that file without measuring. The demo
-sampling rows need the README demo's checkpoint in --demo_workdir; without one the demo is
-trained first (about 6 minutes).
+sampling.py, autoencoder.py, convolution.py, input_pipeline.py; see their docstrings), one after
+the other: run it on a quiet machine, nothing else using the cores. The text between the
+`benchmarks/run.py` markers in results.md and README.md is replaced; everything outside them (the
+optimisation log, the analysis) is left as it is. With --only, the parts not run keep the numbers
+of the previous run (kept in benchmarks/results.json); --render rewrites the tables from that file
+without measuring. The demo sampling rows need the README demo's checkpoint in --demo_workdir;
+without one the demo is trained first (about 6 minutes).
 """
 
 import argparse
@@ -25,6 +26,7 @@ import tempfile
 import time
 
 from common import REPO, machine
+from input_pipeline import LATENTS_TARGET, tables as input_pipeline_tables
 
 BENCH = os.path.join(REPO, 'benchmarks')
 RESULTS_MD = os.path.join(BENCH, 'results.md')
@@ -57,7 +59,8 @@ SOLVER = [
 ]
 AUTOENCODER_REPEATS = 3
 AUTOENCODER = [['--sizes', size, '--repeats', str(AUTOENCODER_REPEATS)] for size in ('512', '1024')]
-PARTS = ('train', 'torch_reference', 'solver', 'demo_sampling', 'autoencoder', 'convolution')
+PARTS = ('train', 'torch_reference', 'solver', 'demo_sampling', 'autoencoder', 'convolution',
+         'input_pipeline')
 
 
 def _run(script: str, args: list[str]) -> dict | list:
@@ -98,6 +101,8 @@ def measure(parts: list[str], demo_workdir: str) -> dict:
                               for r in _run('autoencoder.py', [*args, '--tiled-size', '0'])]
   if 'convolution' in parts:
     results['convolution'] = _run('convolution.py', [])
+  if 'input_pipeline' in parts:
+    results['input_pipeline'] = _run('input_pipeline.py', [])
   return results
 
 
@@ -292,6 +297,28 @@ def render(results: dict) -> tuple[str, str]:
     full += ['### One 3×3 convolution, forward + backward (batch 2, float32)', '',
              '`benchmarks/convolution.py`; GFLOP/s count 3x the forward FLOPs.', '',
              *convolution_table(results['convolution']), '']
+  if 'input_pipeline' in results:
+    pipeline = results['input_pipeline']
+    latents, jpeg = pipeline.get('latents'), pipeline.get('jpeg')
+    if latents:
+      best = latents['best']
+      setting = (f"{best['num_workers']} worker processes" if best['num_workers'] else
+                 f"num_threads={best['num_threads']}")
+      shape = '×'.join(map(str, latents['setup']['shape']))
+      goals.append(
+          f"- Input pipeline, precomputed {shape} latents: **{best['samples_per_second']:.0f} "
+          f"samples/s** at best ({setting}, batch {latents['setup']['batch_size']}, page cache "
+          f"warm) (goal: at least "
+          f"{LATENTS_TARGET:,} on this machine: {'met' if latents['target_met'] else 'missed'})" +
+          (f"; {jpeg['setup']['size']} px JPEGs: {jpeg['best_images_per_core']:.0f} images per "
+           f"CPU second, {jpeg['cores_per_gpu']:.1f} cores per GPU at 150 samples/s."
+           if jpeg else '.'))
+    full += ['### Input pipeline (training batches on the CPU)', '',
+             '`benchmarks/input_pipeline.py`: `input_pipeline.create_train_iterator` on synthetic '
+             'precomputed latents and JPEGs, the storage formats of the latents, and one huge '
+             f"PNG (`{pipeline['command']}`, {pipeline['minutes']:.1f} minutes, load average "
+             f"{pipeline['loadavg_start'][0]:.2f} at the start).", '',
+             *input_pipeline_tables(pipeline).splitlines(), '']
   only = '' if set(results['parts']) == set(PARTS) else f" --only {' '.join(results['parts'])}"
   when = ', '.join(f'{part} {stamp}' for part, stamp in results['measured'].items())
   head = [f"Command: `.venv/bin/python benchmarks/run.py{only}` ({results['minutes']:.0f} minutes)."
