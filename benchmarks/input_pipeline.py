@@ -23,10 +23,10 @@ What is measured, all on synthetic data written to a temporary folder first (del
   3. JPEGs (config.data.source='folder'): M 1024 x 1024 JPEGs (quality 90) made from the
      scikit-image photographs (square crops, resized with PIL, with mild Gaussian noise so that the
      files have the size of real photographs), batch 8 of 1024 px crops, images/s of
-     `create_train_iterator` for several num_threads. If the folder source refuses the images (the
-     size rule of the held-out strips wants 2048 x 1024), the same work (decode_image_file, random
-     1024 crop, random flip, normalize, batch) runs through a grain MapDataset with the same
-     ReadOptions instead, and the rows say so. Images per core: images per CPU second of the
+     `create_train_iterator` for several num_threads. If the folder source refuses the images (as
+     it did while held-out strips made it want 2048 x 1024 px), the same work (decode_image_file,
+     random 1024 crop, random flip, normalize, batch) runs through a grain MapDataset with the
+     same ReadOptions instead, and the rows say so. Images per core: images per CPU second of the
      process (all threads; robust to other load on the machine), and, for reference, images/s over
      the cores the threads can use, min(max(1, num_threads), usable cores) (num_threads=0 decodes
      on the calling thread). The cores one GPU needs: 150 samples/s (the UNet-base train step at
@@ -136,7 +136,8 @@ def time_batches(iterator, batch_size: int, warmup: int, seconds: float,
 
 
 def latents_metadata_dict(config, shards: list[dict], latent_shape: list[int]) -> dict:
-  """The metadata.json `fmboost_jax/precompute.py` writes, for records made with `config`."""
+  """The metadata.json `fmboost_jax/precompute.py` writes, for records made with `config`
+  (`input_pipeline.latents_metadata` checks the sizes, upsampling mode and first stage)."""
   return {
       'num_records': sum(s['count'] for s in shards),
       'shards': shards,
@@ -145,9 +146,12 @@ def latents_metadata_dict(config, shards: list[dict], latent_shape: list[int]) -
       'low_res_size': config.data.low_res_size,
       'upsampling_mode': config.flow.upsampling_mode,
       'first_stage': {k: config.first_stage[k] for k in config.first_stage},
-      'source': {k: config.data[k] for k in ('source', 'path', 'tfds_name', 'tfds_split')},
       'crops_per_image': config.precompute.crops_per_image,
       'seed': config.seed,
+      'first_stage_weights': config.first_stage.weights,
+      'source': {k: config.data[k] for k in ('source', 'path', 'tfds_name', 'tfds_split')},
+      'num_images': sum(s['count'] for s in shards) // config.precompute.crops_per_image,
+      'num_validation_images': 1,
   }
 
 
@@ -236,22 +240,12 @@ def bench_latents(args, path: str, meta: dict) -> dict:
   """Rows of create_train_iterator over num_threads, and of mp_prefetch over worker counts."""
   import grain  # pylint: disable=import-outside-toplevel
   from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  # The metadata's upsampling mode first (as written by precompute); if the config check refuses
-  # it, the mode training from latents uses.
-  modes = [meta['upsampling_mode'], 'identity']
+  # Training from latents uses the upsampling mode they were made with (checked against metadata).
+  mode = meta['upsampling_mode']
   rows, notes = [], []
   for threads in args.threads:
-    while True:
-      config = latents_config(path, args.batch_size, threads, modes[0])
-      try:
-        iterator = input_pipeline.create_train_iterator(config)
-        break
-      except input_pipeline.DataError as e:
-        if 'upsampling_mode' not in str(e) or len(modes) == 1:
-          raise
-        notes.append(f'flow.upsampling_mode={modes[0]!r} refused ({e}); using {modes[1]!r}.')
-        print(notes[-1], flush=True)
-        modes.pop(0)
+    iterator = input_pipeline.create_train_iterator(
+        latents_config(path, args.batch_size, threads, mode))
     r = time_batches(iterator, args.batch_size, args.warmup, args.seconds)
     _close(iterator)
     rows.append({'pipeline': 'create_train_iterator', 'num_threads': threads, 'num_workers': 0,
@@ -265,7 +259,7 @@ def bench_latents(args, path: str, meta: dict) -> dict:
   from absl import flags  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  config = latents_config(path, args.batch_size, 0, modes[0])
+  config = latents_config(path, args.batch_size, 0, mode)
   dataset = input_pipeline.create_train_dataset(config)
   default_pickle = pickled_mib(dataset)
   copyreg.pickle(np.memmap, _reduce_memmap)
@@ -286,7 +280,7 @@ def bench_latents(args, path: str, meta: dict) -> dict:
             'cores busy)', flush=True)
   finally:
     copyreg.dispatch_table.pop(np.memmap, None)
-  return {'rows': rows, 'notes': notes, 'upsampling_mode': modes[0],
+  return {'rows': rows, 'notes': notes, 'upsampling_mode': mode,
           'default_pickle_mib': default_pickle, 'by_reference_pickle_mib': by_reference}
 
 

@@ -356,7 +356,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _check_compatible(stage, config)
   outdir = os.path.join(workdir, 'eval')
   ensure_writable(outdir)
-  images = input_pipeline.validation_images(config)
+  # The held-out images of --config.data, read as the first checkpoint's first stage and flow
+  # expect (precomputed latents are checked against what that checkpoint was trained with).
+  data_config = ml_collections.ConfigDict(stages[0].config.to_dict())
+  data_config.data = ml_collections.ConfigDict(config.data.to_dict())
+  images = input_pipeline.validation_images(data_config)
   evaluator = Evaluator(config, images, mesh)
   keep = min(config.eval.num_figure_images, len(images))
 

@@ -337,9 +337,12 @@ def _load_flax_checkpoint(directory: str, target: nnx.State) -> nnx.State:
   directory = os.path.abspath(directory)
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
                           nnx.to_pure_dict(target))
+  # Restored as host arrays, whatever devices saved them: in any process of any job.
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory, abstract)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args))
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'{directory} is not a converted checkpoint of this autoencoder ({_short(e)}); '
                     'convert the weights again with --mode=convert and the same '
