@@ -878,8 +878,14 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
       break
   if len(tiles) < wanted:
     where = ('along the bottom strips of' if geometry.strips else 'from')
-    more = ('add more (or wider) images' if geometry.strips else
-            'raise config.data.val_fraction or add held-out images')
+    if geometry.strips:
+      more = 'add more (or wider) images'
+    elif data.source == 'tfds':
+      more = f'choose a larger config.data.tfds_val_split than {data.tfds_val_split!r}'
+    elif data.source == 'folder' and data.val_path:
+      more = 'add images to config.data.val_path'
+    else:
+      more = 'raise config.data.val_fraction'
     raise DataError(
         f'Only {len(tiles)} validation crops of {size}x{size} px come {where} the {num_images} '
         f'usable held-out images, fewer than config.data.num_val_images={wanted}; lower '

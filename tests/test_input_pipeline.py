@@ -452,6 +452,7 @@ def test_global_batches_do_not_depend_on_the_number_of_processes(tmp_path, monke
 # tfds source: a tiny ArrayRecord dataset built offline in tmp_path and loaded by name.
 
 _TFDS_SHAPES = [(40, 32), (20, 20), (36, 16), (64, 24)]  # The second one is too small for S=16.
+_TFDS_VALIDATION_SHAPES = [(16, 20), (12, 30), (24, 16)]  # Whole images; the second is too small.
 
 
 class FmboostTestPhotos(tfds.core.GeneratorBasedBuilder):
@@ -467,10 +468,11 @@ class FmboostTestPhotos(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {'train': self._generate_examples()}
+    return {'train': self._generate_examples(_TFDS_SHAPES),
+            'validation': self._generate_examples(_TFDS_VALIDATION_SHAPES, first=5)}
 
-  def _generate_examples(self):
-    for k, (height, width) in enumerate(_TFDS_SHAPES):
+  def _generate_examples(self, shapes, first=0):
+    for k, (height, width) in enumerate(shapes, start=first):
       yield k, {'image': coded_image(k, height, width)}
 
 
@@ -480,6 +482,7 @@ def test_tfds_source(tmp_path):
   size = 16
   config = make_config('tfds', size=size, batch_size=4, num_val_images=4,
                        tfds_name='fmboost_test_photos', tfds_data_dir=data_dir)
+  assert config.data.tfds_val_split == 'validation'
   it = ip.create_train_iterator(config)
   heights = {k: h for k, (h, _) in enumerate(_TFDS_SHAPES)}
   seen = set()
@@ -498,8 +501,19 @@ def test_tfds_source(tmp_path):
   np.testing.assert_array_equal(val[2], coded_image(3, 64, 24)[48:64, 0:16])
   np.testing.assert_array_equal(val[3], coded_image(0, 40, 32)[24:40, 16:32])
 
-  config.data.tfds_split = 'validation'
-  with pytest.raises(ip.DataError, match="split 'validation'.*tfds build"):
+  # Whole held-out images: the validation split, centre crops, the too small one skipped.
+  config.data.holdout = 'images'
+  with pytest.raises(ip.DataError, match="Only 2 validation crops .*larger config.data."
+                     "tfds_val_split than 'validation'"):
+    ip.validation_images(config)
+  config.data.num_val_images = 2
+  val = to_uint8(ip.validation_images(config))
+  np.testing.assert_array_equal(val[:2], [coded_image(5, 16, 20)[:, 2:18],
+                                          coded_image(7, 24, 16)[4:20]])
+  assert set(image_ids(next(ip.create_train_iterator(config))['image'])) <= {0, 1, 2, 3}
+
+  config.data.tfds_split = 'test'
+  with pytest.raises(ip.DataError, match="split 'test'.*tfds build"):
     ip.create_train_iterator(config)
 
 

@@ -215,3 +215,43 @@ def test_params_restored_for_sampling_are_the_checkpoints_ema_weights(stages):
   assert len(saved) == len(restored) > 10
   for k, v in saved.items():
     np.testing.assert_array_equal(restored[k], v)
+
+
+def test_a_moved_latent_workdir_samples_and_evaluates_with_the_weights_overridden(stages,
+                                                                                  tmp_path):
+  """A copy of the latent stage whose recorded autoencoder path is gone (another machine): one
+  clear error in both modes, then `first_stage.weights` points at the file's new place."""
+  from fmboost_jax import evaluate  # noqa: PLC0415
+
+  moved = tmp_path / 'moved'
+  shutil.copytree(stages['latent'], moved)
+  config_file = moved / 'checkpoints' / '2' / 'config' / 'metadata'
+  recorded = json.loads(config_file.read_text())
+  new_place = tmp_path / 'vae.safetensors'
+  shutil.copy(recorded['first_stage']['weights'], new_place)
+  recorded['first_stage']['weights'] = str(tmp_path / 'old' / 'vae.safetensors')
+  config_file.write_text(json.dumps(recorded))
+  _write_png(tmp_path / 'x.png', 8, 8, 3)
+
+  config = _sample_config()
+  config.eval.checkpoints = str(moved)
+  config.eval.nfe_sweep = (2,)
+  config.data.num_val_images = 4
+  for run in (lambda: inference.sample(config, str(moved), [str(tmp_path / 'x.png')],
+                                       str(tmp_path / 'out')),
+              lambda: evaluate.evaluate(config, str(tmp_path / 'eval'))):
+    with pytest.raises(UserError, match='old/vae.safetensors, which no longer exist there; pass '
+                       'the same autoencoder with --config.first_stage.weights=PATH'):
+      run()
+  config.first_stage.weights = str(new_place)
+  summary = inference.sample(config, str(moved), [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
+  assert _png(tmp_path / 'out' / 'x.png').shape == (16, 16, 3)
+  assert summary['stages'][0]['step'] == 2
+  original = inference.sample(_sample_config(), stages['latent'], [str(tmp_path / 'x.png')],
+                              str(tmp_path / 'original'))
+  np.testing.assert_array_equal(_png(tmp_path / 'out' / 'x.png'),
+                                _png(tmp_path / 'original' / 'x.png'))
+  del original
+  results = evaluate.evaluate(config, str(tmp_path / 'eval'))
+  assert [r['method'] for r in results['rows']] == ['bilinear', 'CFM']
+  assert np.isfinite(results['rows'][1]['psnr'])
