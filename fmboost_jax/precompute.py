@@ -121,9 +121,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if p.crops_per_image < 1 or p.shard_size < 1 or p.batch_size < 1:
     raise UserError('config.precompute.crops_per_image, shard_size and batch_size must be at least '
                     '1.')
-  if config.flow.upsampling_mode not in upsampling.MODES:
-    raise UserError(f'config.flow.upsampling_mode={config.flow.upsampling_mode!r} is unknown; use '
-                    f'one of {upsampling.MODES}.')
+  upsampling.check_mode(config.flow.upsampling_mode)
   workdir = os.path.abspath(workdir)
   images = input_pipeline.open_images(config, 'train')
   wanted = manifest(config, images)

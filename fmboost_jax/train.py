@@ -150,10 +150,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     unet.check_config(config.model)
   except ValueError as e:
     raise UserError(str(e)) from None
-  mode = config.flow.upsampling_mode
-  if mode not in upsampling.MODES:
-    raise UserError(f'config.flow.upsampling_mode={mode!r} is unknown; use one of '
-                    f'{upsampling.MODES}.')
+  upsampling.check_mode(config.flow.upsampling_mode)
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if config.train[name] < 1:
       raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')

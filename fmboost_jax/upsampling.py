@@ -80,6 +80,15 @@ def first_stage_from_config(config) -> FirstStage:
   return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))
 
 
+def check_mode(mode: str) -> None:
+  """Raises UserError for an unknown `config.flow.upsampling_mode`."""
+  if mode not in MODES:
+    hint = (' (precomputed latents record the mode they were made with: keep that one)'
+            if mode == 'identity' else '')
+    raise UserError(f'config.flow.upsampling_mode={mode!r} is unknown; use one of '
+                    f'{", ".join(MODES)}{hint}.')
+
+
 def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
   """Resizes [B, H, W, C] to [B, *size, C] ('linear' or 'nearest', no antialiasing)."""
   return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method, antialias=False)

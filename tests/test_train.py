@@ -175,6 +175,10 @@ def _error_line(proc):
      '/nonexistent/photos'),
     (['--config.flow.objective=dm'], 1, 'objective'),
     (['--config.model.remat=everything'], 1, "config.model.remat='everything' is not supported"),
+    (['--config.flow.upsampling_mode=identity'], 1, "upsampling_mode='identity' is unknown; use "
+     'one of psu, bilinear, nearest (precomputed latents record the mode'),
+    (['--config.data.val_fraction=1.5', '--config.data.holdout=images'], 1,
+     'val_fraction=1.5 must lie strictly between 0 and 1'),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
   proc = runs.run_main(tmp_path / 'w', *overrides, devices=devices, timeout=120)
