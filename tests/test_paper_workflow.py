@@ -31,8 +31,10 @@ from tests import runs
 pytestmark = pytest.mark.slow
 
 VAE = ['--config.first_stage.ch=32', '--config.first_stage.num_res_blocks=1']
-UNET = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2)',
-        '--config.model.num_res_blocks=1', '--config.model.attention_levels=(1,)',
+# 4 levels, so that attention (at the lowest level and in the middle) sees 16^2 tokens of a 128^2
+# latent, not 64^2 (which alone made a training step take 6 s here).
+UNET = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2,2,2)',
+        '--config.model.num_res_blocks=1', '--config.model.attention_levels=(3,)',
         '--config.model.num_heads=2', '--config.model.head_dim=16']
 DATA = ['--config.data.batch_size=2', '--config.data.num_val_images=2', '--config.data.num_threads=2',
         '--config.data.val_fraction=0.3']
