@@ -85,3 +85,13 @@ def report(results: dict, json_path: str | None) -> None:
     with open(json_path, 'w') as f:
       json.dump(results, f, indent=2)
 
+
+def shown_args() -> list[str]:
+  """This run's arguments without --json (a temporary file when benchmarks/run.py calls)."""
+  args, skip = [], False
+  for a in sys.argv[1:]:
+    if skip or a.startswith('--json'):
+      skip = a == '--json' and not skip
+      continue
+    args.append(a)
+  return args

@@ -61,24 +61,13 @@ import time
 
 import numpy as np
 
-from common import REPO, machine  # common puts the repo on sys.path.
+from common import REPO, machine, shown_args  # common puts the repo on sys.path.
 
 TRAIN_STEP_SAMPLES_PER_SECOND = 150  # UNet-base, 128x128x8 latents, one H100/H200 (the issue).
 GPUS_PER_HOST = 8
 LATENTS_TARGET = 1500  # Samples/s the precomputed latents must reach on this 2-core machine.
 SHAPE = [128, 128, 4]  # Latent of a 1024 px crop: [S/8, S/8, 4].
 PARTS = ('latents', 'storage', 'jpeg', 'huge')
-
-
-def _shown_args() -> list[str]:
-  """This run's arguments without --json (a temporary file when benchmarks/run.py calls)."""
-  args, skip = [], False
-  for a in sys.argv[1:]:
-    if skip or a.startswith('--json'):
-      skip = a == '--json' and not skip
-      continue
-    args.append(a)
-  return args
 
 
 def _cores() -> int:
@@ -668,7 +657,7 @@ def main():
       print(f'Only {free / 2**30:.1f} GiB free in {root}: using {args.records} records.')
   results = {'machine': machine(), 'cores': _cores(), 'smoke': args.smoke, 'parts': args.only,
              'command': shlex.join(['.venv/bin/python', 'benchmarks/input_pipeline.py',
-                                    *_shown_args()]),
+                                    *shown_args()]),
              'loadavg_start': load}
   try:
     if {'latents', 'storage'} & set(args.only):

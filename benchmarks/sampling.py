@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, shown_args
+
 SETTINGS = [
     ('euler', ['--config.sample.solver=euler', '--config.sample.nfe=10']),
     ('euler', ['--config.sample.solver=euler', '--config.sample.nfe=20']),
@@ -29,17 +30,6 @@ SETTINGS = [
     ('dopri5', ['--config.sample.solver=dopri5', '--config.sample.rtol=1e-3',
                 '--config.sample.atol=1e-5']),
 ]
-
-
-def _shown_args() -> list[str]:
-  """This run's arguments without --json (a temporary file when benchmarks/run.py calls)."""
-  args, skip = [], False
-  for a in sys.argv[1:]:
-    if skip or a.startswith('--json'):
-      skip = a == '--json' and not skip
-      continue
-    args.append(a)
-  return args
 
 
 def main():
@@ -80,7 +70,7 @@ def main():
 
   header = [
       f'# Sampling speed ({datetime.date.today().isoformat()})', '',
-      f'`{shlex.join([".venv/bin/python", "benchmarks/sampling.py", *_shown_args()])}`: '
+      f'`{shlex.join([".venv/bin/python", "benchmarks/sampling.py", *shown_args()])}`: '
       f"{summary['num_images']} inputs ({args.inputs}, {image['input_size'][0]} px longer side) "
       f"boosted to {image['output_size'][0]} px by the checkpoint in {args.workdir} (step "
       f"{summary['stages'][0]['step']}), batch {summary['batch_size']} on {summary['devices']} "
