@@ -51,9 +51,15 @@ def exit_now(code: int) -> None:
 def parse_flags(argv):
   """Parses flags; a bad flag or config override is one line on stderr and exit code 2."""
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+    FLAGS.config.get('train')  # The config file loads lazily: load it (and fail) here.
+    return argv
   except Exception as e:  # noqa: BLE001  (absl, ml_collections and the config file raise many kinds)
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e).replace('\n', ' ')
+    if isinstance(e, OSError):  # The file is missing or does not load.
+      reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+      message = (f'the --config file could not be loaded ({reason}); pass the path of an '
+                 'ml_collections config file such as configs/demo.py.')
     print(f'error: {message}', file=sys.stderr)
     print(f'usage: {argv[0]} --config=configs/demo.py --workdir=DIR [--config.FIELD=VALUE ...]',
           file=sys.stderr)

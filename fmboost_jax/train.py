@@ -154,6 +154,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if config.train[name] < 1:
       raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
+  input_pipeline.check_config(config)
   if config.data.num_val_images % config.data.batch_size:
     raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a multiple '
                     f'of config.data.batch_size={config.data.batch_size}.')

@@ -179,10 +179,21 @@ def _error_line(proc):
      'one of psu, bilinear, nearest (precomputed latents record the mode'),
     (['--config.data.val_fraction=1.5', '--config.data.holdout=images'], 1,
      'val_fraction=1.5 must lie strictly between 0 and 1'),
+    (['--config.data.batch_size=0'], 1, 'config.data.batch_size=0 (global) is not a positive '
+     'multiple of the 1 processes'),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
   proc = runs.run_main(tmp_path / 'w', *overrides, devices=devices, timeout=120)
   assert expected in _error_line(proc)
+
+
+def test_a_missing_config_file_is_one_clear_line(tmp_path):
+  proc = runs.run_main(tmp_path / 'w', config='configs/nope.py', timeout=120)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert _error_line(proc) == (
+      "error: the --config file could not be loaded ([Errno 2] No such file or directory: "
+      "'configs/nope.py'); pass the path of an ml_collections config file such as "
+      'configs/demo.py.')
 
 
 def test_unwritable_workdir_is_one_clear_line(tmp_path):
