@@ -14,7 +14,8 @@ from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'precompute', 'convert'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'sample', 'evaluate', 'precompute', 'convert', 'export'],
                   'train: train and evaluate in --workdir (resuming from it). sample: boost '
                   '--inputs with the checkpoint in --workdir (or config.sample.stages) into '
                   '--outdir. evaluate: PSNR/SSIM/FID/p-FID/spectral tables, NFE sweep and '
@@ -22,10 +23,15 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'precompute',
                   'held-out images, in WORKDIR/eval. precompute: write '
                   'the training latents of config.data to --workdir. convert: turn the '
                   'PyTorch autoencoder weights of --config.first_stage.weights into a Flax (Orbax) '
-                  'checkpoint in --workdir.')
+                  'checkpoint in --workdir. export: write the sampling weights and config of the '
+                  'checkpoint in --workdir to --outdir (default WORKDIR/export), a model '
+                  'that sample, evaluate and trained_model.load take without the workdir.')
 flags.DEFINE_list('inputs', [], '--mode=sample: image or .npy/.npz latent files or folders '
                   '(comma-separated), or skimage for the bundled photographs.')
-flags.DEFINE_string('outdir', None, '--mode=sample: output folder (default WORKDIR/boosted).')
+flags.DEFINE_string('outdir', None, 'Output folder of --mode=sample (default WORKDIR/boosted) '
+                    'and --mode=export (default WORKDIR/export).')
+flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'bfloat16'],
+                  '--mode=export: the dtype of the exported weights.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for multi-process runs (jax.distributed); with '
                     '--num_processes and --process_id. Unset: a single process, unless '
@@ -95,6 +101,36 @@ def initialize_distributed() -> None:
         from None
 
 
+def output_directory(mode: str) -> str:
+  """Where a mode writes: --workdir, or a folder of --outdir / the workdir."""
+  if mode in ('sample', 'export'):
+    return FLAGS.outdir or os.path.join(FLAGS.workdir, 'boosted' if mode == 'sample' else 'export')
+  return os.path.join(FLAGS.workdir, 'eval') if mode == 'evaluate' else FLAGS.workdir
+
+
+def ensure_writable(directory: str) -> None:
+  """Creates `directory` and checks that files can be written there; a path that is a file, lies
+  under a file or is not writable is one UserError naming the flag to change."""
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  flag = '--outdir' if FLAGS.outdir and directory == FLAGS.outdir else '--workdir'
+  existing = os.path.abspath(directory)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = 'is a file' if existing == os.path.abspath(directory) else f'lies under the file {existing}'
+    raise UserError(f'the output directory {directory} {where}; choose another {flag}.')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f'.write_test.{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'the output directory {directory} is not writable ({e.strerror}); choose '
+                    f'another {flag}.') from None
+
+
 def convert(config, workdir: str) -> None:
   """Loads the autoencoder weights strictly and writes them as a Flax (Orbax) checkpoint."""
   from flax import nnx  # noqa: PLC0415
@@ -116,7 +152,6 @@ def main(argv):
   import tensorflow as tf  # noqa: PLC0415
 
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only writes logs; keep it off accelerators.
-  from fmboost_jax import train  # noqa: PLC0415
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
   if FLAGS.coordinator_address or FLAGS.distributed:
@@ -132,11 +167,22 @@ def main(argv):
   logging.info('JAX process %d of %d, %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
+    outdir = output_directory(FLAGS.mode)
+    ensure_writable(outdir)
     if FLAGS.mode == 'train':
+      from fmboost_jax import train  # noqa: PLC0415
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
       from fmboost_jax import inference  # noqa: PLC0415
-      inference.sample(FLAGS.config, FLAGS.workdir, FLAGS.inputs, FLAGS.outdir)
+      inference.sample(FLAGS.config, FLAGS.workdir, FLAGS.inputs, outdir)
+    elif FLAGS.mode == 'export':
+      from fmboost_jax import trained_model  # noqa: PLC0415
+      model = trained_model.load(FLAGS.workdir, first_stage_weights=FLAGS.config.first_stage.weights)
+      model.export(outdir, FLAGS.export_dtype)
+      size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(outdir)
+                 for n in names)
+      print(f'Exported step {model.step} of {FLAGS.workdir} ({FLAGS.export_dtype}, '
+            f'{size / 2**20:.1f} MiB) to {outdir}; sample with --workdir={outdir}.')
     elif FLAGS.mode == 'evaluate':
       from fmboost_jax import evaluate  # noqa: PLC0415
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)

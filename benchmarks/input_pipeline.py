@@ -33,7 +33,7 @@ What is measured, all on synthetic data written to a temporary folder first (del
      128 x 128 x 8 latents on one H100/H200) over the best images per CPU second.
   4. One 12000 x 12000 PNG (an upscaled photograph, compress_level 1; smooth, so a real photograph
      of that size makes a larger file that decodes no faster): seconds and peak RSS (VmHWM) of
-     `input_pipeline.decode_image_file` in a fresh process, and of reading its header alone.
+     `images.decode_image_file` in a fresh process, and of reading its header alone.
 
 Usage, from the repo root (about 2 minutes; --smoke: tiny sizes, a few seconds; --only some of
 latents storage jpeg huge):
@@ -126,7 +126,7 @@ def time_batches(iterator, batch_size: int, warmup: int, seconds: float,
 
 def latents_metadata_dict(config, shards: list[dict], latent_shape: list[int]) -> dict:
   """The metadata.json `fmboost_jax/precompute.py` writes, for records made with `config`
-  (`input_pipeline.latents_metadata` checks the sizes, upsampling mode and first stage)."""
+  (`data_sources.latents_metadata` checks the sizes, upsampling mode and first stage)."""
   return {
       'num_records': sum(s['count'] for s in shards),
       'shards': shards,
@@ -148,7 +148,7 @@ def write_latents(path: str, config, num_records: int, shape: list[int], shard_s
   """Writes latent records as .npy shards x1-NNNNN.npy / x_up-NNNNN.npy + metadata.json: a block
   of 256 random records repeated (the content does not change read speed), record i starting
   with the value i."""
-  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import data_sources  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
   block = np.random.default_rng(0).standard_normal((min(256, num_records), *shape),
                                                     dtype=np.float32)
@@ -166,10 +166,10 @@ def write_latents(path: str, config, num_records: int, shape: list[int], shard_s
       del out
     shards.append({'x1': f'x1-{name}.npy', 'x_up': f'x_up-{name}.npy', 'count': count})
   meta = latents_metadata_dict(config, shards, shape)
-  with open(os.path.join(path, input_pipeline.LATENTS_METADATA), 'w') as f:
+  with open(os.path.join(path, data_sources.LATENTS_METADATA), 'w') as f:
     json.dump(meta, f, indent=2, default=list)
   size = config.data.high_res_size
-  np.save(os.path.join(path, input_pipeline.LATENTS_VALIDATION),
+  np.save(os.path.join(path, data_sources.LATENTS_VALIDATION),
           np.zeros((1, size, size, 3), np.float32))
   return meta
 
@@ -351,13 +351,13 @@ def time_records(dataset, seconds: float, warmup: int = 16, chunk: int = 64) -> 
 
 def bench_storage(args, latents_path: str, meta: dict, array_record_files: list[str] | None):
   import grain  # pylint: disable=import-outside-toplevel
-  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import data_sources  # pylint: disable=import-outside-toplevel
   try:
-    records = input_pipeline._LatentRecords  # pylint: disable=protected-access
+    records = data_sources._LatentRecords  # pylint: disable=protected-access
     npy = records(latents_path, meta['shards'])
-    npy_reader = 'input_pipeline._LatentRecords'
+    npy_reader = 'data_sources._LatentRecords'
   except Exception as e:  # pylint: disable=broad-except
-    print(f'input_pipeline._LatentRecords unavailable ({type(e).__name__}: {e}); using a copy.')
+    print(f'data_sources._LatentRecords unavailable ({type(e).__name__}: {e}); using a copy.')
     npy, npy_reader = _NpyRecords(latents_path, meta['shards']), 'a copy of _LatentRecords'
   sources = [('npy (mmap)', grain.MapDataset.source(npy))]
   if array_record_files:
@@ -385,9 +385,9 @@ def write_jpegs(path: str, count: int, size: int, noise: float) -> dict:
   """COUNT size x size JPEGs (quality 90) from the bundled photographs: square crops at a few
   offsets, flipped every other round, resized (bicubic), plus Gaussian noise of `noise` levels."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import images  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
-  photos = input_pipeline.load_skimage_photos()
+  photos = images.load_skimage_photos()
   rng = np.random.default_rng(0)
   nbytes = []
   for i in range(count):
@@ -417,14 +417,14 @@ class _DecodeCropFlip:
     self.paths, self.size = paths, size
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict:
-    from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-    image = input_pipeline.decode_image_file(self.paths[index % len(self.paths)])
+    from fmboost_jax import images  # pylint: disable=import-outside-toplevel
+    image = images.decode_image_file(self.paths[index % len(self.paths)])
     s, (h, w) = self.size, image.shape[:2]
     top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
     crop = image[top:top + s, left:left + s]
     if rng.random() < 0.5:
       crop = crop[:, ::-1]
-    return {'image': input_pipeline.normalize(crop)}
+    return {'image': images.normalize(crop)}
 
 
 def folder_config(path: str, size: int, batch_size: int, num_threads: int):
@@ -441,7 +441,7 @@ def folder_config(path: str, size: int, batch_size: int, num_threads: int):
 
 def bench_jpegs(args, path: str) -> dict:
   import grain  # pylint: disable=import-outside-toplevel
-  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fmboost_jax import data_sources, input_pipeline  # pylint: disable=import-outside-toplevel
   cores, rows, note, via = _cores(), [], '', 'create_train_iterator'
   paths = sorted(os.path.join(path, f) for f in os.listdir(path))
   t0 = time.perf_counter()
@@ -449,7 +449,7 @@ def bench_jpegs(args, path: str) -> dict:
     iterator = input_pipeline.create_train_iterator(
         folder_config(path, args.jpeg_size, args.jpeg_batch_size, args.jpeg_threads[0]))
     _close(iterator)
-  except input_pipeline.DataError as e:
+  except data_sources.DataError as e:
     via = 'direct'
     note = (f'create_train_iterator refused the {args.jpeg_size} px folder ({e}); timing the same '
             'work (decode_image_file, random crop, random flip, normalize, batch) through a grain '
@@ -488,7 +488,7 @@ def bench_jpegs(args, path: str) -> dict:
 _DECODE = r'''
 import json, sys, time, warnings
 from PIL import Image
-from fmboost_jax import input_pipeline
+from fmboost_jax import images
 def rss():  # Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's).
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
@@ -501,7 +501,7 @@ before = rss()
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter('always')
   t0 = time.perf_counter()
-  image = input_pipeline.decode_image_file(path)
+  image = images.decode_image_file(path)
   seconds = time.perf_counter() - t0
 print(json.dumps({'shape': list(image.shape), 'seconds': seconds, 'header_seconds': header_seconds,
                   'rss_before_mib': before, 'peak_rss_mib': rss(),
@@ -512,8 +512,8 @@ print(json.dumps({'shape': list(image.shape), 'seconds': seconds, 'header_second
 
 def bench_huge_png(path: str, size: int) -> dict:
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  name, photo = input_pipeline.load_skimage_photos()[0]
+  from fmboost_jax import images  # pylint: disable=import-outside-toplevel
+  name, photo = images.load_skimage_photos()[0]
   t0 = time.perf_counter()
   Image.fromarray(photo).resize((size, size), Image.Resampling.BILINEAR).save(
       path, compress_level=1)

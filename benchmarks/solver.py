@@ -10,7 +10,7 @@ convolution, zero at initialisation (the velocity would be 0 and Dopri5 would fi
 gets PyTorch's default initialisation so the field is a generic nonlinear function of x and t; the
 Dopri5 NFE therefore say how the solver behaves on such a field, not what a trained model needs
 (benchmarks/sampling.py measures that on the demo checkpoint). The sampler is the one main.py uses
-(`sampling.solve` after `flow.source_and_context`), AOT-compiled; time per image is the median over
+(`sampling.solve` after the objective's `source`), AOT-compiled; time per image is the median over
 --repeats runs, excluding compilation. The forward pass is the same network alone at the same batch
 and size (median of 5). Extra `--set section.field=value` change the config.
 """
@@ -65,7 +65,7 @@ def main():
   key = jax.random.PRNGKey(3)
 
   def sample(params, x_up, key):
-    x0, context = flow.source_and_context(x_up, key, config.flow)
+    x0, context = flow.objective(config.flow).source(x_up, key)
     solution = sampling.solve(trained_model.velocity_fn(graphdef, params), x0, context,
                               solver=args.solver, nfe=args.nfe, rtol=args.rtol, atol=args.atol,
                               max_steps=config.sample.max_steps)

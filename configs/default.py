@@ -108,9 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.atol = 1e-6
   config.sample.max_steps = 4096
   # main.py --mode=sample (fmboost_jax/inference.py).
-  # Cascade: 'WORKDIR[,solver=..,nfe=..,rtol=..,atol=..,max_steps=..];WORKDIR2[,...]', applied in
-  # turn (each a --mode=train workdir; unset settings come from the fields above). '' = --workdir.
-  config.sample.stages = ''
+  # A cascade, applied in turn: each stage a path (a --mode=train workdir or a --mode=export
+  # directory) or a dict {'workdir': PATH, 'solver': .., 'nfe': .., 'rtol': .., 'atol': ..,
+  # 'max_steps': ..} (unset settings come from the fields above); () = --workdir alone. E.g.
+  # --config.sample.stages="('runs/x2', {'workdir': 'runs/x4', 'nfe': 10})".
+  config.sample.stages = ()
   config.sample.batch_size = 8  # Inputs per solve (padded to a multiple of the devices).
   config.sample.seed = 0  # Noise augmentation of the source.
   config.sample.latents_scaled = True  # .npy/.npz latents are already times scale_factor.
@@ -120,8 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # main.py --mode=evaluate (fmboost_jax/evaluate.py) on config.data.num_val_images held-out images.
   config.eval = ml_collections.ConfigDict()
-  # Training workdirs to compare, 'DIR;DIR2;...' (rows named by their objective); '' = --workdir.
-  config.eval.checkpoints = ''
+  # Models to compare (workdirs or exports; rows named by their objective); () = --workdir. E.g.
+  # --config.eval.checkpoints="('runs/cfm', 'runs/fm')".
+  config.eval.checkpoints = ()
   config.eval.nfe_sweep = (1, 2, 4, 10, 50)  # Euler network evaluations (the paper's Fig. 5).
   # pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights) for FID and p-FID.
   config.eval.inception_weights = ''

@@ -6,10 +6,15 @@ restores a step (sampling, evaluation, a cascade) reads the config that step was
 
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
 mid-save leaves the previous checkpoint as the latest usable one.
+
+An exported model (`write_export`, `--mode=export`) is a directory of its own: `export.json` (what
+it was exported from), `config` (the training config, as in a checkpoint) and `params` (the
+sampling weights only), written under a temporary name and renamed when complete.
 """
 
 import json
 import os
+import shutil
 
 import grain
 import jax
@@ -108,8 +113,57 @@ def restore_config(directory: str, step: int) -> ml_collections.ConfigDict:
   if not os.path.isdir(path):
     raise UserError(f'the checkpoint at step {step} in {directory} holds no saved config; it was '
                     'written by an older version of fmboost_jax: train it again.')
+  return _read_json(path)
+
+
+def _read_json(path: str) -> ml_collections.ConfigDict:
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     return ml_collections.ConfigDict(checkpointer.restore(path))
+
+
+EXPORT_INFO = 'export.json'
+
+
+def is_export(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, EXPORT_INFO))
+
+
+def write_export(directory: str, params, config: ml_collections.ConfigDict,
+                 info: dict) -> None:
+  """Writes an exported model: `info` (JSON), `config` and the weights `params` (a pytree)."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    raise UserError(f'{directory} already exists; export into a new directory (or remove it).')
+  partial = directory + '.partial'
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    checkpointer.save(os.path.join(partial, 'config'),
+                      args=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(partial, 'params'), params)
+  with open(os.path.join(partial, EXPORT_INFO), 'w') as f:
+    json.dump({'format': 'fmboost_jax export', 'version': 1, **info}, f, indent=2)
+  if os.path.isdir(directory):
+    os.rmdir(directory)
+  os.rename(partial, directory)
+
+
+def read_export_config(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """(the training config, export.json) of an exported model."""
+  with open(os.path.join(directory, EXPORT_INFO)) as f:
+    info = json.load(f)
+  return _read_json(os.path.join(os.path.abspath(directory), 'config')), info
+
+
+def read_export_params(directory: str, abstract):
+  """The weights of an exported model onto `abstract` (ShapeDtypeStructs with shardings; saved
+  bfloat16 weights are cast to their dtype)."""
+  path = os.path.join(os.path.abspath(directory), 'params')
+  _check_fits(path, abstract, f'the exported model in {directory}')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
 
 
 def restore_subtree(directory: str, step: int, name: str, abstract):

@@ -1,10 +1,10 @@
 """`main.py --mode=evaluate`: the paper's Table 2 and Fig. 5 on held-out images, from checkpoints.
 
   python main.py --mode=evaluate --config=configs/demo.py --workdir=workdirs/demo \
-      --config.eval.checkpoints='workdirs/demo;workdirs/demo_fm;workdirs/demo_l2'
+      "--config.eval.checkpoints=('workdirs/demo', 'workdirs/demo_fm', 'workdirs/demo_l2')"
 
-Every checkpoint is a `--mode=train` workdir (its latest checkpoint gives the EMA weights and the
-config they were trained with, see `trained_model.load`; `--config.first_stage.weights`, when set,
+Every checkpoint is a `--mode=train` workdir or an export (the EMA weights and the config they were
+trained with, see `trained_model.load`; `--config.first_stage.weights`, when set,
 replaces the recorded autoencoder path). The held-out images are those of
 `--config.data` (`input_pipeline.validation_images`, `config.data.num_val_images` of them). Each is
 downsized to `low_res_size` and upsampled back by bilinear interpolation and by every checkpoint
@@ -39,9 +39,7 @@ from PIL import Image, ImageDraw
 
 from fmboost_jax import input_pipeline, metrics, sharding, upsampling, weights
 from fmboost_jax.errors import UserError
-from fmboost_jax.inference import parse_stages
-from fmboost_jax.train import eval_step, ensure_writable
-from fmboost_jax.trained_model import TrainedModel, load
+from fmboost_jax.trained_model import TrainedModel, load, upsample_held_out
 
 FID_FLAG = '--config.eval.inception_weights'
 COLUMNS = (  # (key, header, format); FID columns first as in the paper's Table 2.
@@ -74,9 +72,9 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _label(stage: TrainedModel, taken: set[str]) -> str:
-  label = stage.config.flow.objective.upper()
+  label = stage.objective.name.upper()
   if label in taken:
-    label = f'{label} ({os.path.basename(os.path.normpath(stage.workdir))})'
+    label = f'{label} ({os.path.basename(os.path.normpath(stage.path))})'
   taken.add(label)
   return label
 
@@ -84,7 +82,7 @@ def _label(stage: TrainedModel, taken: set[str]) -> str:
 def _check_compatible(stage: TrainedModel, config: ml_collections.ConfigDict) -> None:
   for field in ('high_res_size', 'low_res_size'):
     if stage.config.data[field] != config.data[field]:
-      raise UserError(f'{stage.workdir} was trained with data.{field}='
+      raise UserError(f'{stage.path} was trained with data.{field}='
                       f'{stage.config.data[field]}, but the held-out images of --config use '
                       f'{config.data[field]}; evaluate it with the config it was trained with.')
 
@@ -185,20 +183,25 @@ class Evaluator:
     """
     eval_config = _eval_config(stage, sample)
     fs_graphdef, fs_params = nnx.split(stage.first_stage)
-    step_fn = jax.jit(
-        lambda p, x, f, k: eval_step(p, x, f, k, graphdef=stage.graphdef,
-                                     first_stage_graphdef=fs_graphdef, config=eval_config),
-        in_shardings=(self.replicated, self.batch, self.replicated, self.replicated),
-        out_shardings=self.replicated)
+
+    def upsample(params, images, fs_params, key):
+      _, pred, solution = upsample_held_out(stage.graphdef, params,
+                                            nnx.merge(fs_graphdef, fs_params), eval_config,
+                                            images, key)
+      return pred, solution.nfe, solution.ok
+
+    step_fn = jax.jit(upsample,
+                      in_shardings=(self.replicated, self.batch, self.replicated, self.replicated),
+                      out_shardings=self.replicated)
     acc, kept, oks = _Accumulator(), [], []
     key = jax.random.PRNGKey(self.config.eval.seed)
     for start, n, images in self._batches():
-      scores, outputs = step_fn(stage.params, images, fs_params, jax.random.fold_in(key, start))
-      scores, pred = jax.device_get((scores, outputs['model']))
+      pred, nfe, ok = jax.device_get(step_fn(stage.params, images, fs_params,
+                                             jax.random.fold_in(key, start)))
       pred = pred[:n]
       measured = jax.device_get(self._measure(pred, self.images[start:start + n]))
-      acc.add({**measured, 'nfe': scores['nfe'][:n]}, self.features(pred, start), pred)
-      oks.extend(bool(v) for v in scores['solver_ok'][:n])
+      acc.add({**measured, 'nfe': np.full((n,), float(nfe))}, self.features(pred, start), pred)
+      oks.extend([bool(ok)] * n)
       if sum(len(k) for k in kept) < keep:
         kept.append(pred)
     kept = np.concatenate(kept)[:keep] if kept else self.images[:0]
@@ -341,21 +344,20 @@ def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates the checkpoints of `config.eval.checkpoints` (default: `workdir`) on the held-out
+  """Evaluates the models of `config.eval.checkpoints` (default: `workdir`) on the held-out
   images; writes WORKDIR/eval/{results.md, results.json, nfe_sweep.png, figure.png}."""
   check_eval_config(config)
   if jax.process_count() > 1:
     raise UserError('--mode=evaluate runs in one process on all of its devices; start it without '
                     'the multi-process flags.')
   mesh = sharding.make_mesh(config.mesh)
-  replicated = sharding.replicated(mesh)
-  paths = [p.strip() for p in config.eval.checkpoints.split(';') if p.strip()] or [workdir]
-  stages = [load(path, settings, replicated, first_stage_weights=config.first_stage.weights)
-            for path, settings in parse_stages(';'.join(paths), workdir, config.sample)]
+  paths = list(config.eval.checkpoints) or [workdir]
+  stages = [load(path, sample=config.sample, first_stage_weights=config.first_stage.weights,
+                 mesh=mesh) for path in paths]
   for stage in stages:
     _check_compatible(stage, config)
   outdir = os.path.join(workdir, 'eval')
-  ensure_writable(outdir)
+  os.makedirs(outdir, exist_ok=True)
   # The held-out images of --config.data, read as the first checkpoint's first stage and flow
   # expect (precomputed latents are checked against what that checkpoint was trained with).
   data_config = ml_collections.ConfigDict(stages[0].config.to_dict())
@@ -373,14 +375,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sweeps, failed = {}, 0
   for stage in stages:
     label = _label(stage, taken)
-    print(f'evaluating {label} ({stage.workdir}, step {stage.step})', file=sys.stderr, flush=True)
+    print(f'evaluating {label} ({stage.path}, step {stage.step})', file=sys.stderr, flush=True)
     acc, kept, oks = evaluator.run(stage, stage.sample, keep)
     failed += oks.count(False)
-    row = {'method': label, 'checkpoint': stage.workdir, 'step': stage.step,
+    row = {'method': label, 'checkpoint': stage.path, 'step': stage.step,
            **evaluator.summarise(acc, truth)}
     rows.append(row)
     figure_columns.append((label, kept))
-    if stage.config.flow.objective in ('cfm', 'fm'):
+    if stage.objective.is_flow:
       sweep = []
       for nfe in config.eval.nfe_sweep:
         if (stage.sample.solver, stage.sample.nfe) == ('euler', nfe):

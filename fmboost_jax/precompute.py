@@ -30,8 +30,9 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fmboost_jax import input_pipeline, upsampling
+from fmboost_jax import data_sources, input_pipeline, upsampling
 from fmboost_jax.errors import UserError
+from fmboost_jax.images import normalize
 
 MANIFEST = 'precompute.json'
 
@@ -68,7 +69,7 @@ def manifest(config: ml_collections.ConfigDict, images) -> dict:
       'high_res_size': data.high_res_size,
       'low_res_size': data.low_res_size,
       'upsampling_mode': config.flow.upsampling_mode,
-      'first_stage': {k: config.first_stage[k] for k in input_pipeline.LATENTS_FIRST_STAGE_FIELDS},
+      'first_stage': {k: config.first_stage[k] for k in data_sources.LATENTS_FIRST_STAGE_FIELDS},
       'crops_per_image': config.precompute.crops_per_image,
       'shard_size': config.precompute.shard_size,
       'seed': config.seed,
@@ -78,8 +79,8 @@ def manifest(config: ml_collections.ConfigDict, images) -> dict:
 def crops(config: ml_collections.ConfigDict, images=None, indices=None):
   """Yields the deterministic training crops, uint8 [S, S, 3], of the usable training images
   (`indices` of them, default all) in order: crop k of image i uses the seed (seed, i, k)."""
-  geometry = input_pipeline.Geometry.from_config(config)
-  images = input_pipeline.open_images(config, 'train') if images is None else images
+  geometry = data_sources.Geometry.from_config(config)
+  images = data_sources.open_images(config, 'train') if images is None else images
   for i in range(len(images)) if indices is None else indices:
     image = images[i]
     if image is None or not geometry.usable(image.shape[0], image.shape[1]):
@@ -123,7 +124,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     '1.')
   upsampling.check_mode(config.flow.upsampling_mode)
   workdir = os.path.abspath(workdir)
-  images = input_pipeline.open_images(config, 'train')
+  images = data_sources.open_images(config, 'train')
   wanted = manifest(config, images)
   resuming = _check_output(workdir, wanted)
   first_stage = upsampling.first_stage_from_config(config)
@@ -163,7 +164,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def encode_all(crop_list):
     parts = []
     for start in range(0, len(crop_list), batch_size):
-      chunk = np.stack([input_pipeline.normalize(c) for c in crop_list[start:start + batch_size]])
+      chunk = np.stack([normalize(c) for c in crop_list[start:start + batch_size]])
       n = len(chunk)
       if n < batch_size:  # Pad the last batch: one compiled shape.
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
@@ -189,11 +190,11 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info('Precompute, process %d: shard %d (%d of %d here), %d records; %.2f images/s.',
                    process, j, n + 1, len(todo), len(x1), done_images / seconds)
 
-  if process == 0 and not os.path.isfile(os.path.join(workdir, input_pipeline.LATENTS_VALIDATION)):
-    _atomic_save(os.path.join(workdir, input_pipeline.LATENTS_VALIDATION),
+  if process == 0 and not os.path.isfile(os.path.join(workdir, data_sources.LATENTS_VALIDATION)):
+    _atomic_save(os.path.join(workdir, data_sources.LATENTS_VALIDATION),
                  input_pipeline.validation_images(config))
   multihost_utils.sync_global_devices('precompute: shards written')
-  meta_path = os.path.join(workdir, input_pipeline.LATENTS_METADATA)
+  meta_path = os.path.join(workdir, data_sources.LATENTS_METADATA)
   if process != 0:
     return {'num_records': None, 'shards': [shard_names(j) for j in mine]}
   shards = []
@@ -216,7 +217,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'source': {**wanted['source'], 'path': config.data.path},
       'num_images': len(images),
       'num_validation_images': int(np.load(os.path.join(
-          workdir, input_pipeline.LATENTS_VALIDATION), mmap_mode='r').shape[0]),
+          workdir, data_sources.LATENTS_VALIDATION), mmap_mode='r').shape[0]),
   }
   _atomic_json(meta_path, meta)
   return meta

@@ -30,16 +30,17 @@ axis; the adaptive step-size controller's error norm is one scalar per solve (an
 the whole batch shares one step sequence.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmboost_jax import flow, upsampling
-
 SOLVERS = ('euler', 'heun', 'dopri5')
+
+# v(x_t [B,H,W,C], context [B,H,W,C], t [B]) -> velocity [B,H,W,C].
+VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Defaults while config.sample has no such fields (torchdiffeq's defaults in the official code).
 DEFAULT_RTOL = 1e-3
@@ -62,8 +63,10 @@ class Solution(NamedTuple):
   trajectory: jax.Array | None
 
 
-def _tolerances(sample_config: ml_collections.ConfigDict) -> dict:
-  return {'rtol': sample_config.get('rtol', DEFAULT_RTOL),
+def solver_settings(sample_config: ml_collections.ConfigDict) -> dict:
+  """The keyword arguments of `solve` that config.sample sets (solver, nfe, rtol, atol, max_steps)."""
+  return {'solver': sample_config.solver, 'nfe': sample_config.nfe,
+          'rtol': sample_config.get('rtol', DEFAULT_RTOL),
           'atol': sample_config.get('atol', DEFAULT_ATOL),
           'max_steps': sample_config.get('max_steps', DEFAULT_MAX_STEPS)}
 
@@ -88,8 +91,7 @@ def _check(solver, nfe, rtol, atol, max_steps, prefix: str) -> None:
 
 def check_config(sample_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError with one sentence if the sampler settings are impossible."""
-  _check(sample_config.solver, sample_config.nfe, prefix='config.sample.',
-         **_tolerances(sample_config))
+  _check(**solver_settings(sample_config), prefix='config.sample.')
 
 
 class _Dopri5(diffrax.Dopri5):
@@ -101,7 +103,7 @@ class _Dopri5(diffrax.Dopri5):
     return jnp.array(False), self.func(terms, t0, y0, args)
 
 
-def solve(velocity_fn: flow.VelocityFn, x0: jax.Array, context: jax.Array, *, solver: str,
+def solve(velocity_fn: VelocityFn, x0: jax.Array, context: jax.Array, *, solver: str,
           nfe: int, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
           max_steps: int = DEFAULT_MAX_STEPS, save_trajectory: int = 0) -> Solution:
   """Integrates the flow from x0 at t=0 to t=1.
@@ -158,38 +160,3 @@ def solve(velocity_fn: flow.VelocityFn, x0: jax.Array, context: jax.Array, *, so
     ys_end, trajectory = sol.ys, None
   ok = sol.result == diffrax.RESULTS.successful
   return Solution(x1=ys_end[-1], nfe=jnp.asarray(spent, jnp.int32), ok=ok, trajectory=trajectory)
-
-
-def boost_latents(velocity_fn: flow.VelocityFn, first_stage: upsampling.FirstStage,
-                  target_size: tuple[int, int], key: jax.Array,
-                  flow_config: ml_collections.ConfigDict, sample_config: ml_collections.ConfigDict,
-                  *, low_res_images: jax.Array | None = None,
-                  low_res_latents: jax.Array | None = None, save_trajectory: int = 0) -> Solution:
-  """Lifts a low-res input to the high-res latent grid [B, *target_size, C]; returns the `Solution`.
-
-  The input is low-res images [B, h, w, 3] or latents [B, h', w', C] of the first stage. The source
-  is built exactly as in training (upsampling mode, fresh noise augmentation from `key`);
-  regression objectives take the single step they were trained for. `save_trajectory` as in `solve`.
-  """
-  x_up = upsampling.upsample(first_stage, flow_config.upsampling_mode, target_size,
-                             low_res_images=low_res_images, low_res_latents=low_res_latents)
-  x0, context = flow.source_and_context(x_up, key, flow_config)
-  if flow_config.objective in ('l1', 'l2'):
-    return solve(velocity_fn, x0, context, solver='euler', nfe=1, save_trajectory=save_trajectory)
-  return solve(velocity_fn, x0, context, solver=sample_config.solver, nfe=sample_config.nfe,
-               save_trajectory=save_trajectory, **_tolerances(sample_config))
-
-
-def boost(velocity_fn: flow.VelocityFn, first_stage: upsampling.FirstStage,
-          low_res_images: jax.Array, target_size: tuple[int, int], key: jax.Array,
-          flow_config: ml_collections.ConfigDict, sample_config: ml_collections.ConfigDict, *,
-          return_solution: bool = False) -> jax.Array | tuple[jax.Array, Solution]:
-  """Lifts low-res images [B, h, w, 3] to high-res images [B, *target_size * f, 3].
-
-  With return_solution=True also returns the `Solution` (latent x1, NFE spent, ok flag), so the
-  caller can log the NFE and see a dopri5 run that hit max_steps.
-  """
-  solution = boost_latents(velocity_fn, first_stage, target_size, key, flow_config, sample_config,
-                           low_res_images=low_res_images)
-  images = first_stage.decode(solution.x1)
-  return (images, solution) if return_solution else images

@@ -22,10 +22,9 @@ from flax import nnx
 from PIL import Image
 
 from fmboost_jax import checkpointing, flow, input_pipeline, metrics, sampling, sharding
-from fmboost_jax import upsampling
+from fmboost_jax import trained_model, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import unet
-from fmboost_jax.trained_model import model_graphdef, velocity_fn
 
 
 class TrainingDiverged(UserError):
@@ -91,12 +90,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], first_stage_param
   The first stage is frozen: its parameters are an input, never differentiated or updated.
   """
   step_key = jax.random.fold_in(key, state.step)
+  objective = flow.objective(config.flow)
   first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
   x1, x_up = upsampling.training_pair(first_stage, batch, config.data.low_res_size,
                                       config.flow.upsampling_mode)
 
   def loss_fn(params):
-    return flow.loss(velocity_fn(graphdef, params), x1, x_up, step_key, config.flow)
+    return objective.loss(trained_model.velocity_fn(graphdef, params), x1, x_up, step_key)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -119,17 +119,11 @@ def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax
   """Upsamples held-out images [B, S, S, 3] from their low-res version, with the model and with
   bilinear interpolation; returns per-image PSNR/SSIM of both and the images."""
   first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
-  size = images.shape[1:3]
-  low_res = upsampling.low_res_images(images, config.data.low_res_size)
-  bilinear = upsampling.resize(low_res, size, 'linear')
-  latent_size = (size[0] // first_stage.factor, size[1] // first_stage.factor)
-  model_out, solution = sampling.boost(velocity_fn(graphdef, params), first_stage, low_res,
-                                       latent_size, key, config.flow, config.sample,
-                                       return_solution=True)
-  per_image = lambda v: jnp.broadcast_to(v.astype(jnp.float32), images.shape[:1])  # noqa: E731
+  low_res, model_out, solution = trained_model.upsample_held_out(graphdef, params, first_stage,
+                                                                 config, images, key)
+  bilinear = upsampling.resize(low_res, images.shape[1:3], 'linear')
   scores = {
-      'nfe': per_image(solution.nfe),
-      'solver_ok': per_image(solution.ok),
+      'nfe': jnp.broadcast_to(solution.nfe.astype(jnp.float32), images.shape[:1]),
       'psnr_bilinear': metrics.psnr(bilinear, images),
       'psnr_model': metrics.psnr(model_out, images),
       'ssim_bilinear': metrics.ssim(bilinear, images),
@@ -158,18 +152,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.num_val_images % config.data.batch_size:
     raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a multiple '
                     f'of config.data.batch_size={config.data.batch_size}.')
-
-
-def ensure_writable(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'the workdir {workdir} is not writable ({e.strerror}); '
-                    'choose another --workdir.') from None
 
 
 def image_grid(columns: list[np.ndarray]) -> np.ndarray:
@@ -223,7 +205,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the last evaluation's mean scores.
   """
   check_config(config)
-  ensure_writable(workdir)
   stop = _StopFlag()
   previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
   try:
@@ -242,7 +223,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first_stage = upsampling.first_stage_from_config(config)
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
-  graphdef = model_graphdef(config, first_stage.channels)
+  graphdef = trained_model.model_graphdef(config, first_stage.channels)
   init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
   train_iter = input_pipeline.create_train_iterator(config)

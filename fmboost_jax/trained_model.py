@@ -1,62 +1,136 @@
-"""A trained velocity network as sampling and evaluation use it.
+"""A trained model: restore it, boost images or latents with it, export it.
 
-`load(workdir, ...)` restores the latest checkpoint of a `--mode=train` workdir: the config saved
-with that checkpoint (an Orbax item beside the state, so a workdir whose training config changed
-between runs still restores each step with its own config), the EMA weights (or the online ones
-when the run trained with `config.ema.use_for_sampling=False`) and the first stage. The rules that
-make a workdir portable live here: the recorded first-stage weights path is replaced by
-`first_stage_weights` when one is given, and a recorded path that no longer exists is one clear
-error naming the override.
+  from fmboost_jax import trained_model
+  model = trained_model.load('workdirs/demo')           # a --mode=train workdir or an export
+  boosted = model.boost(photo)                          # PIL images, 2x the size of `photo`
+  latents = trained_model.boost([stage1, stage2], latents=z, output_type='latent')  # a cascade
+
+`load(path)` restores the latest checkpoint of a training workdir (the config saved with that
+step, so a workdir whose config changed between runs restores each step with its own) or a
+directory written by `--mode=export`: the config, the EMA weights (or the online ones when the run
+trained with `config.ema.use_for_sampling=False`) and the first stage. The rules that make a model
+portable live here: the recorded first-stage weights path is replaced by `first_stage_weights`
+when one is given, and a recorded path that no longer exists is one clear error naming the override.
+
+Boosting runs the models of a cascade in turn (`Cascade`): each builds its source from its input as
+in training (its objective and upsampling mode), integrates with its solver settings (`sample`),
+and passes latents on; the last one's latents are decoded tiled. Inputs are batched and sharded
+over the local devices, each input shape compiled once. Inputs whose size the network cannot take
+are padded at the bottom and right by edge replication and the outputs cropped back, so every
+output is exactly the input size times the models' factors. `upsample_held_out` is the same lift
+for held-out images inside jit (training's validation and `--mode=evaluate`).
 """
 
 import dataclasses
+import math
 import os
-from typing import Any
+import time
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
+from PIL import Image
 
-from fmboost_jax import checkpointing, flow, upsampling
+from fmboost_jax import checkpointing, flow, images, metrics, sampling, sharding, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import unet
 
 WEIGHTS_FLAG = '--config.first_stage.weights'
+OUTPUT_TYPES = ('pil', 'np', 'latent')
 
 
-def velocity_fn(graphdef: nnx.GraphDef, params) -> flow.VelocityFn:
+def velocity_fn(graphdef: nnx.GraphDef, params) -> sampling.VelocityFn:
   """The network as v(x_t, context, t), from its graph and a pure-dict of parameters."""
   model = nnx.merge(graphdef, nnx.State(params))
   return lambda x_t, context, t: model(jnp.concatenate([x_t, context], axis=-1), t)
 
 
+def _abstract_model(config: ml_collections.ConfigDict, channels: int):
+  return nnx.eval_shape(lambda: unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(0)))
+
+
 def model_graphdef(config: ml_collections.ConfigDict, channels: int) -> nnx.GraphDef:
   """The network's graph for `config.model` on latents of `channels` channels (no weights)."""
-  abstract = nnx.eval_shape(
-      lambda: unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract, nnx.Param)
+  graphdef, _ = nnx.split(_abstract_model(config, channels), nnx.Param)
   return graphdef
+
+
+def lift(graphdef: nnx.GraphDef, params, first_stage: upsampling.FirstStage,
+         config: ml_collections.ConfigDict, sample: ml_collections.ConfigDict,
+         target_size: tuple[int, int], key: jax.Array, *, low_res_images: jax.Array | None = None,
+         low_res_latents: jax.Array | None = None, save_trajectory: int = 0) -> sampling.Solution:
+  """Lifts low-res images [B, h, w, 3] or latents [B, h', w', C] to the latent grid
+  [B, *target_size, C] as `config` trained (upsampling mode, objective), sampled with `sample`."""
+  x_up = upsampling.upsample(first_stage, config.flow.upsampling_mode, target_size,
+                             low_res_images=low_res_images, low_res_latents=low_res_latents)
+  return flow.objective(config.flow).sample(velocity_fn(graphdef, params), x_up, key, sample,
+                                            save_trajectory=save_trajectory)
+
+
+def upsample_held_out(graphdef: nnx.GraphDef, params, first_stage: upsampling.FirstStage,
+                      config: ml_collections.ConfigDict, targets: jax.Array,
+                      key: jax.Array) -> tuple[jax.Array, jax.Array, sampling.Solution]:
+  """Held-out images [B, S, S, 3] -> (their low-res input, the model's [B, S, S, 3], Solution),
+  with `config.sample`'s solver; a pure function to jit."""
+  low_res = upsampling.low_res_images(targets, config.data.low_res_size)
+  grid = (targets.shape[1] // first_stage.factor, targets.shape[2] // first_stage.factor)
+  solution = lift(graphdef, params, first_stage, config, config.sample, grid, key,
+                  low_res_images=low_res)
+  return low_res, first_stage.decode(solution.x1), solution
+
+
+# ----------------------------------------------------------------------------- restoring
 
 
 @dataclasses.dataclass
 class TrainedModel:
-  workdir: str
+  path: str  # The training workdir or export directory it was restored from.
   step: int
-  config: ml_collections.ConfigDict  # The training config saved with the checkpoint.
+  config: ml_collections.ConfigDict  # The training config saved with the weights.
   sample: ml_collections.ConfigDict  # The solver settings to sample with.
-  scale: int  # Output size / input size.
-  unit: int  # Network input sizes (latent grid) must be multiples of this.
   first_stage: Any
   graphdef: nnx.GraphDef
   params: Any
+  mesh: jax.sharding.Mesh
 
-  def velocity(self) -> flow.VelocityFn:
+  @property
+  def scale(self) -> int:
+    """Output size / input size."""
+    return self.config.data.high_res_size // self.config.data.low_res_size
+
+  @property
+  def unit(self) -> int:
+    """Network input sizes (the latent grid) must be multiples of this."""
+    return 2**(len(self.config.model.channel_mult) - 1)
+
+  @property
+  def objective(self) -> flow.Objective:
+    return flow.objective(self.config.flow)
+
+  def velocity(self) -> sampling.VelocityFn:
     return velocity_fn(self.graphdef, self.params)
+
+  def boost(self, image=None, **kwargs):
+    """`boost([self], image, ...)`."""
+    return boost([self], image, **kwargs)
+
+  def export(self, directory: str, dtype: str = 'float32') -> str:
+    """Writes the config and the sampling weights (cast to `dtype`: float32 or bfloat16) to
+    `directory`, which `load` restores without the training workdir; returns the directory."""
+    if dtype not in ('float32', 'bfloat16'):
+      raise UserError(f'export dtype {dtype!r} is unknown; use float32 or bfloat16.')
+    params = jax.tree.map(lambda x: x.astype(dtype), self.params)
+    checkpointing.write_export(directory, params, self.config,
+                               {'step': self.step, 'source': os.path.abspath(self.path),
+                                'dtype': dtype})
+    return directory
 
 
 def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str,
-                             workdir: str) -> ml_collections.ConfigDict:
+                             path: str) -> ml_collections.ConfigDict:
   """The recorded config with its first-stage weights replaced by `weights` when given; a recorded
   path that is gone is a UserError naming the override."""
   config = ml_collections.ConfigDict(config.to_dict())
@@ -65,32 +139,265 @@ def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str,
   elif (config.first_stage.name != 'identity' and config.first_stage.weights
         and not os.path.exists(config.first_stage.weights)):
     raise UserError(
-        f'{workdir} was trained with the first-stage weights {config.first_stage.weights}, which '
+        f'{path} was trained with the first-stage weights {config.first_stage.weights}, which '
         f'no longer exist there; pass the same autoencoder with {WEIGHTS_FLAG}=PATH.')
   return config
 
 
-def load(workdir: str, sample_config: ml_collections.ConfigDict,
-         replicated: jax.sharding.Sharding, *, first_stage_weights: str = '') -> TrainedModel:
-  """Restores the latest checkpoint of a training workdir onto `replicated` devices."""
-  directory = os.path.join(workdir, 'checkpoints')
-  step = checkpointing.latest_step(directory)
-  if step is None:
-    raise UserError(f'{workdir} holds no checkpoint (nothing in {directory}); point --workdir (or '
-                    'a stage of config.sample.stages) at the workdir of a --mode=train run, or '
-                    f'train it first with --mode=train --workdir={workdir}.')
-  config = with_first_stage_weights(checkpointing.restore_config(directory, step),
-                                    first_stage_weights, workdir)
+def default_mesh() -> jax.sharding.Mesh:
+  """All devices on the batch axis."""
+  return sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+
+
+def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
+         first_stage_weights: str = '', mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
+  """Restores a training workdir's latest checkpoint or an exported model, replicated on `mesh`
+  (default: all devices). `sample` (config.sample's fields) replaces the saved solver settings."""
+  mesh = mesh or default_mesh()
+  exported = checkpointing.is_export(path)
+  if exported:
+    saved_config, info = checkpointing.read_export_config(path)
+    step = info['step']
+  else:
+    directory = os.path.join(path, 'checkpoints')
+    step = checkpointing.latest_step(directory)
+    if step is None:
+      raise UserError(f'{path} holds no checkpoint (nothing in {directory}); point --workdir (or a '
+                      'stage of config.sample.stages) at the workdir of a --mode=train run or at '
+                      f'a --mode=export directory, or train it first with --mode=train '
+                      f'--workdir={path}.')
+    saved_config = checkpointing.restore_config(directory, step)
+  config = with_first_stage_weights(saved_config, first_stage_weights, path)
+  sampling_config = ml_collections.ConfigDict((sample or config.sample).to_dict())
+  try:
+    sampling.check_config(sampling_config)
+  except ValueError as e:
+    raise UserError(f'{path}: {e}') from None
   first_stage = upsampling.first_stage_from_config(config)
-  graphdef = model_graphdef(config, first_stage.channels)
-  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: unet.unet_from_config(config.model, first_stage.channels, rngs=nnx.Rngs(0))),
-      nnx.Param))
+  abstract_model = _abstract_model(config, first_stage.channels)
+  graphdef, shapes = nnx.split(abstract_model, nnx.Param)
+  replicated = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          shapes)
-  name = 'ema_params' if config.ema.use_for_sampling else 'params'
-  params = checkpointing.restore_subtree(directory, step, name, abstract)
-  scale = config.data.high_res_size // config.data.low_res_size
-  unit = 2**(len(config.model.channel_mult) - 1)
-  return TrainedModel(workdir=workdir, step=step, config=config, sample=sample_config, scale=scale,
-                      unit=unit, first_stage=first_stage, graphdef=graphdef, params=params)
+                          nnx.to_pure_dict(shapes))
+  if exported:
+    params = checkpointing.read_export_params(path, abstract)
+  else:
+    name = 'ema_params' if config.ema.use_for_sampling else 'params'
+    params = checkpointing.restore_subtree(directory, step, name, abstract)
+  return TrainedModel(path=path, step=step, config=config, sample=sampling_config,
+                      first_stage=first_stage, graphdef=graphdef, params=params, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- boosting
+
+
+@dataclasses.dataclass
+class Batch:
+  """One batch through a cascade (host arrays, the padding for the devices removed)."""
+  images: np.ndarray  # [n, H, W, 3] in [-1, 1].
+  latents: np.ndarray  # [n, H/f, W/f, C], scaled, the last model's output.
+  nfe: list[np.ndarray]  # Per model, [n] network evaluations spent.
+  ok: list[np.ndarray]  # Per model, [n] True where the solver reached t=1.
+  trajectory: list[np.ndarray]  # The last model's ODE states, decoded, each [n, H, W, 3].
+  seconds: float  # Wall clock without compilation.
+
+
+def _pad_to(x: jax.Array, unit: int) -> jax.Array:
+  """Pads [B, H, W, C] at the bottom/right by edge replication to multiples of `unit`."""
+  h, w = x.shape[1:3]
+  pad = ((0, 0), (0, -h % unit), (0, -w % unit), (0, 0))
+  return jnp.pad(x, pad, mode='edge') if any(p[1] for p in pad) else x
+
+
+class Cascade:
+  """Trained models applied in turn (one model is a cascade of one), compiled once per shape."""
+
+  def __init__(self, models: Sequence[TrainedModel]):
+    if not models:
+      raise UserError('a cascade needs at least one trained model.')
+    first = models[0].config.first_stage.to_dict()
+    for i, model in enumerate(models[1:], start=2):
+      if model.config.first_stage.to_dict() != first:
+        raise UserError(f'stage {i} ({model.path}) was trained with another first stage than '
+                        f'stage 1 ({models[0].path}); stages pass latents on, so train every '
+                        'stage of a cascade with the same config.first_stage.')
+    self.models = list(models)
+    self.first_stage = models[0].first_stage
+    self.mesh = models[0].mesh
+    self.batch_sharding = sharding.batch_sharded(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
+    self.devices = self.mesh.devices.size
+    self.compile_seconds = 0.0
+    self._cache: dict[Any, Any] = {}
+
+  def _compiled(self, cache_key, fn, *args, in_shardings):
+    if cache_key not in self._cache:
+      t0 = time.perf_counter()
+      self._cache[cache_key] = jax.jit(fn, in_shardings=in_shardings).lower(*args).compile()
+      self.compile_seconds += time.perf_counter() - t0
+    return self._cache[cache_key](*args)
+
+  def _input_unit(self, model: TrainedModel, kind: str) -> int:
+    """Input sizes must be multiples of this so that the target latent grid fits the network."""
+    factor = model.first_stage.factor if kind == 'image' else 1
+    unit = model.unit * factor // math.gcd(model.unit * factor, model.scale)
+    if kind == 'image' and model.config.flow.upsampling_mode != 'psu':
+      unit = math.lcm(unit, model.first_stage.factor)  # The low-res image itself is encoded.
+    return unit
+
+  def _lift(self, index: int, kind: str, x: jax.Array, key: jax.Array,
+            save_trajectory: int) -> sampling.Solution:
+    model = self.models[index]
+    factor = model.first_stage.factor if kind == 'image' else 1
+    target = (x.shape[1] * model.scale // factor, x.shape[2] * model.scale // factor)
+    fs_graphdef, fs_params = nnx.split(model.first_stage)
+
+    def fn(params, fs_params, x, key):
+      inputs = {'low_res_images' if kind == 'image' else 'low_res_latents': x}
+      return lift(model.graphdef, params, nnx.merge(fs_graphdef, fs_params), model.config,
+                  model.sample, target, key, save_trajectory=save_trajectory, **inputs)
+
+    return self._compiled(('lift', index, kind, x.shape, save_trajectory), fn, model.params,
+                          fs_params, x, key, in_shardings=(self.replicated, self.replicated,
+                                                           self.batch_sharding, self.replicated))
+
+  def decode(self, latents, tiled: bool = True) -> jax.Array:
+    """Latents [n, h, w, C] -> images [n, h f, w f, 3] (padded to fill the devices and cropped)."""
+    graphdef, params = nnx.split(self.first_stage)
+    n = len(latents)
+    padded = jax.device_put(
+        jnp.concatenate([latents, jnp.repeat(latents[-1:], -n % self.devices, axis=0)]),
+        self.batch_sharding)
+
+    def fn(params, z):
+      model = nnx.merge(graphdef, params)
+      return model.decode_tiled(z) if tiled else model.decode(z)
+
+    return self._compiled(('decode', padded.shape, tiled), fn, params, padded,
+                          in_shardings=(self.replicated, self.batch_sharding))[:n]
+
+  def run(self, x: np.ndarray, kind: str, key: jax.Array, *, save_trajectory: int = 0) -> Batch:
+    """Boosts one batch x [n, h, w, 3] of images in [-1, 1] (kind 'image') or [n, h, w, C] of
+    scaled latents (kind 'latent'); model k draws its noise from fold_in(key, k)."""
+    n = len(x)
+    padded = np.concatenate([x, np.repeat(x[-1:], -n % self.devices, axis=0)])
+    compile_before, t0 = self.compile_seconds, time.perf_counter()
+    z = jax.device_put(padded, self.batch_sharding)
+    pixels = tuple(d * (1 if kind == 'image' else self.first_stage.factor) for d in x.shape[1:3])
+    nfes, oks, solution = [], [], None
+    for k, model in enumerate(self.models):
+      save = save_trajectory if k == len(self.models) - 1 else 0
+      solution = self._lift(k, kind, _pad_to(z, self._input_unit(model, kind)),
+                            jax.random.fold_in(key, k), save)
+      pixels = (pixels[0] * model.scale, pixels[1] * model.scale)
+      grid = (-(-pixels[0] // self.first_stage.factor), -(-pixels[1] // self.first_stage.factor))
+      z, kind = solution.x1[:, :grid[0], :grid[1]], 'latent'
+      nfes.append(jnp.broadcast_to(solution.nfe, (len(padded),)))
+      oks.append(jnp.broadcast_to(solution.ok, (len(padded),)))
+    decoded = self.decode(z)[:, :pixels[0], :pixels[1]]
+    frames = [] if solution.trajectory is None else [
+        self.decode(s[:, :grid[0], :grid[1]])[:, :pixels[0], :pixels[1]]
+        for s in solution.trajectory]
+    decoded, z, nfes, oks, frames = jax.device_get((decoded, z, nfes, oks, frames))
+    seconds = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
+    return Batch(images=decoded[:n], latents=z[:n], nfe=[v[:n] for v in nfes],
+                 ok=[v[:n] for v in oks], trajectory=[f[:n] for f in frames], seconds=seconds)
+
+  def batches(self, inputs: Sequence[tuple[str, np.ndarray]], batch_size: int, seed: int, *,
+              save_trajectory: int = 0) -> Iterator[tuple[list[int], Batch]]:
+    """Boosts (kind, array) inputs in batches of up to `batch_size` of one kind and shape, in
+    order of first appearance; yields (input indices, Batch). Batch b draws from
+    fold_in(key(seed), b), so the same inputs, batch size and seed give the same outputs."""
+    if batch_size < 1:
+      raise UserError(f'the batch size {batch_size} must be at least 1.')
+    groups: dict[Any, list[int]] = {}
+    for i, (kind, array) in enumerate(inputs):
+      groups.setdefault((kind, array.shape), []).append(i)
+    key = jax.random.PRNGKey(seed)
+    ids_of_batches = [ids[j:j + batch_size] for ids in groups.values()
+                      for j in range(0, len(ids), batch_size)]
+    for b, ids in enumerate(ids_of_batches):
+      kind = inputs[ids[0]][0]
+      yield ids, self.run(np.stack([inputs[i][1] for i in ids]), kind,
+                          jax.random.fold_in(key, b), save_trajectory=save_trajectory)
+
+
+def latent_array(array: np.ndarray, first_stage, scaled: bool, where: str) -> np.ndarray:
+  """First-stage latents [N,] C, h, w (NCHW, as diffusers returns them) or [N,] h, w, C ->
+  float32 [N, h, w, C] times the scale factor (unless `scaled`: already multiplied)."""
+  c = first_stage.channels
+  array = np.asarray(array)
+  if not np.issubdtype(array.dtype, np.number) or array.ndim not in (3, 4):
+    raise UserError(f'{where} holds a {array.dtype} array of shape {array.shape}; expected '
+                    f'latents of shape [N,] {c}, h, w or [N,] h, w, {c}.')
+  array = array[None] if array.ndim == 3 else array
+  if array.shape[1] == c and array.shape[-1] != c:
+    array = array.transpose(0, 2, 3, 1)
+  elif array.shape[-1] != c:
+    raise UserError(f'{where} holds latents of shape {array.shape} without the {c} channels of '
+                    f"this model's first stage; expected [N,] {c}, h, w or [N,] h, w, {c}.")
+  return array.astype(np.float32) * np.float32(1.0 if scaled else first_stage.scale_factor)
+
+
+def image_array(image: Any, where: str) -> np.ndarray:
+  """A PIL image, uint8 [h, w, 3] or float [h, w, 3] in [0, 1] -> float32 [h, w, 3] in [-1, 1]."""
+  if isinstance(image, Image.Image):
+    return images.normalize(images.pil_to_rgb_uint8(image))
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise UserError(f'{where} has shape {image.shape}; pass RGB images [h, w, 3] (or PIL images).')
+  if image.dtype == np.uint8:
+    return images.normalize(image)
+  if np.issubdtype(image.dtype, np.floating):
+    return np.asarray(image, np.float32) * 2 - 1
+  raise UserError(f'{where} is a {image.dtype} array; pass uint8 in [0, 255] or float in [0, 1].')
+
+
+def _as_list(x, batched_ndim: int) -> list:
+  if isinstance(x, (list, tuple)):
+    return list(x)
+  if isinstance(x, Image.Image):
+    return [x]
+  x = np.asarray(x)
+  return list(x) if x.ndim == batched_ndim else [x]
+
+
+def boost(models: TrainedModel | Sequence[TrainedModel], image=None, *, latents=None,
+          output_type: str = 'pil', seed: int = 0, batch_size: int = 8,
+          latents_scaled: bool = True):
+  """Boosts low-res images or latents with one model or a cascade (a list of them).
+
+  Args:
+    models: a TrainedModel or a list applied in turn.
+    image: a PIL image, an RGB array [h, w, 3] (uint8, or float in [0, 1]), or a list / batch
+      [N, h, w, 3] of them; sizes may differ.
+    latents: instead of images, first-stage latents [N,] C, h, w (NCHW, as diffusers returns them)
+      or [N,] h, w, C; already times the scale factor unless `latents_scaled=False`.
+    output_type: 'pil' (a list of PIL images), 'np' (float32 [N, H, W, 3] in [0, 1], a list when
+      the sizes differ) or 'latent' (float32 NCHW [N, C, H/f, W/f], scaled, a list when the sizes
+      differ), as diffusers pipelines return them.
+    seed: the noise of the sources; the same inputs, batch size and seed give the same outputs.
+    batch_size: inputs per compiled call (padded to a multiple of the local devices).
+  """
+  cascade = Cascade([models] if isinstance(models, TrainedModel) else models)
+  if output_type not in OUTPUT_TYPES:
+    raise UserError(f'output_type={output_type!r} is unknown; use one of {OUTPUT_TYPES}.')
+  if (image is None) == (latents is None):
+    raise UserError('pass either images or latents to boost.')
+  if image is not None:
+    inputs = [('image', image_array(x, f'image {i}')) for i, x in enumerate(_as_list(image, 4))]
+  else:
+    inputs = [('latent', z) for i, x in enumerate(_as_list(latents, 4))
+              for z in latent_array(x, cascade.first_stage, latents_scaled, f'latent {i}')]
+  outputs: list[Any] = [None] * len(inputs)
+  for ids, batch in cascade.batches(inputs, batch_size, seed):
+    for j, i in enumerate(ids):
+      if output_type == 'latent':
+        outputs[i] = batch.latents[j].transpose(2, 0, 1)
+      elif output_type == 'np':
+        outputs[i] = np.clip((batch.images[j] + 1) / 2, 0.0, 1.0)
+      else:
+        outputs[i] = Image.fromarray(np.asarray(metrics.to_uint8(batch.images[j])))
+  if output_type == 'pil':
+    return outputs
+  return np.stack(outputs) if len({x.shape for x in outputs}) == 1 else outputs

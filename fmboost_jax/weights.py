@@ -327,6 +327,8 @@ def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
   if os.path.exists(directory) and os.listdir(directory):
     raise UserError(f'the output directory {directory} is not empty; choose a new --workdir for '
                     'the converted weights.')
+  if os.path.isdir(directory):
+    os.rmdir(directory)  # Orbax writes the directory itself.
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, nnx.to_pure_dict(state))
   return directory

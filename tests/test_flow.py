@@ -15,6 +15,10 @@ def flow_config(**overrides):
   return c
 
 
+def loss(v, x1, x_up, key, c):
+  return flow.objective(c).loss(v, x1, x_up, key)
+
+
 @pytest.mark.parametrize('step,ab,signal,noise', [
     (400, 0.653904, 0.808643, 0.588299),
     (100, 0.975477, 0.98766, 0.15660),
@@ -82,42 +86,72 @@ def test_cfm_loss_is_mse_against_x1_minus_x0():
     seen.update(x_t=x_t, context=context, t=t)
     return jnp.zeros_like(x_t)
 
-  loss = flow.loss(v, x1, x_up, key, c)
+  value = loss(v, x1, x_up, key, c)
   source_key, t_key, _ = jax.random.split(key, 3)
   x0 = flow.noise_augment(x_up, source_key, 400)
   t = jax.random.uniform(t_key, (4,))
   np.testing.assert_allclose(seen['t'], t)
   np.testing.assert_allclose(seen['context'], x_up)  # The context is the clean input.
   np.testing.assert_allclose(seen['x_t'], flow.interpolant(x0, x1, t, 'linear')[0], atol=1e-6)
-  np.testing.assert_allclose(loss, jnp.mean((x1 - x0)**2), rtol=1e-6)
+  np.testing.assert_allclose(value, jnp.mean((x1 - x0)**2), rtol=1e-6)
 
 
 def test_fm_starts_from_standard_normal_noise():
   x1, x_up = _oracle_and_inputs()
-  x0, context = flow.source_and_context(jnp.zeros((64, 16, 16, 4)), jax.random.PRNGKey(0),
-                                        flow_config(objective='fm', noising_step=0))
+  x0, context = flow.objective(flow_config(objective='fm', noising_step=0)).source(
+      jnp.zeros((64, 16, 16, 4)), jax.random.PRNGKey(0))
   assert abs(float(x0.mean())) < 0.02 and abs(float(x0.std()) - 1) < 0.02
   np.testing.assert_array_equal(context, 0.0)
 
 
-def test_sigma_min_perturbs_x_t_only():
+def test_cfm_sigma_min_perturbs_x_t_only():
+  """cfm: the I-CFM form of the official code, sigma_min * eps added to x_t, target unchanged."""
   x1, x_up = _oracle_and_inputs()
   got = {}
-  flow.loss(lambda x, c, t: got.setdefault('a', x), x1, x_up, jax.random.PRNGKey(0), flow_config())
-  flow.loss(lambda x, c, t: got.setdefault('b', x), x1, x_up, jax.random.PRNGKey(0),
-            flow_config(sigma_min=0.1))
+  loss(lambda x, c, t: got.setdefault('a', x), x1, x_up, jax.random.PRNGKey(0), flow_config())
+  loss(lambda x, c, t: got.setdefault('b', x), x1, x_up, jax.random.PRNGKey(0),
+       flow_config(sigma_min=0.1))
   diff = np.asarray(got['b'] - got['a'])
   assert 0.09 < diff.std() < 0.11
+  # The target is still x1 - x0: the oracle on the unperturbed path has the same loss.
+  key = jax.random.PRNGKey(0)
+  source_key, _, _ = jax.random.split(key, 3)
+  x0 = flow.noise_augment(x_up, source_key, 400)
+  value = loss(lambda x, c, t: x1 - x0, x1, x_up, key, flow_config(sigma_min=0.1))
+  assert float(value) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize('sigma_min', [0.0, 0.1])
+def test_fm_follows_the_papers_equations_3_to_5(sigma_min):
+  """fm: x_t = (1 - (1 - s) t) x0 + t x1 with target x1 - (1 - s) x0 (s = sigma_min)."""
+  x1, x_up = _oracle_and_inputs()
+  key = jax.random.PRNGKey(5)
+  c = flow_config(objective='fm', noising_step=0, sigma_min=sigma_min)
+  seen = {}
+
+  def v(x_t, context, t):
+    seen.update(x_t=x_t, t=t)
+    return jnp.zeros_like(x_t)
+
+  value = loss(v, x1, x_up, key, c)
+  source_key, t_key, _ = jax.random.split(key, 3)
+  x0 = jax.random.normal(source_key, x1.shape)
+  t = np.asarray(jax.random.uniform(t_key, (4,)))[:, None, None, None]
+  np.testing.assert_allclose(seen['x_t'], (1 - (1 - sigma_min) * t) * x0 + t * x1, atol=1e-6)
+  np.testing.assert_allclose(value, jnp.mean((x1 - (1 - sigma_min) * x0)**2), rtol=1e-5)
+  # At t = 1 the path ends at x1 + sigma_min x0: a Gaussian of width sigma_min around the target.
+  end = flow.objective(c).path(x0, x1, jnp.ones((4,)), key)[0]
+  np.testing.assert_allclose(end, x1 + sigma_min * x0, atol=1e-6)
 
 
 @pytest.mark.parametrize('objective', ['l1', 'l2'])
 def test_regression_predicts_the_residual_at_t0(objective):
   x1, x_up = _oracle_and_inputs()
-  c = flow_config(objective=objective)
+  c = flow_config(objective=objective, noising_step=0)
   # A perfect predictor of x1 - x_up has zero loss; a zero predictor has the L1/L2 residual.
-  perfect = flow.loss(lambda x, ctx, t: x1 - x, x1, x_up, jax.random.PRNGKey(0), c)
+  perfect = loss(lambda x, ctx, t: x1 - x, x1, x_up, jax.random.PRNGKey(0), c)
   assert float(perfect) == pytest.approx(0.0, abs=1e-7)
-  zero = flow.loss(lambda x, ctx, t: jnp.zeros_like(x), x1, x_up, jax.random.PRNGKey(0), c)
+  zero = loss(lambda x, ctx, t: jnp.zeros_like(x), x1, x_up, jax.random.PRNGKey(0), c)
   expected = jnp.mean(jnp.abs(x1 - x_up)) if objective == 'l1' else jnp.mean((x1 - x_up)**2)
   np.testing.assert_allclose(zero, expected, rtol=1e-6)
 
@@ -129,7 +163,16 @@ def test_regression_predicts_the_residual_at_t0(objective):
     (dict(noising_step=1), 'noising_step'),
     (dict(noising_step=1000), 'noising_step'),
     (dict(objective='fm'), 'noising_step=0'),
+    (dict(objective='l2'), 'noising_step=0'),
+    (dict(objective='l1', noising_step=0, sigma_min=0.1), 'sigma_min=0'),
 ])
 def test_bad_flow_settings_are_rejected(overrides, match):
   with pytest.raises(ValueError, match=match):
     flow.check_config(flow_config(**overrides))
+
+
+@pytest.mark.parametrize('name,is_flow', [('cfm', True), ('fm', True), ('l1', False),
+                                          ('l2', False)])
+def test_objective_names_and_kinds(name, is_flow):
+  o = flow.objective(flow_config(objective=name, noising_step=400 if name == 'cfm' else 0))
+  assert (o.name, o.is_flow) == (name, is_flow)

@@ -1,4 +1,4 @@
-"""Tests for fmboost_jax/input_pipeline.py (all offline, small images, a few seconds in total)."""
+"""Tests for fmboost_jax/input_pipeline.py, data_sources.py and images.py (offline, seconds)."""
 
 import logging
 import os
@@ -15,7 +15,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
+from fmboost_jax import data_sources as ds
 from fmboost_jax import errors
+from fmboost_jax import images
 from fmboost_jax import input_pipeline as ip
 
 
@@ -81,17 +83,17 @@ def check_held_out(batch_images, heights, size):
 
 
 def test_config_errors(monkeypatch):
-  assert issubclass(ip.DataError, errors.UserError) and issubclass(ip.DataError, ValueError)
-  with pytest.raises(ip.DataError, match='low_res_size=12 does not divide'):
+  assert issubclass(ds.DataError, errors.UserError) and issubclass(ds.DataError, ValueError)
+  with pytest.raises(ds.DataError, match='low_res_size=12 does not divide'):
     ip.check_config(make_config(size=32, low_res_size=12))
-  with pytest.raises(ip.DataError, match="Unknown config.data.source='imagenet'"):
+  with pytest.raises(ds.DataError, match="Unknown config.data.source='imagenet'"):
     ip.create_train_iterator(make_config(source='imagenet'))
-  with pytest.raises(ip.DataError, match='config.data.path is empty'):
+  with pytest.raises(ds.DataError, match='config.data.path is empty'):
     ip.check_config(make_config(source='folder'))
-  with pytest.raises(ip.DataError, match='tfds_name is empty'):
+  with pytest.raises(ds.DataError, match='tfds_name is empty'):
     ip.check_config(make_config(source='tfds'))
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  with pytest.raises(ip.DataError, match='batch_size=7 .* multiple of 2'):
+  with pytest.raises(ds.DataError, match='batch_size=7 .* multiple of 2'):
     ip.create_train_iterator(make_config(batch_size=7))
   ip.check_config(make_config(batch_size=8))
   assert ip.local_batch_size(make_config(batch_size=8)) == 4
@@ -103,16 +105,16 @@ def test_config_errors(monkeypatch):
 
 def test_array_conversion_and_range():
   gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
-  np.testing.assert_array_equal(ip.to_rgb_uint8(gray), np.stack([gray] * 3, -1))
+  np.testing.assert_array_equal(images.to_rgb_uint8(gray), np.stack([gray] * 3, -1))
   rgba = np.array([[[100, 50, 0, 0], [100, 50, 0, 255], [100, 50, 0, 128]]], np.uint8)
-  np.testing.assert_array_equal(ip.to_rgb_uint8(rgba)[0],
+  np.testing.assert_array_equal(images.to_rgb_uint8(rgba)[0],
                                 [[255, 255, 255], [100, 50, 0], [177, 152, 127]])
-  np.testing.assert_array_equal(ip.to_rgb_uint8(np.array([[True, False]]))[0, :, 0], [255, 0])
-  np.testing.assert_array_equal(ip.to_rgb_uint8(np.array([[0.0, 0.5, 1.0]]))[0, :, 1],
+  np.testing.assert_array_equal(images.to_rgb_uint8(np.array([[True, False]]))[0, :, 0], [255, 0])
+  np.testing.assert_array_equal(images.to_rgb_uint8(np.array([[0.0, 0.5, 1.0]]))[0, :, 1],
                                 [0, 128, 255])
   np.testing.assert_array_equal(
-      ip.to_rgb_uint8(np.array([[0, 257, 65535, 300]], np.uint16))[0, :, 2], [0, 1, 255, 1])
-  x = ip.normalize(np.array([0, 1, 254, 255], np.uint8))
+      images.to_rgb_uint8(np.array([[0, 257, 65535, 300]], np.uint16))[0, :, 2], [0, 1, 255, 1])
+  x = images.normalize(np.array([0, 1, 254, 255], np.uint8))
   assert x.dtype == np.float32 and x[0] == -1.0 and x[-1] == 1.0
   np.testing.assert_allclose(x[1:3], [1 / 127.5 - 1, 254 / 127.5 - 1], rtol=1e-6)
 
@@ -120,14 +122,14 @@ def test_array_conversion_and_range():
 def test_file_conversion_modes(tmp_path):
   gray = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (5, 1))
   Image.fromarray(gray, 'L').save(tmp_path / 'gray.png')
-  np.testing.assert_array_equal(ip.decode_image_file(tmp_path / 'gray.png'),
+  np.testing.assert_array_equal(images.decode_image_file(tmp_path / 'gray.png'),
                                 np.stack([gray] * 3, -1))
 
   rgba = np.zeros((2, 2, 4), np.uint8)
   rgba[..., :3] = (200, 100, 50)
   rgba[..., 3] = [[0, 255], [128, 64]]
   Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
-  out = ip.decode_image_file(tmp_path / 'rgba.png')
+  out = images.decode_image_file(tmp_path / 'rgba.png')
   np.testing.assert_array_equal(out[0, 0], [255, 255, 255])  # Transparent -> white.
   np.testing.assert_array_equal(out[0, 1], [200, 100, 50])  # Opaque -> unchanged.
   alpha = 128 / 255
@@ -136,27 +138,27 @@ def test_file_conversion_modes(tmp_path):
 
   la = np.stack([np.full((2, 2), 40, np.uint8), np.array([[0, 255], [255, 0]], np.uint8)], -1)
   Image.fromarray(la, 'LA').save(tmp_path / 'la.png')
-  np.testing.assert_array_equal(ip.decode_image_file(tmp_path / 'la.png')[..., 0],
+  np.testing.assert_array_equal(images.decode_image_file(tmp_path / 'la.png')[..., 0],
                                 [[255, 40], [40, 255]])
 
   v16 = (np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000 + 7)
   Image.fromarray(v16).save(tmp_path / 'gray16.png')
   assert Image.open(tmp_path / 'gray16.png').mode == 'I;16'
-  np.testing.assert_array_equal(ip.decode_image_file(tmp_path / 'gray16.png'),
+  np.testing.assert_array_equal(images.decode_image_file(tmp_path / 'gray16.png'),
                                 np.stack([v16 >> 8] * 3, -1))
   rgb16 = np.stack([v16, v16 // 2, 65535 - v16], -1)
   write_png16(tmp_path / 'rgb16.png', rgb16)
-  np.testing.assert_array_equal(ip.decode_image_file(tmp_path / 'rgb16.png'), rgb16 >> 8)
+  np.testing.assert_array_equal(images.decode_image_file(tmp_path / 'rgb16.png'), rgb16 >> 8)
 
   palette = Image.new('P', (3, 1))
   palette.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60] + [0] * (253 * 3))
   palette.putdata([0, 1, 2])
   palette.save(tmp_path / 'palette.png', transparency=0)
-  np.testing.assert_array_equal(ip.decode_image_file(tmp_path / 'palette.png')[0],
+  np.testing.assert_array_equal(images.decode_image_file(tmp_path / 'palette.png')[0],
                                 [[255, 255, 255], [10, 20, 30], [40, 50, 60]])
 
   Image.fromarray(np.array([[True, False, True]])).convert('1').save(tmp_path / 'bits.bmp')
-  np.testing.assert_array_equal(ip.decode_image_file(tmp_path / 'bits.bmp')[0, :, 0],
+  np.testing.assert_array_equal(images.decode_image_file(tmp_path / 'bits.bmp')[0, :, 0],
                                 [255, 0, 255])
 
 
@@ -166,7 +168,7 @@ def test_file_conversion_modes(tmp_path):
 
 def test_random_crops_stay_above_validation_strip():
   height, width, size = 100, 40, 16
-  geometry = ip.Geometry(size, strips=True)
+  geometry = ds.Geometry(size, strips=True)
   image = coded_image(0, height, width)
   rng = np.random.default_rng(0)
   tops, lefts = [], []
@@ -192,7 +194,7 @@ def test_random_crops_stay_above_validation_strip():
 
 def test_whole_image_geometry_uses_every_pixel_and_the_centre_for_validation():
   size = 16
-  geometry = ip.Geometry(size)
+  geometry = ds.Geometry(size)
   assert geometry.usable(16, 16) and geometry.usable(16, 40) and not geometry.usable(15, 40)
   assert geometry.minimum() == '16 px on the shorter side'
   rng = np.random.default_rng(0)
@@ -204,7 +206,7 @@ def test_whole_image_geometry_uses_every_pixel_and_the_centre_for_validation():
   assert geometry.validation_offsets(15, 40) == []
 
   # resize_small scales an image up to a shorter side of S, aspect kept; others are untouched.
-  scaled = ip.Geometry(size, resize_small=True)
+  scaled = ds.Geometry(size, resize_small=True)
   assert scaled.usable(4, 9)
   small = coded_image(0, 8, 12)
   assert scaled.prepare(small).shape == (16, 24, 3)
@@ -215,14 +217,14 @@ def test_whole_image_geometry_uses_every_pixel_and_the_centre_for_validation():
 
 def test_hash_split_is_stable_and_near_the_fraction():
   names = [f'dir{i % 7}/img_{i:05d}.jpg' for i in range(20000)]
-  held = [n for n in names if ip.is_held_out(n, 0.1)]
+  held = [n for n in names if ds.is_held_out(n, 0.1)]
   assert 0.09 < len(held) / len(names) < 0.11
   # Membership depends on the name alone: adding files never moves an existing one.
-  assert [n for n in names[:5000] if ip.is_held_out(n, 0.1)] == [n for n in held if n in
+  assert [n for n in names[:5000] if ds.is_held_out(n, 0.1)] == [n for n in held if n in
                                                                  set(names[:5000])]
   # A larger fraction holds out a superset; the path separator does not matter.
-  assert set(held) <= {n for n in names if ip.is_held_out(n, 0.2)}
-  assert ip.is_held_out(os.path.join('a', 'b.png'), 0.5) == ip.is_held_out('a/b.png', 0.5)
+  assert set(held) <= {n for n in names if ds.is_held_out(n, 0.2)}
+  assert ds.is_held_out(os.path.join('a', 'b.png'), 0.5) == ds.is_held_out('a/b.png', 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,19 +236,19 @@ def test_skimage_photos_load_offline(monkeypatch):
     raise AssertionError('network access attempted')
 
   monkeypatch.setattr(socket.socket, 'connect', no_network)
-  ip._load_skimage_photos.cache_clear()
-  photos = ip.load_skimage_photos()
-  assert [name for name, _ in photos] == list(ip.SKIMAGE_PHOTOS)
+  images._load_skimage_photos.cache_clear()
+  photos = images.load_skimage_photos()
+  assert [name for name, _ in photos] == list(images.SKIMAGE_PHOTOS)
   assert len(photos) == 15
   for _, image in photos:
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
-  usable = [name for name, image in photos if ip.Geometry(64, strips=True).usable(*image.shape[:2])]
+  usable = [name for name, image in photos if ds.Geometry(64, strips=True).usable(*image.shape[:2])]
   assert len(usable) >= 10 and len(usable) == 15
   import skimage.data  # pylint: disable=g-import-not-at-top
   np.testing.assert_array_equal(photos[0][1], skimage.data.astronaut())
   np.testing.assert_array_equal(photos[-1][1][..., 2], skimage.data.coins())
 
-  with pytest.raises(ip.DataError, match='None of the 15 bundled scikit-image photographs'):
+  with pytest.raises(ds.DataError, match='None of the 15 bundled scikit-image photographs'):
     ip.create_train_iterator(make_config(size=1024))
 
 
@@ -265,12 +267,12 @@ def test_skimage_batches_and_validation():
   # Round-robin: the first tile of each of the 15 photographs except the flat corners of retina
   # and camera (13 tiles), then a second tile per photograph from the middle of its width
   # (astronaut: 512 wide, 16 tiles, the 9th starts at column 256).
-  photos = ip.load_skimage_photos()
+  photos = images.load_skimage_photos()
   assert len(photos) == 15
   astronaut, coffee = photos[0][1], photos[1][1]
-  np.testing.assert_array_equal(val[0], ip.normalize(astronaut[480:512, 0:32]))
-  np.testing.assert_array_equal(val[1], ip.normalize(coffee[368:400, 0:32]))
-  np.testing.assert_array_equal(val[13], ip.normalize(astronaut[480:512, 256:288]))
+  np.testing.assert_array_equal(val[0], images.normalize(astronaut[480:512, 0:32]))
+  np.testing.assert_array_equal(val[1], images.normalize(coffee[368:400, 0:32]))
+  np.testing.assert_array_equal(val[13], images.normalize(astronaut[480:512, 256:288]))
   assert val.std(axis=(1, 2, 3)).min() >= 0.02
   np.testing.assert_array_equal(ip.validation_images(config), val)
 
@@ -334,7 +336,7 @@ def test_folder_recursive_mixed_extensions_and_held_out(tmp_path):
       image.save(tmp_path / name)
   (tmp_path / 'a' / 'notes.txt').write_text('not an image')
 
-  scan = ip.scan_image_folder(str(tmp_path), ip.Geometry(size, strips=True), num_threads=2)
+  scan = ds.scan_image_folder(str(tmp_path), ds.Geometry(size, strips=True), num_threads=2)
   assert [os.path.relpath(p, tmp_path) for p, _, _ in scan.usable] == [
       'a/0.Png', 'a/b/1.PNG', 'a/b/3.jpg', 'c/2.webp', 'c/4.BMP']
   assert [(h, w) for _, h, w in scan.usable] == [(40, 24), (48, 32), (36, 48), (32, 40), (64, 56)]
@@ -380,7 +382,7 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
   (tmp_path / 'whole.jpeg').unlink()
   (tmp_path / 'README.md').write_text('docs')
 
-  scan = ip.scan_image_folder(str(tmp_path), ip.Geometry(size, strips=True), num_threads=2)
+  scan = ds.scan_image_folder(str(tmp_path), ds.Geometry(size, strips=True), num_threads=2)
   assert [os.path.basename(p) for p, _, _ in scan.usable] == ['good.png']
   assert sorted(os.path.basename(p) for p, _ in scan.unreadable) == [
       'corrupt.jpg', 'text.png', 'truncated.JPEG', 'truncated.png']
@@ -397,24 +399,24 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
                                 np.arange(24, 40))
 
   config.data.num_val_images = 2
-  with pytest.raises(ip.DataError, match='Only 1 validation crops .*num_val_images=2'):
+  with pytest.raises(ds.DataError, match='Only 1 validation crops .*num_val_images=2'):
     ip.validation_images(config)
 
   (tmp_path / 'good.png').unlink()
-  with pytest.raises(ip.DataError, match=r'no usable image \(0 usable, 4 unreadable, 2 too small \(below 32x16 px'):
+  with pytest.raises(ds.DataError, match=r'no usable image \(0 usable, 4 unreadable, 2 too small \(below 32x16 px'):
     ip.create_train_iterator(config)
 
 
 def test_folder_missing_or_empty(tmp_path):
   config = make_config('folder', path=str(tmp_path / 'missing'))
-  with pytest.raises(ip.DataError, match='does not exist'):
+  with pytest.raises(ds.DataError, match='does not exist'):
     ip.create_train_iterator(config)
   (tmp_path / 'empty' / 'sub').mkdir(parents=True)
   (tmp_path / 'empty' / 'sub' / 'labels.csv').write_text('a,b')
   config.data.path = str(tmp_path / 'empty')
-  with pytest.raises(ip.DataError, match='holds no .*1 other files'):
+  with pytest.raises(ds.DataError, match='holds no .*1 other files'):
     ip.create_train_iterator(config)
-  with pytest.raises(ip.DataError, match='holds no'):
+  with pytest.raises(ds.DataError, match='holds no'):
     ip.validation_images(config)
 
 
@@ -503,7 +505,7 @@ def test_tfds_source(tmp_path):
 
   # Whole held-out images: the validation split, centre crops, the too small one skipped.
   config.data.holdout = 'images'
-  with pytest.raises(ip.DataError, match="Only 2 validation crops .*larger config.data."
+  with pytest.raises(ds.DataError, match="Only 2 validation crops .*larger config.data."
                      "tfds_val_split than 'validation'"):
     ip.validation_images(config)
   config.data.num_val_images = 2
@@ -513,17 +515,17 @@ def test_tfds_source(tmp_path):
   assert set(image_ids(next(ip.create_train_iterator(config))['image'])) <= {0, 1, 2, 3}
 
   config.data.tfds_split = 'test'
-  with pytest.raises(ip.DataError, match="split 'test'.*tfds build"):
+  with pytest.raises(ds.DataError, match="split 'test'.*tfds build"):
     ip.create_train_iterator(config)
 
 
 def test_tfds_unknown_or_unprepared(tmp_path):
   config = make_config('tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path))
-  with pytest.raises(ip.DataError, match="'no_such_dataset_xyz'.*could not be opened.*check "
+  with pytest.raises(ds.DataError, match="'no_such_dataset_xyz'.*could not be opened.*check "
                      "config.data.tfds_name.*tfds build"):
     ip.create_train_iterator(config)
   config.data.tfds_name = 'mnist'  # Registered in tfds but not prepared in this data_dir.
-  with pytest.raises(ip.DataError, match="'mnist'.*could not be opened"):
+  with pytest.raises(ds.DataError, match="'mnist'.*could not be opened"):
     ip.validation_images(config)
 
 
@@ -552,7 +554,7 @@ def test_folder_holds_out_whole_images_by_a_hash_of_their_paths(tmp_path, caplog
   config = make_config('folder', size=size, batch_size=8, num_val_images=4, holdout='images',
                        path=str(tmp_path), val_fraction=0.25)
   relative = {k: f'd{k % 3}/{k}.png' for k in range(40)}
-  held = sorted((relative[k], k) for k in range(40) if ip.is_held_out(relative[k], 0.25))
+  held = sorted((relative[k], k) for k in range(40) if ds.is_held_out(relative[k], 0.25))
   held_ids = [k for _, k in held]
   assert 4 <= len(held_ids) <= 18
 
@@ -575,12 +577,12 @@ def test_folder_holds_out_whole_images_by_a_hash_of_their_paths(tmp_path, caplog
   # Adding images never moves an existing one across the split.
   for k in range(40, 45):
     Image.fromarray(numbered_image(k, 16, 16)).save(tmp_path / f'new{k}.png')
-  more = ip.open_images(config, 'validation')
-  assert [numbers(ip.normalize(more[i])[None])[0] for i in range(len(more))
-          if numbers(ip.normalize(more[i])[None])[0] < 40] == held_ids
+  more = ds.open_images(config, 'validation')
+  assert [numbers(images.normalize(more[i])[None])[0] for i in range(len(more))
+          if numbers(images.normalize(more[i])[None])[0] < 40] == held_ids
 
   config.data.num_val_images = 40
-  with pytest.raises(ip.DataError, match=r'Only \d+ validation crops .* raise '
+  with pytest.raises(ds.DataError, match=r'Only \d+ validation crops .* raise '
                      'config.data.val_fraction'):
     ip.validation_images(config)
 
@@ -615,16 +617,16 @@ def test_separate_held_out_folder(tmp_path):
 
   config.data.val_path = str(tmp_path / 'train' / 'sub')
   (tmp_path / 'train' / 'sub').mkdir()
-  with pytest.raises(ip.DataError, match='val_path=.* overlaps config.data.path=.*two separate'):
+  with pytest.raises(ds.DataError, match='val_path=.* overlaps config.data.path=.*two separate'):
     ip.validation_images(config)
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'notes.txt').write_text('no images')
   config.data.val_path = str(tmp_path / 'empty')
-  with pytest.raises(ip.DataError, match="'.*empty' holds no .* files"):
+  with pytest.raises(ds.DataError, match="'.*empty' holds no .* files"):
     ip.validation_images(config)
   config.data.val_path = str(tmp_path / 'val')
   config.data.high_res_size, config.data.low_res_size = 20, 10
-  with pytest.raises(ip.DataError, match='has no held-out image .*3 too small .*resize_small'):
+  with pytest.raises(ds.DataError, match='has no held-out image .*3 too small .*resize_small'):
     ip.validation_images(config)
   config.data.resize_small = True
   assert ip.validation_images(config).shape == (3, 20, 20, 3)
@@ -633,10 +635,10 @@ def test_separate_held_out_folder(tmp_path):
 @pytest.mark.parametrize('fraction', [0.0, 1.0, -0.5, 2.0])
 def test_val_fraction_outside_zero_one_is_refused(fraction):
   config = make_config('skimage', holdout='images', val_fraction=fraction)
-  with pytest.raises(ip.DataError, match=f'val_fraction={fraction} must lie strictly between'):
+  with pytest.raises(ds.DataError, match=f'val_fraction={fraction} must lie strictly between'):
     ip.create_train_iterator(config)
   config.data.holdout = 'halves'
-  with pytest.raises(ip.DataError, match="Unknown config.data.holdout='halves'"):
+  with pytest.raises(ds.DataError, match="Unknown config.data.holdout='halves'"):
     ip.validation_images(config)
 
 
@@ -645,7 +647,7 @@ def test_no_image_reaching_high_res_size_is_one_clear_error(tmp_path):
     Image.fromarray(numbered_image(k, 12, 30)).save(tmp_path / f'{k}.png')
   config = make_config('folder', size=16, holdout='images', path=str(tmp_path),
                        val_fraction=0.5)
-  with pytest.raises(ip.DataError, match=r"has no training image \(0 usable, 0 unreadable, 5 too "
+  with pytest.raises(ds.DataError, match=r"has no training image \(0 usable, 0 unreadable, 5 too "
                      r'small \(below 16 px on the shorter side\).*set config.data.resize_small'):
     ip.create_train_iterator(config)
 
@@ -656,11 +658,11 @@ def test_images_above_max_pixels_are_skipped_and_never_decoded(tmp_path, monkeyp
     Image.fromarray(numbered_image(k, 20, 20)).save(tmp_path / f'{k}.png')
   Image.fromarray(numbered_image(9, 200, 300)).save(tmp_path / 'huge.png')
   decoded = []
-  original = ip.decode_image_file
-  monkeypatch.setattr(ip, 'decode_image_file', lambda p: decoded.append(os.path.basename(p))
+  original = images.decode_image_file
+  monkeypatch.setattr(images, 'decode_image_file', lambda p: decoded.append(os.path.basename(p))
                       or original(p))
-  geometry = ip.Geometry(size)
-  scan = ip.scan_image_folder(str(tmp_path), geometry, num_threads=2, max_pixels=50_000)
+  geometry = ds.Geometry(size)
+  scan = ds.scan_image_folder(str(tmp_path), geometry, num_threads=2, max_pixels=50_000)
   assert [(os.path.basename(p), h, w) for p, h, w in scan.too_large] == [('huge.png', 200, 300)]
   assert len(scan.usable) == 4 and 'huge.png' not in decoded
   config = make_config('folder', size=size, batch_size=4, path=str(tmp_path), max_pixels=50_000,
@@ -672,5 +674,5 @@ def test_images_above_max_pixels_are_skipped_and_never_decoded(tmp_path, monkeyp
   assert 'huge.png' not in decoded
   assert '1 too large (above config.data.max_pixels=50000)' in caplog.text
   config.data.max_pixels = 100
-  with pytest.raises(ip.DataError, match='max_pixels=100 is below one 16x16 crop'):
+  with pytest.raises(ds.DataError, match='max_pixels=100 is below one 16x16 crop'):
     ip.create_train_iterator(config)

@@ -88,7 +88,7 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
   import jax  # noqa: PLC0415
 
   from configs import demo  # noqa: PLC0415
-  from fmboost_jax import input_pipeline, precompute, upsampling  # noqa: PLC0415
+  from fmboost_jax import data_sources, images, precompute, upsampling  # noqa: PLC0415
 
   weights = tmp_path / 'vae.safetensors'
   save_safetensors(_ldm_state(random_model(seed=9, **VAE)), str(weights))
@@ -102,10 +102,10 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
   config.first_stage.update(name='sd_vae', weights=str(weights), ch=32, ch_mult=(1, 2),
                             num_res_blocks=1)
   config.precompute.update(crops_per_image=2, shard_size=10)
-  crops = np.stack([input_pipeline.normalize(c) for c in precompute.crops(config)])
-  usable = len(input_pipeline.open_images(config, 'train'))
+  crops = np.stack([images.normalize(c) for c in precompute.crops(config)])
+  usable = len(data_sources.open_images(config, 'train'))
   assert len(crops) == 2 * usable
-  meta = input_pipeline.latents_metadata(_latents_config(config, out))
+  meta = data_sources.latents_metadata(_latents_config(config, out))
   assert meta['num_records'] == 2 * usable and meta['latent_shape'] == [8, 8, 4]
   assert [s['count'] for s in meta['shards']][:-1] == [10] * (len(meta['shards']) - 1)
 
@@ -113,7 +113,7 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
   first_stage = upsampling.first_stage_from_config(config)
   x1, x_up = jax.jit(lambda im: upsampling.training_pair(first_stage, {'image': im}, 8, 'psu'))(
       crops)
-  stored = input_pipeline._LatentRecords(str(out), meta['shards'])  # pylint: disable=protected-access
+  stored = data_sources._LatentRecords(str(out), meta['shards'])  # pylint: disable=protected-access
   np.testing.assert_allclose(np.stack([stored[i]['x1'] for i in range(len(crops))]), x1,
                              atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.stack([stored[i]['x_up'] for i in range(len(crops))]), x_up,
@@ -147,13 +147,13 @@ def test_precompute_resumes_after_a_kill_and_refuses_another_datasets_shards(tmp
   import logging  # noqa: PLC0415
 
   from configs import demo  # noqa: PLC0415
-  from fmboost_jax import input_pipeline, precompute  # noqa: PLC0415
+  from fmboost_jax import data_sources, precompute  # noqa: PLC0415
 
   config = demo.get_config('tiny')
   config.precompute.update(crops_per_image=2, shard_size=6)  # 3 images per shard.
   out = str(tmp_path / 'latents')
   meta = precompute.precompute(config, out)
-  num_images = len(input_pipeline.open_images(config, 'train'))
+  num_images = len(data_sources.open_images(config, 'train'))
   assert len(meta['shards']) == -(-num_images // 3) >= 3
   assert meta['num_records'] == 2 * num_images
   reference = {n: np.load(os.path.join(out, n)) for n in os.listdir(out) if n.endswith('.npy')}
@@ -161,7 +161,7 @@ def test_precompute_resumes_after_a_kill_and_refuses_another_datasets_shards(tmp
   # A run killed after the first shards: the last shard, half written, and the metadata missing.
   last = precompute.shard_names(len(meta['shards']) - 1)
   os.remove(os.path.join(out, last['x1']))
-  os.remove(os.path.join(out, input_pipeline.LATENTS_METADATA))
+  os.remove(os.path.join(out, data_sources.LATENTS_METADATA))
   kept = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in reference if n != last['x1']}
   caplog.set_level(logging.INFO)
   again = precompute.precompute(config, out)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmboost_jax import input_pipeline
+from fmboost_jax import data_sources, images
 from tests import runs
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def write_photos(folder) -> None:
   """1024 px photographs: six bundled ones scaled to 1024 x 1024, a portrait, a landscape, and
   one too small; JPEG, as datasets come."""
   folder.mkdir()
-  photos = dict(input_pipeline.load_skimage_photos())
+  photos = dict(images.load_skimage_photos())
   for name in PHOTOS:
     Image.fromarray(photos[name]).resize((1024, 1024), Image.Resampling.BICUBIC).save(
         folder / f'{name}.jpg', quality=90)
@@ -92,13 +92,13 @@ def test_readme_paper_workflow_at_1024_px(tmp_path):
   write_photos(tmp_path / 'photos')
   write_diffusers_vae(tmp_path / 'sd-vae-ft-mse' / 'diffusion_pytorch_model.safetensors')
   (tmp_path / 'lowres').mkdir()
-  photos = dict(input_pipeline.load_skimage_photos())
+  photos = dict(images.load_skimage_photos())
   Image.fromarray(photos['astronaut']).save(tmp_path / 'lowres' / 'astronaut.png')  # 512 px.
   rng = np.random.default_rng(0)
   np.save(tmp_path / 'lowres' / 'latent.npy', rng.normal(size=(1, 4, 64, 64)).astype(np.float32))
   # Which photographs the hash split holds out (whole images, at least 2 for evaluation).
   held = [n for n in sorted(os.listdir(tmp_path / 'photos'))
-          if n != 'small.jpg' and input_pipeline.is_held_out(n, 0.3)]
+          if n != 'small.jpg' and data_sources.is_held_out(n, 0.3)]
   assert 2 <= len(held) <= 4
 
   where = {'/data/sd-vae-ft-mse': str(tmp_path / 'sd-vae-ft-mse'),
@@ -148,7 +148,7 @@ def test_readme_paper_workflow_at_1024_px(tmp_path):
   # The held-out crops are the centres of the first held-out photographs, never trained on.
   first = np.asarray(Image.open(tmp_path / 'photos' / held[0]).convert('RGB'))
   top, left = (first.shape[0] - 1024) // 2, (first.shape[1] - 1024) // 2
-  np.testing.assert_array_equal(val[0], input_pipeline.normalize(
+  np.testing.assert_array_equal(val[0], images.normalize(
       first[top:top + 1024, left:left + 1024]))
 
   # 3. Train, killed (SIGKILL) once a checkpoint exists, then started again: it resumes.

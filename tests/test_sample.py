@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file as save_safetensors
 
 from configs import demo
-from fmboost_jax import inference, input_pipeline, metrics, sampling, trained_model, upsampling
+from fmboost_jax import images, inference, metrics, trained_model, upsampling
 from fmboost_jax.errors import UserError
 from tests import runs
 from tests.test_autoencoder import random_model
@@ -86,18 +86,17 @@ def test_outputs_are_named_after_inputs_exactly_twice_the_size_and_summarised(st
 
 
 def test_output_is_the_sampler_applied_to_the_source_built_as_in_training(stages, tmp_path):
-  """One input, padded to the 8 devices: the PNG is `sampling.boost` with the documented key."""
+  """One input, padded to the 8 devices: the PNG is the objective's sampler on x_up built as in
+  training, with the documented key (batch 0 of seed 11, stage 0)."""
   image = _write_png(tmp_path / 'x.png', 8, 8, 7)
   config = _sample_config(seed=11)
   inference.sample(config, stages['pixel'], [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
 
-  stage = trained_model.load(stages['pixel'], config.sample,
-                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  x = np.repeat(input_pipeline.normalize(image)[None], 8, axis=0)
+  stage = trained_model.load(stages['pixel'], sample=config.sample)
+  x = np.repeat(images.normalize(image)[None], 8, axis=0)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(11), 0), 0)
-  expected = sampling.boost(stage.velocity(),
-                            upsampling.IdentityFirstStage(), x, (16, 16), key, stage.config.flow,
-                            config.sample)
+  x_up = upsampling.upsample(upsampling.IdentityFirstStage(), 'psu', (16, 16), low_res_images=x)
+  expected = stage.objective.sample(stage.velocity(), x_up, key, config.sample).x1
   expected = np.asarray(metrics.to_uint8(expected[0]))
   got = _png(tmp_path / 'out' / 'x.png')
   assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
@@ -130,7 +129,8 @@ def test_latent_files_nchw_and_nhwc_npy_and_npz(stages, tmp_path):
 def test_two_stage_cascade_multiplies_the_sizes_with_per_stage_solvers(stages, tmp_path):
   """The same 2x checkpoint twice (the network is convolutional): 8 -> 16 -> 32 px."""
   _write_png(tmp_path / 'x.png', 8, 8, 5)
-  config = _sample_config(stages=f"{stages['pixel']};{stages['pixel']},solver=heun,nfe=4",
+  config = _sample_config(stages=(stages['pixel'], {'workdir': stages['pixel'], 'solver': 'heun',
+                                                    'nfe': 4}),
                           figure=True, trajectory=3)
   summary = inference.sample(config, 'unused', [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
   assert _png(tmp_path / 'out' / 'x.png').shape == (32, 32, 3)
@@ -161,7 +161,8 @@ def test_latent_stage_takes_unscaled_latents_and_images(stages, tmp_path):
     ('empty_folder', 'holds no images'),
     ('missing_input', 'does not exist'),
     ('unreadable_only', 'none of the 1 input files could be read'),
-    ('bad_stage_setting', "has the setting 'steps=3'"),
+    ('bad_stage_setting', 'stage 1 of config.sample.stages sets steps; a stage sets workdir'),
+    ('bad_stage_type', 'stage 1 of config.sample.stages is 3; write a path or a dict'),
     ('bad_stage_nfe', 'stage 1 .*nfe=3 is odd'),
     ('trajectory_one', 'trajectory=1 must be'),
 ])
@@ -186,9 +187,11 @@ def test_bad_input_is_one_clear_error(stages, tmp_path, case, match):
     (tmp_path / 'bad.jpg').write_bytes(b'\xff\xd8 truncated')
     inputs = [str(tmp_path / 'bad.jpg')]
   elif case == 'bad_stage_setting':
-    config.sample.stages = f'{workdir},steps=3'
+    config.sample.stages = ({'workdir': workdir, 'steps': 3},)
+  elif case == 'bad_stage_type':
+    config.sample.stages = (3,)
   elif case == 'bad_stage_nfe':
-    config.sample.stages = f'{workdir},solver=heun,nfe=3'
+    config.sample.stages = ({'workdir': workdir, 'solver': 'heun', 'nfe': 3},)
   elif case == 'trajectory_one':
     config.sample.trajectory = 1
   with pytest.raises(UserError, match=match):
@@ -201,14 +204,13 @@ def test_command_line_error_is_one_line_and_exit_code_1(tmp_path):
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
       f'error: {tmp_path} holds no checkpoint (nothing in {tmp_path}/checkpoints); point '
-      '--workdir (or a stage of config.sample.stages) at the workdir of a --mode=train run, or '
-      f'train it first with --mode=train --workdir={tmp_path}.')
+      '--workdir (or a stage of config.sample.stages) at the workdir of a --mode=train run or at '
+      f'a --mode=export directory, or train it first with --mode=train --workdir={tmp_path}.')
 
 
 def test_params_restored_for_sampling_are_the_checkpoints_ema_weights(stages):
   config = _sample_config()
-  stage = trained_model.load(stages['pixel'], config.sample,
-                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  stage = trained_model.load(stages['pixel'], sample=config.sample)
   unquoted = lambda tree: {k.replace("'", ''): v for k, v in runs.flat(tree).items()}  # noqa: E731
   saved = unquoted(runs.restore_state(stages['pixel'], 2)['ema_params'])
   restored = unquoted(stage.params)
@@ -234,7 +236,7 @@ def test_a_moved_latent_workdir_samples_and_evaluates_with_the_weights_overridde
   _write_png(tmp_path / 'x.png', 8, 8, 3)
 
   config = _sample_config()
-  config.eval.checkpoints = str(moved)
+  config.eval.checkpoints = (str(moved),)
   config.eval.nfe_sweep = (2,)
   config.data.num_val_images = 4
   for run in (lambda: inference.sample(config, str(moved), [str(tmp_path / 'x.png')],
@@ -255,3 +257,83 @@ def test_a_moved_latent_workdir_samples_and_evaluates_with_the_weights_overridde
   results = evaluate.evaluate(config, str(tmp_path / 'eval'))
   assert [r['method'] for r in results['rows']] == ['bilinear', 'CFM']
   assert np.isfinite(results['rows'][1]['psnr'])
+
+
+# ----------------------------------------------------------------------------- Python API, export
+
+
+def test_python_boost_gives_the_sample_modes_images_for_every_input_type(stages, tmp_path):
+  """`trained_model.boost` is what `--mode=sample` runs: the same seed and batch give the same
+  pixels from a PIL image, a uint8 array and a float array in [0, 1]."""
+  image = _write_png(tmp_path / 'x.png', 8, 8, 9)
+  inference.sample(_sample_config(seed=5), stages['pixel'], [str(tmp_path / 'x.png')],
+                   str(tmp_path / 'out'))
+  written = _png(tmp_path / 'out' / 'x.png')
+  model = trained_model.load(stages['pixel'])
+  assert model.sample.solver == 'euler' and model.sample.nfe == 2  # Saved with the checkpoint.
+  pil = model.boost(Image.open(tmp_path / 'x.png'), seed=5)
+  assert len(pil) == 1 and pil[0].size == (16, 16)
+  np.testing.assert_array_equal(np.asarray(pil[0]), written)
+  from_uint8 = model.boost(image[None], seed=5, output_type='np')
+  assert from_uint8.shape == (1, 16, 16, 3) and from_uint8.dtype == np.float32
+  assert np.abs(from_uint8[0] * 255 - written).max() <= 0.5 + 1e-3
+  from_float = model.boost([image / 255.0], seed=5, output_type='np')
+  np.testing.assert_allclose(from_float, from_uint8, atol=1e-5)
+  other_seed = model.boost(image, seed=6, output_type='np')
+  assert np.abs(other_seed - from_uint8).max() > 1e-3
+
+
+def test_python_boost_of_latents_nchw_and_a_cascade(stages, tmp_path):
+  model = trained_model.load(stages['latent'])
+  rng = np.random.default_rng(2)
+  z = rng.normal(size=(3, 4, 4, 6)).astype(np.float32)  # NCHW, as diffusers returns them.
+  latents = model.boost(latents=z, output_type='latent')
+  assert latents.shape == (3, 4, 8, 12)
+  nhwc = model.boost(latents=z.transpose(0, 2, 3, 1), output_type='latent')
+  np.testing.assert_array_equal(latents, nhwc)
+  # A cascade of the model twice equals boosting its output again: each stage draws from its own
+  # key, so compare with the second stage's key, not just the shape.
+  twice = trained_model.boost([model, model], latents=z, output_type='np', batch_size=3)
+  assert twice.shape == (3, 32, 48, 3) and 0 <= twice.min() and twice.max() <= 1
+  mixed = model.boost([np.zeros((8, 8, 3), np.uint8), np.zeros((6, 10, 3), np.uint8)],
+                      output_type='np')
+  assert [x.shape for x in mixed] == [(16, 16, 3), (12, 20, 3)]
+  for bad, match in ((dict(output_type='tensor'), 'output_type'),
+                     (dict(latents=np.zeros((2, 3, 5, 5))), "without the 4 channels"),
+                     (dict(), 'either images or latents')):
+    with pytest.raises(UserError, match=match):
+      model.boost(**bad) if "latents" in bad else model.boost(
+          None if 'output_type' not in bad else np.zeros((8, 8, 3), np.uint8), **bad)
+
+
+def test_export_round_trips_through_load_sample_and_the_command_line(stages, tmp_path):
+  """--mode=export writes the EMA weights and the config: loading the export gives the workdir's
+  images exactly (float32) or nearly (bfloat16), and sample and evaluate take it as a workdir."""
+  model = trained_model.load(stages['pixel'])
+  photo = np.asarray(_write_png(tmp_path / 'x.png', 8, 8, 4))
+  expected = model.boost(photo, output_type='np')
+  proc = runs.run_main(stages['pixel'], f'--outdir={tmp_path / "export"}', mode='export',
+                       timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f'Exported step 2 of {stages["pixel"]} (float32' in proc.stdout
+  assert sorted(os.listdir(tmp_path / 'export')) == ['config', 'export.json', 'params']
+  exported = trained_model.load(str(tmp_path / 'export'))
+  assert exported.step == 2 and exported.config.to_dict() == model.config.to_dict()
+  np.testing.assert_array_equal(exported.boost(photo, output_type='np'), expected)
+  summary = inference.sample(_sample_config(), str(tmp_path / 'export'),
+                             [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
+  assert summary['stages'][0]['step'] == 2
+  np.testing.assert_array_equal(_png(tmp_path / 'out' / 'x.png'),
+                                np.asarray(model.boost(photo)[0]))
+  model.export(str(tmp_path / 'bf16'), 'bfloat16')
+  half = trained_model.load(str(tmp_path / 'bf16'))
+  assert all(v.dtype == np.float32 for v in runs.flat(half.params).values())
+  assert np.abs(half.boost(photo, output_type='np') - expected).max() < 0.05
+  # Exporting over an existing export is refused, and leaves it intact.
+  proc = runs.run_main(stages['pixel'], f'--outdir={tmp_path / "export"}', mode='export',
+                       timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path / "export"} already exists; export into a new directory (or remove it).')
+  np.testing.assert_array_equal(trained_model.load(str(tmp_path / 'export')).boost(
+      photo, output_type='np'), expected)

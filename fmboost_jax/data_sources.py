@@ -1,0 +1,470 @@
+"""The sources of a dataset (random-access images or precomputed latents) and its held-out split.
+
+Held-out split (`config.data.holdout`, rules in `Geometry`):
+  * 'images' (the default; real datasets): the held-out set is whole images that are never trained
+    on: the folder `config.data.val_path`, the tfds split `config.data.tfds_val_split`, or the
+    share `config.data.val_fraction` of `config.data.path` chosen by a hash of each file's relative
+    path (`is_held_out`: stable, adding files never moves another across the split). An image is
+    usable when its shorter side is at least S (a 1024 x 1024 photo at S = 1024 is one crop);
+    smaller ones are skipped and counted, or scaled up with `config.data.resize_small`. Training
+    crops are random; the validation crop of a held-out image is its centre S x S square.
+  * 'strips' (the bundled photographs of the demo, which are few): the bottom S rows of every image
+    are held out and training crops come from the top H - S rows; usable images have H >= 2 S and
+    W >= S; validation tiles are the S x S squares along the bottom strips.
+Images above `config.data.max_pixels` are skipped and counted without ever being decoded (a
+12000 x 12000 PNG takes seconds and gigabytes to decode, at every access).
+
+Sources (`config.data.source`):
+  * 'skimage': colour and grayscale photographs bundled inside scikit-image (no download), decoded
+    once and cached in memory.
+  * 'folder': every .jpg/.jpeg/.png/.webp/.bmp file under `config.data.path` (recursive,
+    case-insensitive, symlinks followed). Each file is fully decoded once at start-up to drop
+    unreadable (non-image, corrupt, truncated), too small and too large files; training decodes
+    lazily.
+  * 'tfds': `tfds.data_source(config.data.tfds_name, ...)` (random access, ArrayRecord), its 'image'
+    feature, decoded lazily; too small images are skipped on the fly. Nothing is ever downloaded.
+  * 'latents': the (x1, x_up) shards written by `main.py --mode=precompute` (`_LatentRecords`),
+    memory-mapped; `latents_metadata` checks that they match the config.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import os
+import warnings
+from typing import Any, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from fmboost_jax import errors, images
+
+SOURCES = ('skimage', 'folder', 'tfds', 'latents')
+HOLDOUTS = ('images', 'strips')
+LATENTS_METADATA = 'metadata.json'
+LATENTS_VALIDATION = 'validation_images.npy'
+# The first-stage settings a precomputed dataset must share with the config that trains on it.
+LATENTS_FIRST_STAGE_FIELDS = ('name', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels',
+                              'scale_factor')
+
+
+class DataError(errors.UserError, ValueError):
+  """A user-facing data problem: one sentence naming the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out geometry: which images are usable, where training crops and validation crops lie.
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Crop size, held-out layout and size rules of a dataset (`config.data`).
+
+  holdout='images' (real datasets): held-out images are whole images of their own; an image is
+  usable when its shorter side is at least S (or always, with `resize_small`, which scales smaller
+  images up so that their shorter side is S); training crops lie anywhere in the image and the
+  validation crop of a held-out image is its centre S x S square.
+
+  holdout='strips' (the bundled photographs): every image lends its bottom S rows to the held-out
+  set; an image is usable when H >= 2 S and W >= S, training crops lie in its top H - S rows and
+  the validation tiles are the non-overlapping S x S squares along its bottom strip.
+  """
+  size: int
+  strips: bool = False
+  resize_small: bool = False
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'Geometry':
+    data = config.data
+    return cls(data.high_res_size, data.holdout == 'strips', data.resize_small)
+
+  def usable(self, height: int, width: int) -> bool:
+    if self.strips:
+      return height >= 2 * self.size and width >= self.size
+    return self.resize_small or min(height, width) >= self.size
+
+  def minimum(self) -> str:
+    """The size rule, for messages."""
+    if self.strips:
+      return (f'{2 * self.size}x{self.size} px (H x W: {self.size} px crops above a held-out '
+              'strip)')
+    return f'{self.size} px on the shorter side'
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    """The image as crops are taken from it: scaled up (bicubic) to a shorter side of S when it is
+    smaller and `resize_small` is set; otherwise unchanged."""
+    height, width = image.shape[:2]
+    if self.strips or min(height, width) >= self.size:
+      return image
+    k = self.size / min(height, width)
+    target = (max(self.size, round(width * k)), max(self.size, round(height * k)))
+    return np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BICUBIC))
+
+  def train_crop_offset(self, height: int, width: int,
+                        rng: np.random.Generator) -> tuple[int, int]:
+    """Draws the top-left corner (top, left) of a training crop, uniformly: the row, then the
+    column. With strips, the crop's rows lie in [0, H - S)."""
+    if not self.usable(height, width) or min(height, width) < self.size:
+      raise ValueError(f'Image {height}x{width} is smaller than {self.minimum()}.')
+    bottom = height - (2 if self.strips else 1) * self.size
+    top = int(rng.integers(0, bottom + 1))
+    left = int(rng.integers(0, width - self.size + 1))
+    return top, left
+
+  def train_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random S x S training crop [S, S, C] of `image` (prepared first)."""
+    image = self.prepare(image)
+    top, left = self.train_crop_offset(image.shape[0], image.shape[1], rng)
+    return image[top:top + self.size, left:left + self.size]
+
+  def validation_offsets(self, height: int, width: int) -> list[tuple[int, int]]:
+    """Top-left corners of the validation crops of one (prepared) image: the tiles along the bottom
+    strip, left to right, or the centre square; [] for an unusable image."""
+    s = self.size
+    if not self.usable(height, width) or min(height, width) < s:
+      return []
+    if self.strips:
+      return [(height - s, left) for left in range(0, width - s + 1, s)]
+    return [((height - s) // 2, (width - s) // 2)]
+
+
+def is_held_out(relative_path: str, fraction: float) -> bool:
+  """Whether a file belongs to the held-out share `fraction` of a folder, by a hash of its path
+  relative to the folder ('/'-separated): the same answer on every machine and run, and adding or
+  removing other files never moves a file across the split."""
+  digest = hashlib.sha256(relative_path.replace(os.sep, '/').encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') < fraction * 2.0**64
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources. Each is a random-access sequence of uint8 [H, W, 3] images (None = skip this record).
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderScan:
+  """What a scan of an image folder found.
+
+  Attributes:
+    root: The scanned folder.
+    usable: [(path, height, width)] of usable images (`Geometry.usable`), sorted by path.
+    unreadable: [(path, error message)] of files with an image extension that failed to decode.
+    too_small: [(path, height, width)] of decodable images below the geometry's minimum.
+    too_large: [(path, height, width)] of images above `max_pixels` (never decoded).
+    num_ignored: Files without an image extension (not decoded).
+  """
+  root: str
+  usable: list[tuple[str, int, int]]
+  unreadable: list[tuple[str, str]]
+  too_small: list[tuple[str, int, int]]
+  too_large: list[tuple[str, int, int]]
+  num_ignored: int
+
+  def summary(self, geometry: Geometry, max_pixels: int) -> str:
+    return (f'{len(self.usable)} usable, {len(self.unreadable)} unreadable, {len(self.too_small)} '
+            f'too small (below {geometry.minimum()}), {len(self.too_large)} too large (above '
+            f'config.data.max_pixels={max_pixels}), {self.num_ignored} non-image files ignored')
+
+
+def _list_folder(root: str) -> tuple[list[str], int]:
+  """Recursively lists image files (sorted) and counts other files; follows symlinks once."""
+  files, num_ignored, seen = [], 0, set()
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:  # Symlink cycle.
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    for filename in filenames:
+      if filename.lower().endswith(images.IMAGE_EXTENSIONS):
+        files.append(os.path.join(dirpath, filename))
+      else:
+        num_ignored += 1
+  return sorted(files), num_ignored
+
+
+def _probe_file(path: str, max_pixels: int) -> tuple[str, Any]:
+  """('size', (height, width)) of a fully decodable image, ('too_large', (height, width)) of one
+  above `max_pixels` (read from its header, never decoded), or ('unreadable', message)."""
+  try:
+    with warnings.catch_warnings():  # Pillow warns about large images; the limit is ours.
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        width, height = img.size
+      if height * width > max_pixels:
+        return 'too_large', (height, width)
+      image = images.decode_image_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    return 'unreadable', f'{type(e).__name__}: {e}'
+  return 'size', (image.shape[0], image.shape[1])
+
+
+_SCAN_CACHE: dict[Any, FolderScan] = {}
+
+
+def scan_image_folder(root: str, geometry: Geometry, num_threads: int = 8,
+                      max_pixels: int = 2**62) -> FolderScan:
+  """Decodes every image file under `root` once (thread pool) and sorts the files by usability.
+
+  Images above `max_pixels` are counted from their header and never decoded. Results are cached
+  per process while no file changes (same paths, sizes and mtimes), so the training iterator and
+  the validation images share one scan.
+
+  Args:
+    root: Folder to scan recursively.
+    geometry: The crop size and size rules (`Geometry`).
+    num_threads: Decoding threads (0 means 1).
+    max_pixels: Larger images are skipped.
+
+  Returns:
+    A `FolderScan`.
+
+  Raises:
+    DataError: If `root` is not a folder or holds no file with an image extension.
+  """
+  if not os.path.isdir(root):
+    raise DataError(
+        f'Image folder {root!r} does not exist or is not a folder; set config.data.path to an '
+        'existing folder of images.')
+  files, num_ignored = _list_folder(root)
+  if not files:
+    raise DataError(
+        f'Image folder {root!r} holds no {"/".join(images.IMAGE_EXTENSIONS)} files (searched '
+        f'recursively, {num_ignored} other files); put images there or point config.data.path '
+        'at a folder of images.')
+  stats = []
+  for path in files:
+    try:
+      st = os.stat(path)
+      stats.append((path, st.st_size, st.st_mtime_ns))
+    except OSError:
+      stats.append((path, -1, -1))
+  key = (os.path.realpath(root), geometry, max_pixels, num_ignored, tuple(stats))
+  if key in _SCAN_CACHE:
+    return _SCAN_CACHE[key]
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_threads, 32))) as pool:
+    results = list(pool.map(functools.partial(_probe_file, max_pixels=max_pixels), files))
+  found = {'usable': [], 'unreadable': [], 'too_small': [], 'too_large': []}
+  for path, (kind, value) in zip(files, results):
+    if kind == 'size':
+      kind = 'usable' if geometry.usable(*value) else 'too_small'
+    found[kind].append((path, value) if kind == 'unreadable' else (path, *value))
+  scan = FolderScan(root, num_ignored=num_ignored, **found)
+  if len(_SCAN_CACHE) >= 4:
+    _SCAN_CACHE.pop(next(iter(_SCAN_CACHE)))
+  _SCAN_CACHE[key] = scan
+  return scan
+
+
+class _FolderImages:
+  """Random access to the usable images of a scanned folder, decoded on every access."""
+
+  def __init__(self, paths: Sequence[str]):
+    self._paths = list(paths)
+
+  @property
+  def paths(self) -> list[str]:
+    return list(self._paths)
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def __getitem__(self, index: int) -> np.ndarray | None:
+    path = self._paths[index]
+    try:
+      return images.decode_image_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # The file decoded at start-up, so it changed on disk during training: skip it, loudly.
+      logging.warning('Skipping %s, which no longer decodes (%s: %s).', path, type(e).__name__, e)
+      return None
+
+
+class _TfdsImages:
+  """Random access to the 'image' feature of a tfds data source, as uint8 RGB (None: skip)."""
+
+  def __init__(self, source: Any, geometry: Geometry, max_pixels: int):
+    self._source = source
+    self._geometry = geometry
+    self._max_pixels = max_pixels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> np.ndarray | None:
+    image = images.to_rgb_uint8(self._source[index]['image'])
+    height, width = image.shape[:2]
+    if not self._geometry.usable(height, width) or height * width > self._max_pixels:
+      logging.log_first_n(
+          logging.WARNING, 'Skipping tfds image %d of %dx%d px: it must be at least %s and at '
+          'most config.data.max_pixels=%d pixels.', 5, index, height, width,
+          self._geometry.minimum(), self._max_pixels)
+      return None
+    return image
+
+
+def _open_tfds(config: ml_collections.ConfigDict, split: str) -> _TfdsImages:
+  """Opens a tfds split as a random-access source (never downloads)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data = config.data
+  geometry = Geometry.from_config(config)
+  data_dir = data.tfds_data_dir or None
+  where = f'data_dir {data_dir!r}' if data_dir else 'the default TFDS data_dir'
+  try:
+    source = tfds.data_source(data.tfds_name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = str(e).strip().splitlines()[0].rstrip(' :.') if str(e).strip() else 'no details'
+    check_name = ('check config.data.tfds_name, or ' if type(e).__name__ == 'DatasetNotFoundError'
+                  else '')
+    raise DataError(
+        f'TFDS dataset {data.tfds_name!r} (split {split!r}) could not be opened from '
+        f'{where} ({type(e).__name__}: {reason}); {check_name}prepare it offline with `tfds build '
+        f'{data.tfds_name} --file_format=array_record --data_dir=DIR` and set '
+        'config.data.tfds_data_dir=DIR (nothing is downloaded here), or name another split in '
+        'config.data.tfds_split / tfds_val_split.') from None
+  features = getattr(getattr(source, 'dataset_info', None), 'features', None)
+  if features is not None and 'image' not in features.keys():
+    raise DataError(
+        f'TFDS dataset {data.tfds_name!r} has no "image" feature (it has '
+        f'{sorted(features.keys())}); choose an image dataset for config.data.tfds_name.')
+  if features is not None:
+    shape = tuple(features['image'].shape)
+    if len(shape) == 3 and shape[0] is not None and shape[1] is not None and not geometry.usable(
+        shape[0], shape[1]):
+      raise DataError(
+          f'TFDS dataset {data.tfds_name!r} has {shape[0]}x{shape[1]} images, smaller than '
+          f'{geometry.minimum()}; lower config.data.high_res_size or choose a larger-image '
+          'dataset.')
+  if not len(source):
+    raise DataError(
+        f'TFDS split {data.tfds_name}/{split} is empty; choose a non-empty split.')
+  return _TfdsImages(source, geometry, data.max_pixels)
+
+
+def _split_name(split: str) -> str:
+  return 'held-out' if split == 'validation' else 'training'
+
+
+def open_images(config: ml_collections.ConfigDict,
+                split: str = 'train') -> Sequence[np.ndarray | None]:
+  """Returns the images of one split as a random-access sequence of uint8 [H, W, 3] (or None).
+
+  With holdout='strips' both splits are the same images (their regions differ, see `Geometry`).
+  With holdout='images', 'validation' is `config.data.val_path` (a folder of its own), the tfds
+  split `config.data.tfds_val_split`, or the files of the folder (the photographs' names for
+  skimage) that `is_held_out` assigns to the held-out share `config.data.val_fraction`; 'train'
+  is the rest.
+
+  Raises:
+    DataError: When the split has no usable image, or the held-out folder overlaps the training
+      folder.
+  """
+  if split not in ('train', 'validation'):
+    raise ValueError(f'split={split!r}; use train or validation.')
+  data = config.data
+  geometry = Geometry.from_config(config)
+  held_out = split == 'validation'
+  by_hash = not geometry.strips and not (data.source == 'folder' and data.val_path)
+  what = _split_name(split) if not geometry.strips else 'usable'
+  fix = (f'lower config.data.high_res_size, set config.data.resize_small=True, or add images of '
+         f'at least {geometry.minimum()}')
+  if held_out and by_hash:
+    fix += ' or raise config.data.val_fraction'
+  if data.source == 'skimage':
+    photos = images.load_skimage_photos()
+    if by_hash:
+      photos = [(n, im) for n, im in photos if is_held_out(n, data.val_fraction) == held_out]
+    usable = [image for _, image in photos if geometry.usable(*image.shape[:2])]
+    logging.info('skimage photographs (%s): %d usable, %d too small (below %s).', what,
+                 len(usable), len(photos) - len(usable), geometry.minimum())
+    if not usable:
+      largest = max(min(image.shape[:2]) for _, image in images.load_skimage_photos())
+      raise DataError(
+          f'None of the {len(photos)} {"" if geometry.strips else what + " "}bundled '
+          f'scikit-image photographs is at least '
+          f'{geometry.minimum()} (the largest shorter side is {largest} px); {fix}, or use a '
+          'folder/tfds source.')
+    return usable
+  if data.source == 'folder':
+    root = data.val_path if held_out and not by_hash and not geometry.strips else data.path
+    if data.val_path and not geometry.strips:
+      _check_separate(data.path, data.val_path)
+    scan = scan_image_folder(root, geometry, data.num_threads, data.max_pixels)
+    paths = [path for path, _, _ in scan.usable]
+    if by_hash:
+      paths = [p for p in paths if is_held_out(os.path.relpath(p, root), data.val_fraction)
+               == held_out]
+    logging.info('Image folder %s: %s; %d %s images.', root,
+                 scan.summary(geometry, data.max_pixels), len(paths), what)
+    if scan.unreadable:
+      logging.warning('Unreadable files (first %d of %d): %s', min(5, len(scan.unreadable)),
+                      len(scan.unreadable), '; '.join(f'{p} ({m})' for p, m in scan.unreadable[:5]))
+    if not paths:
+      raise DataError(
+          f'Image folder {root!r} has no {what} image ({scan.summary(geometry, data.max_pixels)}'
+          f'{", val_fraction=" + str(data.val_fraction) if by_hash else ""}); {fix}.')
+    return _FolderImages(paths)
+  name = data.tfds_val_split if held_out and not geometry.strips else data.tfds_split
+  return _open_tfds(config, name)
+
+
+def _check_separate(path: str, val_path: str) -> None:
+  """The held-out folder must not be, contain, or lie inside the training folder."""
+  a, b = os.path.realpath(path), os.path.realpath(val_path)
+  if os.path.commonpath([a, b]) in (a, b):
+    raise DataError(
+        f'config.data.val_path={val_path!r} overlaps config.data.path={path!r} (one lies inside '
+        'the other), so held-out images would be trained on; use two separate folders, or leave '
+        'val_path empty to hold out config.data.val_fraction of data.path.')
+
+
+class _LatentRecords:
+  """Random access over precomputed latent shards (memory-mapped .npy files).
+
+  Record i is `{'x1': float32 [h, w, C], 'x_up': float32 [h, w, C]}`: the scaled latent of a
+  high-res crop and of its low-res version brought to the same grid (written by precompute.py).
+  """
+
+  def __init__(self, path: str, shards: Sequence[dict[str, Any]]):
+    self._arrays = [(np.load(os.path.join(path, sh['x1']), mmap_mode='r'),
+                     np.load(os.path.join(path, sh['x_up']), mmap_mode='r')) for sh in shards]
+    self._ends = np.cumsum([len(a) for a, _ in self._arrays])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    shard = int(np.searchsorted(self._ends, index, side='right'))
+    offset = index - (int(self._ends[shard - 1]) if shard else 0)
+    x1, x_up = self._arrays[shard]
+    return {'x1': np.array(x1[offset]), 'x_up': np.array(x_up[offset])}
+
+
+def latents_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Reads and checks the metadata of the precomputed latents in `config.data.path`."""
+  import json  # pylint: disable=import-outside-toplevel
+  path = os.path.join(config.data.path, LATENTS_METADATA)
+  if not os.path.isfile(path):
+    raise DataError(f'{config.data.path!r} holds no {LATENTS_METADATA}; write precomputed latents '
+                    'there with main.py --mode=precompute first.')
+  with open(path) as f:
+    meta = json.load(f)
+  for field, wanted in (('high_res_size', config.data.high_res_size),
+                        ('low_res_size', config.data.low_res_size),
+                        ('upsampling_mode', config.flow.upsampling_mode)):
+    if meta[field] != wanted:
+      section = 'flow' if field == 'upsampling_mode' else 'data'
+      raise DataError(f'the latents in {config.data.path!r} were made with {field}={meta[field]}, '
+                      f'but config.{section}.{field}={wanted}; use the same value.')
+  for field in LATENTS_FIRST_STAGE_FIELDS:
+    made, wanted = meta['first_stage'][field], config.first_stage[field]
+    if (list(made) if isinstance(made, (list, tuple)) else made) != (
+        list(wanted) if isinstance(wanted, (list, tuple)) else wanted):
+      raise DataError(f'the latents in {config.data.path!r} were made with first_stage.{field}='
+                      f'{made}, but config.first_stage.{field}={wanted}; use the same first stage.')
+  return meta
