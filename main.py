@@ -54,6 +54,27 @@ def exit_now(code: int) -> None:
   os._exit(code)
 
 
+def _unknown_field(error: Exception, argv) -> str:
+  """One sentence for an override of a field the config does not have (ml_collections raises a
+  KeyError whose text is a repr and a suggestion on two lines), or ''."""
+  import re  # noqa: PLC0415
+
+  inner = error.args[0] if error.args and isinstance(error.args[0], KeyError) else error
+  if not isinstance(inner, KeyError) or not inner.args:
+    return ''
+  text = str(inner.args[0])
+  key = re.match(r"'([^']+)'", text)
+  if not key:
+    return ''
+  pattern = rf'--config\.((?:\w+\.)*{re.escape(key[1])})(?=[.=]|$)'
+  flag = next((a for a in argv if re.match(pattern, a)), '')
+  path = re.match(pattern, flag)[1] if flag else key[1]
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  hint = (f'did you mean {path.rsplit(".", 1)[0] + "." if "." in path else ""}{suggestion[1]}?'
+          if suggestion else 'check the spelling against the config file.')
+  return f'the config has no field {path}; {hint}' + (f' (from {flag})' if flag else '')
+
+
 def parse_flags(argv):
   """Parses flags; a bad flag or config override is one line on stderr and exit code 2."""
   try:
@@ -62,7 +83,10 @@ def parse_flags(argv):
     return argv
   except Exception as e:  # noqa: BLE001  (absl, ml_collections and the config file raise many kinds)
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e).replace('\n', ' ')
-    if isinstance(e, OSError):  # The file is missing or does not load.
+    unknown = _unknown_field(e, argv)
+    if unknown:
+      message = unknown
+    elif isinstance(e, OSError):  # The file is missing or does not load.
       reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
       message = (f'the --config file could not be loaded ({reason}); pass the path of an '
                  'ml_collections config file such as configs/demo.py.')

@@ -55,7 +55,7 @@ def main():
   config = default.get_config()
   apply_settings(config, args.set)
   channels = 4
-  model = unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(0))
+  model = trained_model.network(config, channels, nnx.Rngs(0))
   kernel = model.out_conv.kernel
   kernel[...] = unet.torch_kernel_init(jax.random.PRNGKey(1), kernel.shape, kernel.dtype)
   graphdef, state = nnx.split(model, nnx.Param)

@@ -74,7 +74,7 @@ def ema_update(ema_params, params, step: jax.Array, ema_config: ml_collections.C
 
 def init_state(config: ml_collections.ConfigDict, channels: int,
                tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  model = unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(key))
+  model = trained_model.network(config, channels, nnx.Rngs(key))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
@@ -141,9 +141,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   try:
     flow.check_config(config.flow)
     sampling.check_config(config.sample)
-    unet.check_config(config.model)
   except ValueError as e:
     raise UserError(str(e)) from None
+  try:
+    unet.check_arguments(**config.model)
+  except (ValueError, TypeError) as e:
+    raise UserError(f'config.model.{e}') from None
   upsampling.check_mode(config.flow.upsampling_mode)
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     if config.train[name] < 1:

@@ -48,8 +48,14 @@ def velocity_fn(graphdef: nnx.GraphDef, params) -> sampling.VelocityFn:
   return lambda x_t, context, t: model(jnp.concatenate([x_t, context], axis=-1), t)
 
 
+def network(config: ml_collections.ConfigDict, channels: int, rngs: nnx.Rngs) -> unet.UNet:
+  """The velocity network of `config.model` on latents of `channels` channels: its input is
+  concat[x_t, context] (2 * channels), its output the velocity (channels)."""
+  return unet.UNet(in_channels=2 * channels, out_channels=channels, **config.model, rngs=rngs)
+
+
 def _abstract_model(config: ml_collections.ConfigDict, channels: int):
-  return nnx.eval_shape(lambda: unet.unet_from_config(config.model, channels, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: network(config, channels, nnx.Rngs(0)))
 
 
 def model_graphdef(config: ml_collections.ConfigDict, channels: int) -> nnx.GraphDef:

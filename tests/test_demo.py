@@ -1,5 +1,6 @@
 """The README's demo command, shortened from 1500 to 1000 steps to fit the suite's time: its EMA
-model beats bilinear on held-out images, and the README's sample command works on its checkpoint.
+model beats bilinear on held-out images, and the README's sample command and Python example work on
+its checkpoint.
 
 This is the slowest test (about 5 minutes on 2 CPU cores): it is the embedded default itself.
 At 1000 steps the demo measured 32.67 dB / 0.8712 against bilinear's 32.52 dB / 0.8476 (README:
@@ -44,3 +45,11 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   assert summary['num_images'] == 15 and summary['stages'][0]['step'] == 1000
   assert Image.open(boosted / 'astronaut.png').size == (128, 128)
   assert Image.open(boosted / 'figures' / 'astronaut.png').size == (6 * 128, 128)
+
+  # The README's Python example, on the same checkpoint and the PNG just written.
+  code = re.search(r"```python\n(from PIL import Image\nfrom fmboost_jax import trained_model\n.*?)```",
+                   readme, re.S).group(1).replace('workdirs/demo', str(tmp_path))
+  proc = subprocess.run([sys.executable, '-c', code], cwd=runs.ROOT, env=runs.env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == '(128, 128) (1, 3, 128, 128) (1, 256, 256, 3)'

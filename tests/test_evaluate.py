@@ -26,7 +26,7 @@ def checkpoints(tmp_path_factory, tiny_cfm_workdir):
 def _config(checkpoints, **eval_overrides):
   config = demo.get_config('tiny')
   config.data.num_val_images = 12  # Not a multiple of the devices: the last batch is padded.
-  config.eval.checkpoints = ';'.join(checkpoints)
+  config.eval.checkpoints = tuple(checkpoints)
   for k, v in eval_overrides.items():
     config.eval[k] = v
   return config
@@ -101,7 +101,7 @@ def test_bad_input_is_one_clear_error(checkpoints, tmp_path, change, message):
                         tmp_path / 'run' / 'checkpoints')
         for step in os.listdir(tmp_path / 'run' / 'checkpoints'):
           shutil.rmtree(tmp_path / 'run' / 'checkpoints' / step / 'config')
-      config.eval.checkpoints = str(tmp_path / 'run')
+      config.eval.checkpoints = (str(tmp_path / 'run'),)
     elif key == 'sample_nfe':
       config.sample.nfe = value
     elif key == 'num_val_images':

@@ -208,15 +208,44 @@ def test_command_line_error_is_one_line_and_exit_code_1(tmp_path):
       f'a --mode=export directory, or train it first with --mode=train --workdir={tmp_path}.')
 
 
-def test_params_restored_for_sampling_are_the_checkpoints_ema_weights(stages):
-  config = _sample_config()
-  stage = trained_model.load(stages['pixel'], sample=config.sample)
+def test_sample_and_evaluate_use_the_ema_weights_unless_the_run_said_otherwise(tmp_path):
+  """Trained past ema.start_step, so the EMA and the online weights differ: load restores the EMA
+  ones, and a copy whose saved config says ema.use_for_sampling=False samples and evaluates with
+  the online ones, giving other images and other scores."""
+  from fmboost_jax import evaluate  # noqa: PLC0415
+
+  workdir = runs.train_tiny(tmp_path / 'ema', ema__start_step=1, optim__learning_rate=0.01)
+  state = runs.restore_state(workdir, 2)
   unquoted = lambda tree: {k.replace("'", ''): v for k, v in runs.flat(tree).items()}  # noqa: E731
-  saved = unquoted(runs.restore_state(stages['pixel'], 2)['ema_params'])
-  restored = unquoted(stage.params)
-  assert len(saved) == len(restored) > 10
-  for k, v in saved.items():
+  ema, online = unquoted(state['ema_params']), unquoted(state['params'])
+  assert max(np.abs(ema[k] - online[k]).max() for k in ema) > 1e-3
+  restored = unquoted(trained_model.load(workdir).params)
+  assert restored.keys() == ema.keys() and len(ema) > 10
+  for k, v in ema.items():
     np.testing.assert_array_equal(restored[k], v)
+
+  shutil.copytree(workdir, tmp_path / 'online')
+  config_file = tmp_path / 'online' / 'checkpoints' / '2' / 'config' / 'metadata'
+  recorded = json.loads(config_file.read_text())
+  recorded['ema']['use_for_sampling'] = False
+  config_file.write_text(json.dumps(recorded))
+  restored = unquoted(trained_model.load(str(tmp_path / 'online')).params)
+  for k, v in online.items():
+    np.testing.assert_array_equal(restored[k], v)
+
+  _write_png(tmp_path / 'x.png', 8, 8, 1)
+  config = _sample_config()
+  config.eval.nfe_sweep = (2,)
+  config.data.num_val_images = 4
+  outputs, rows = {}, {}
+  for name in ('ema', 'online'):
+    summary = inference.sample(config, str(tmp_path / name), [str(tmp_path / 'x.png')],
+                               str(tmp_path / f'out_{name}'))
+    assert summary['stages'][0]['weights'] == ('ema_params' if name == 'ema' else 'params')
+    outputs[name] = _png(tmp_path / f'out_{name}' / 'x.png').astype(int)
+    rows[name] = evaluate.evaluate(config, str(tmp_path / name))['rows'][1]
+  assert np.abs(outputs['ema'] - outputs['online']).max() > 0
+  assert rows['ema']['psnr'] != rows['online']['psnr']
 
 
 def test_a_moved_latent_workdir_samples_and_evaluates_with_the_weights_overridden(stages,

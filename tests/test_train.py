@@ -148,6 +148,29 @@ def test_ema_follows_the_reference_schedule():
   assert d(50000) == pytest.approx(0.999, abs=1e-7)
 
 
+def test_ema_update_is_the_warmed_up_average_by_hand():
+  """Five updates with start_step=2, decay 0.9, power 0.75: copies up to step 2, then
+  ema <- d ema + (1 - d) p with d = min(0.9, 1 - (1 + e)^-0.75) after e = step - 2 updates."""
+  c = demo.get_config().ema
+  c.start_step, c.decay, c.power = 2, 0.9, 0.75
+  p = [np.full((2,), v, np.float64) for v in (5.0, -1.0, 2.0, 4.0, 8.0, 3.0)]
+  ema = {'w': jax.numpy.zeros((2,))}
+  for step in range(1, 7):
+    ema = train.ema_update(ema, {'w': jax.numpy.asarray(p[step - 1], jax.numpy.float32)},
+                           jax.numpy.asarray(step), c)
+  d = [0.0] + [min(0.9, 1 - (1 + e)**-0.75) for e in (1, 2, 3, 4)]  # Steps 2 (copy), 3, .., 6.
+  assert d[1:] == pytest.approx([0.40539, 0.56133, 0.64645, 0.70091], abs=1e-5)
+  by_hand = p[1]
+  for k in range(1, 5):
+    by_hand = d[k] * by_hand + (1 - d[k]) * p[k + 1]
+  np.testing.assert_allclose(np.asarray(ema['w']), by_hand, rtol=1e-6)
+  # The weights of the average: p2 (the copy), p3 .. p6, summing to 1.
+  weights = [np.prod(d[1:5])] + [(1 - d[k]) * np.prod(d[k + 1:5]) for k in range(1, 5)]
+  assert sum(weights) == pytest.approx(1.0)
+  np.testing.assert_allclose(np.asarray(ema['w']), sum(w * x for w, x in zip(weights, p[1:])),
+                             rtol=1e-6)
+
+
 def test_learning_rate_warms_up_linearly():
   c = demo.get_config().optim
   c.learning_rate, c.warmup_steps = 3e-5, 1000
@@ -181,6 +204,9 @@ def _error_line(proc):
      'val_fraction=1.5 must lie strictly between 0 and 1'),
     (['--config.data.batch_size=0'], 1, 'config.data.batch_size=0 (global) is not a positive '
      'multiple of the 1 processes'),
+    (['--config.model.model_channels=16'], 1, 'error: config.model.model_channels=16 with '
+     'channel_mult=(1, 2) gives the widths [16, 32], which the 32 GroupNorm groups do not all '
+     'divide; use a multiple of 32 for model_channels (e.g. 32).'),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
   proc = runs.run_main(tmp_path / 'w', *overrides, devices=devices, timeout=120)
@@ -196,11 +222,31 @@ def test_a_missing_config_file_is_one_clear_line(tmp_path):
       'configs/demo.py.')
 
 
-def test_unwritable_workdir_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize('mode,where', [('train', 'under'), ('convert', 'file'),
+                                        ('sample', 'outdir')])
+def test_an_output_path_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path, mode, where):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
-  proc = runs.run_main(blocker / 'workdir', timeout=120)
-  assert 'not writable' in _error_line(proc)
+  flags = ['--config.first_stage.name=sd_vae', '--config.first_stage.weights=x'] if mode == \
+      'convert' else []
+  workdir = {'under': blocker / 'workdir', 'file': blocker, 'outdir': tmp_path}[where]
+  if where == 'outdir':
+    flags.append(f'--outdir={blocker}')
+  proc = runs.run_main(workdir, *flags, mode=mode, timeout=120)
+  expected = {
+      'under': f'error: the output directory {blocker}/workdir lies under the file {blocker}; '
+               'choose another --workdir.',
+      'file': f'error: the output directory {blocker} is a file; choose another --workdir.',
+      'outdir': f'error: the output directory {blocker} is a file; choose another --outdir.'}
+  assert _error_line(proc) == expected[where]
+  assert blocker.read_text() == 'not a directory'
+
+
+def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
+  proc = runs.run_main(tmp_path, '--config.train.num_stpes=5', timeout=120)
+  assert proc.returncode == 2
+  assert _error_line(proc) == ("error: the config has no field train.num_stpes; did you mean "
+                               "train.num_steps? (from --config.train.num_stpes=5)")
 
 
 def test_bf16_compute_keeps_float32_master_weights(tmp_path, one_device_run):

@@ -42,7 +42,7 @@ def perturbed_model():
 
 def test_reference_config_parameter_counts():
   config = default.get_config()
-  model = nnx.eval_shape(lambda: unet_lib.unet_from_config(config.model, 4, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: unet_lib.UNet(in_channels=8, out_channels=4, **config.model, rngs=nnx.Rngs(0)))
   assert unet_lib.count_params(model) == 305_806_340
   count = unet_lib.count_params
   assert count(model.time_dense1) + count(model.time_dense2) == 328_704
@@ -151,7 +151,7 @@ def test_attention_matches_spatial_mhsa_reference():
 
 
 def test_bfloat16_compute(perturbed_model):
-  model_bf16 = nnx.eval_shape(lambda: unet_lib.UNet(**SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  model_bf16 = nnx.eval_shape(lambda: unet_lib.UNet(**SMALL, compute_dtype='bfloat16', rngs=nnx.Rngs(0)))
   nnx.update(model_bf16, nnx.state(perturbed_model, nnx.Param))
   for leaf in jax.tree.leaves(nnx.state(model_bf16, nnx.Param)):
     assert leaf.dtype == jnp.float32
@@ -164,7 +164,7 @@ def test_bfloat16_compute(perturbed_model):
   assert 1e-4 < rel < 5e-2, rel  # Really computed in bfloat16, yet close.
 
 
-def test_unet_from_config_small():
+def test_unet_from_config_keywords_small():
   config = default.get_config()
   config.model.model_channels = 32
   config.model.channel_mult = (1, 2)
@@ -173,7 +173,7 @@ def test_unet_from_config_small():
   config.model.num_heads = 2
   config.model.head_dim = 16
   config.model.compute_dtype = 'bfloat16'
-  model = nnx.eval_shape(lambda: unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0)))
   assert model.input_blocks[0].kernel.shape == (3, 3, 6, 32)
   assert model.out_conv.kernel.shape == (3, 3, 32, 3)
   assert model.dtype == jnp.bfloat16
@@ -185,7 +185,7 @@ def test_unet_from_config_small():
   assert out.shape == (1, 8, 8, 3) and out.dtype == jnp.float32
   config.model.compute_dtype = 'float16'
   with pytest.raises(ValueError, match='compute_dtype'):
-    unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+    unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0))
 
 
 def test_bad_spatial_size_is_a_clear_error(small_model):
@@ -244,7 +244,7 @@ def test_unet_with_matmul_convolutions_computes_the_same_velocity(perturbed_mode
   config = default.get_config()
   config.model.update(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                       attention_levels=(2,), num_heads=2, head_dim=16, conv_impl='matmul')
-  model = unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+  model = unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0))
   nnx.update(model, nnx.state(perturbed_model, nnx.Param))
   assert all(m.conv_general_dilated is unet_lib.conv_as_matmul
              for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv))
@@ -254,7 +254,7 @@ def test_unet_with_matmul_convolutions_computes_the_same_velocity(perturbed_mode
   assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-5
   config.model.conv_impl = 'winograd'
   with pytest.raises(ValueError, match='conv_impl'):
-    unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+    unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0))
 
 
 
@@ -304,5 +304,5 @@ def test_remat_policies_recompute_blocks_with_the_same_gradients(perturbed_model
   assert ops['none']['dot_general'] < ops['dots']['dot_general'] < ops['full']['dot_general']
   config = default.get_config()
   config.model.remat = 'everything'
-  with pytest.raises(ValueError, match='config.model.remat'):
-    unet_lib.unet_from_config(config.model, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="remat='everything' is not supported"):
+    unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0))

@@ -374,23 +374,19 @@ class UNet(nnx.Module):
       attention_levels: Sequence[int],
       num_heads: int,
       head_dim: int,
-      dtype: Dtype = jnp.float32,
-      param_dtype: Dtype = jnp.float32,
+      compute_dtype: str = 'float32',
+      conv_impl: str = 'xla',
       remat: str = 'none',
       rngs: nnx.Rngs,
   ):
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f'remat={remat!r} is unknown; fix config.model.remat (one of '
-                       f'{sorted(REMAT_POLICIES)}).')
+    check_arguments(model_channels=model_channels, channel_mult=channel_mult,
+                    attention_levels=attention_levels, compute_dtype=compute_dtype,
+                    conv_impl=conv_impl, remat=remat)
     channel_mult = tuple(channel_mult)
     attention_levels = tuple(attention_levels)
     num_levels = len(channel_mult)
-    for level in attention_levels:
-      if not 0 <= level < num_levels:
-        raise ValueError(
-            f'attention_levels {attention_levels} must be level indices in [0, {num_levels}); '
-            'fix config.model.attention_levels.')
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    dtype = _DTYPES[compute_dtype]
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     blk = dict(num_heads=num_heads, head_dim=head_dim, **kw)
     self.model_channels = model_channels
     self.num_levels = num_levels
@@ -433,6 +429,9 @@ class UNet(nnx.Module):
 
     self.out_norm = _group_norm(ch, **kw)
     self.out_conv = _conv(ch, out_channels, 3, zero_init=True, **kw)
+    for _, module in nnx.iter_modules(self):
+      if isinstance(module, nnx.Conv):
+        module.conv_general_dilated = _CONV_IMPLS[conv_impl]
 
   def __call__(self, x: Array, t: Array) -> Array:
     """Predicts the velocity.
@@ -492,52 +491,26 @@ REMAT_POLICIES = {
 _CONV_IMPLS = {'xla': jax.lax.conv_general_dilated, 'matmul': conv_as_matmul}
 
 
-def check_config(model_config) -> None:
-  """Raises ValueError with one sentence for a `config.model` choice that does not exist."""
-  for field, choices, default in (('compute_dtype', _DTYPES, 'float32'),
-                                  ('conv_impl', _CONV_IMPLS, 'xla'),
-                                  ('remat', REMAT_POLICIES, 'none')):
-    value = model_config.get(field, default)
+def check_arguments(*, model_channels: int, channel_mult: Sequence[int],
+                    attention_levels: Sequence[int], compute_dtype: str = 'float32',
+                    conv_impl: str = 'xla', remat: str = 'none', **unused) -> None:
+  """Raises ValueError with one sentence, starting with the argument's name, for UNet arguments
+  that cannot build a network (checked before anything is built)."""
+  del unused
+  for name, value, choices in (('compute_dtype', compute_dtype, _DTYPES),
+                               ('conv_impl', conv_impl, _CONV_IMPLS),
+                               ('remat', remat, REMAT_POLICIES)):
     if value not in choices:
-      raise ValueError(f'config.model.{field}={value!r} is not supported; use one of '
-                       f'{sorted(choices)}.')
-
-
-def unet_from_config(model_config, channels: int, *, rngs: nnx.Rngs) -> UNet:
-  """Builds the UNet of `config.model` for data with `channels` channels.
-
-  The input is concat[x_t, context] (2*channels); the output is the velocity (channels).
-
-  Args:
-    model_config: `config.model` (model_channels, channel_mult, num_res_blocks, attention_levels,
-      num_heads, head_dim, compute_dtype in {'float32', 'bfloat16'}, conv_impl: 'xla'
-      (lax.conv_general_dilated) or 'matmul' (`conv_as_matmul`, faster on CPUs), and remat: one
-      of REMAT_POLICIES).
-    channels: Channels of the latents / images the flow runs on (4 for SD latents, 3 for pixels).
-    rngs: Parameter RNG streams.
-
-  Returns:
-    The UNet, computing in `compute_dtype` with float32 parameters.
-  """
-  check_config(model_config)
-  model = UNet(
-      in_channels=2 * channels,
-      out_channels=channels,
-      model_channels=model_config.model_channels,
-      channel_mult=tuple(model_config.channel_mult),
-      num_res_blocks=model_config.num_res_blocks,
-      attention_levels=tuple(model_config.attention_levels),
-      num_heads=model_config.num_heads,
-      head_dim=model_config.head_dim,
-      dtype=_DTYPES[model_config.get('compute_dtype', 'float32')],
-      param_dtype=jnp.float32,
-      remat=model_config.get('remat', 'none'),
-      rngs=rngs,
-  )
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, nnx.Conv):
-      module.conv_general_dilated = _CONV_IMPLS[model_config.get('conv_impl', 'xla')]
-  return model
+      raise ValueError(f'{name}={value!r} is not supported; use one of {sorted(choices)}.')
+  widths = sorted({model_channels * m for m in channel_mult} | {model_channels})
+  if any(w % _GN_GROUPS for w in widths):
+    raise ValueError(
+        f'model_channels={model_channels} with channel_mult={tuple(channel_mult)} gives the widths '
+        f'{widths}, which the {_GN_GROUPS} GroupNorm groups do not all divide; use a multiple of '
+        f'{_GN_GROUPS} for model_channels (e.g. {max(1, model_channels // _GN_GROUPS) * _GN_GROUPS}).')
+  if any(not 0 <= level < len(channel_mult) for level in attention_levels):
+    raise ValueError(f'attention_levels={tuple(attention_levels)} must be level indices in '
+                     f'[0, {len(channel_mult)}) (one per entry of channel_mult).')
 
 
 def count_params(model_or_state: Any) -> int:
