@@ -173,9 +173,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import jax  # noqa: PLC0415  (after flags, so XLA_FLAGS from the environment apply)
-  import tensorflow as tf  # noqa: PLC0415
-
-  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only writes logs; keep it off accelerators.
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
   if FLAGS.coordinator_address or FLAGS.distributed:

@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
 from PIL import Image
 
@@ -219,6 +218,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         stop: _StopFlag) -> dict[str, float]:
+  # The loop's writers and progress reports (TensorBoard summaries through TensorFlow) are the only
+  # users of clu and TensorFlow: imported here, so that the library imports without them.
+  import tensorflow as tf  # noqa: PLC0415
+  from clu import metric_writers, parameter_overview, periodic_actions  # noqa: PLC0415
+
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only writes logs; keep it off accelerators.
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
