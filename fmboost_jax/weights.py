@@ -390,7 +390,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
   def load_additems(self) -> None:
     items = self.pop_mark()
     target = self._target((set,), 'ADDITEMS')
-    (target.pickled_list if isinstance(target, _Placeholder) else target).extend(items)
+    if isinstance(target, _Placeholder):
+      target.pickled_list.extend(items)
+    else:
+      target.update(items)
   dispatch[pickle.ADDITEMS[0]] = load_additems
 
   def _refuse_extension(self) -> None:
