@@ -99,6 +99,7 @@ def parse_flags(argv):
 def initialize_distributed() -> None:
   """Joins the processes of a multi-host run into one JAX runtime (one global device mesh)."""
   import jax  # noqa: PLC0415
+
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
   explicit = FLAGS.coordinator_address is not None
@@ -142,7 +143,8 @@ def ensure_writable(directory: str) -> None:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    where = 'is a file' if existing == os.path.abspath(directory) else f'lies under the file {existing}'
+    under = existing != os.path.abspath(directory)
+    where = f'lies under the file {existing}' if under else 'is a file'
     raise UserError(f'the output directory {directory} {where}; choose another {flag}.')
   try:
     os.makedirs(directory, exist_ok=True)
@@ -158,6 +160,7 @@ def ensure_writable(directory: str) -> None:
 def convert(config, workdir: str) -> None:
   """Loads the autoencoder weights strictly and writes them as a Flax (Orbax) checkpoint."""
   from flax import nnx  # noqa: PLC0415
+
   from fmboost_jax import upsampling, weights  # noqa: PLC0415
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
@@ -173,6 +176,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import jax  # noqa: PLC0415  (after flags, so XLA_FLAGS from the environment apply)
+
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
   if FLAGS.coordinator_address or FLAGS.distributed:
@@ -198,7 +202,8 @@ def main(argv):
       inference.sample(FLAGS.config, FLAGS.workdir, FLAGS.inputs, outdir)
     elif FLAGS.mode == 'export':
       from fmboost_jax import trained_model  # noqa: PLC0415
-      model = trained_model.load(FLAGS.workdir, first_stage_weights=FLAGS.config.first_stage.weights)
+      model = trained_model.load(FLAGS.workdir,
+                                 first_stage_weights=FLAGS.config.first_stage.weights)
       model.export(outdir, FLAGS.export_dtype)
       size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(outdir)
                  for n in names)

@@ -71,6 +71,7 @@ def worker(method: str, op: str, size: int, repeats: int) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
+
     from tests.test_autoencoder import random_model  # pylint: disable=import-outside-toplevel
     graphdef, state = nnx.split(random_model(**SD))
     x = jnp.asarray(_input(op, size, nchw=False))
@@ -86,6 +87,7 @@ def worker(method: str, op: str, size: int, repeats: int) -> dict:
     run = lambda: compiled(state, x).block_until_ready()
   else:
     import torch  # pylint: disable=import-outside-toplevel
+
     from tests.test_autoencoder import _diffusers_vae  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)

@@ -2,6 +2,7 @@
 is on sys.path): config overrides, the machine's measured peak, memory, and the machine line."""
 
 import ast
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -69,10 +70,8 @@ def machine() -> str:
     mem_gib = int(next(line.split()[1] for line in f if line.startswith('MemTotal'))) / 2**20
   versions = []
   for package in ('jax', 'jaxlib', 'flax', 'torch', 'diffusers'):
-    try:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
       versions.append(f'{package} {importlib.metadata.version(package)}')
-    except importlib.metadata.PackageNotFoundError:
-      pass
   return (f'{cpu}, {len(os.sched_getaffinity(0))} usable cores, {mem_gib:.0f} GiB RAM, no '
           f'accelerator; Python {sys.version.split()[0]}, {", ".join(versions)}; '
           f'{datetime.datetime.now():%Y-%m-%d %H:%M}')

@@ -60,7 +60,6 @@ import threading
 import time
 
 import numpy as np
-
 from common import REPO, machine, shown_args  # common puts the repo on sys.path.
 
 TRAIN_STEP_SAMPLES_PER_SECOND = 150  # UNet-base, 128x128x8 latents, one H100/H200 (the issue).
@@ -228,6 +227,7 @@ def pickled_mib(obj) -> float:
 def bench_latents(args, path: str, meta: dict) -> dict:
   """Rows of create_train_iterator over num_threads, and of mp_prefetch over worker counts."""
   import grain  # pylint: disable=import-outside-toplevel
+
   from fmboost_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   # Training from latents uses the upsampling mode they were made with (checked against metadata).
   mode = meta['upsampling_mode']
@@ -351,6 +351,7 @@ def time_records(dataset, seconds: float, warmup: int = 16, chunk: int = 64) -> 
 
 def bench_storage(args, latents_path: str, meta: dict, array_record_files: list[str] | None):
   import grain  # pylint: disable=import-outside-toplevel
+
   from fmboost_jax import data_sources  # pylint: disable=import-outside-toplevel
   try:
     records = data_sources._LatentRecords  # pylint: disable=protected-access
@@ -385,6 +386,7 @@ def write_jpegs(path: str, count: int, size: int, noise: float) -> dict:
   """COUNT size x size JPEGs (quality 90) from the bundled photographs: square crops at a few
   offsets, flipped every other round, resized (bicubic), plus Gaussian noise of `noise` levels."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   from fmboost_jax import images  # pylint: disable=import-outside-toplevel
   os.makedirs(path, exist_ok=True)
   photos = images.load_skimage_photos()
@@ -441,6 +443,7 @@ def folder_config(path: str, size: int, batch_size: int, num_threads: int):
 
 def bench_jpegs(args, path: str) -> dict:
   import grain  # pylint: disable=import-outside-toplevel
+
   from fmboost_jax import data_sources, input_pipeline  # pylint: disable=import-outside-toplevel
   cores, rows, note, via = _cores(), [], '', 'create_train_iterator'
   paths = sorted(os.path.join(path, f) for f in os.listdir(path))
@@ -512,6 +515,7 @@ print(json.dumps({'shape': list(image.shape), 'seconds': seconds, 'header_second
 
 def bench_huge_png(path: str, size: int) -> dict:
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   from fmboost_jax import images  # pylint: disable=import-outside-toplevel
   name, photo = images.load_skimage_photos()[0]
   t0 = time.perf_counter()

@@ -26,7 +26,8 @@ import tempfile
 import time
 
 from common import REPO, machine
-from input_pipeline import LATENTS_TARGET, tables as input_pipeline_tables
+from input_pipeline import LATENTS_TARGET
+from input_pipeline import tables as input_pipeline_tables
 
 BENCH = os.path.join(REPO, 'benchmarks')
 RESULTS_MD = os.path.join(BENCH, 'results.md')

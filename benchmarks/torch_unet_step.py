@@ -19,9 +19,8 @@ import resource
 import statistics
 import time
 
-from common import report
-
 import torch
+from common import report
 from torch import nn
 from torch.nn import functional as F
 

@@ -19,10 +19,9 @@ import argparse
 import statistics
 import time
 
-from common import apply_settings, flops, peak_flops, peak_rss_mib, report, xla_memory
-
 import jax
 import jax.numpy as jnp
+from common import apply_settings, flops, peak_flops, peak_rss_mib, report, xla_memory
 from flax import nnx
 
 from configs import default, demo

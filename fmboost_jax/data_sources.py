@@ -33,13 +33,15 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import logging
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from fmboost_jax import errors, images
@@ -79,7 +81,7 @@ class Geometry:
   resize_small: bool = False
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> 'Geometry':
+  def from_config(cls, config: ml_collections.ConfigDict) -> Geometry:
     data = config.data
     return cls(data.high_res_size, data.holdout == 'strips', data.resize_small)
 
@@ -309,7 +311,7 @@ class _TfdsImages:
 
 def _open_tfds(config: ml_collections.ConfigDict, split: str) -> _TfdsImages:
   """Opens a tfds split as a random-access source (never downloads)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (only the tfds source needs it)
 
   data = config.data
   geometry = Geometry.from_config(config)
@@ -328,7 +330,7 @@ def _open_tfds(config: ml_collections.ConfigDict, split: str) -> _TfdsImages:
         'config.data.tfds_data_dir=DIR (nothing is downloaded here), or name another split in '
         'config.data.tfds_split / tfds_val_split.') from None
   features = getattr(getattr(source, 'dataset_info', None), 'features', None)
-  if features is not None and 'image' not in features.keys():
+  if features is not None and 'image' not in features:
     raise DataError(
         f'TFDS dataset {data.tfds_name!r} has no "image" feature (it has '
         f'{sorted(features.keys())}); choose an image dataset for config.data.tfds_name.')
@@ -447,7 +449,6 @@ class _LatentRecords:
 
 def latents_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Reads and checks the metadata of the precomputed latents in `config.data.path`."""
-  import json  # pylint: disable=import-outside-toplevel
   path = os.path.join(config.data.path, LATENTS_METADATA)
   if not os.path.isfile(path):
     raise DataError(f'{config.data.path!r} holds no {LATENTS_METADATA}; write precomputed latents '

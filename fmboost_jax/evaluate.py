@@ -87,7 +87,8 @@ def _check_compatible(stage: TrainedModel, config: ml_collections.ConfigDict) ->
                       f'{config.data[field]}; evaluate it with the config it was trained with.')
 
 
-def _eval_config(stage: TrainedModel, sample: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _eval_config(stage: TrainedModel,
+                 sample: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The stage's training config with the sampler settings to evaluate."""
   config = ml_collections.ConfigDict(stage.config.to_dict())
   config.sample = ml_collections.ConfigDict(sample.to_dict())

@@ -12,8 +12,7 @@ import functools
 import os
 
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
@@ -132,7 +131,7 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _load_skimage_photos() -> tuple[tuple[str, np.ndarray], ...]:
-  import skimage.data  # pylint: disable=g-import-not-at-top
+  import skimage.data  # noqa: PLC0415  (only the bundled photographs need it)
 
   photos = []
   for name in SKIMAGE_PHOTOS:

@@ -218,8 +218,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
     raise UserError('--mode=sample runs in one process on all of its devices; start it without '
                     'the multi-process flags.')
   mesh = sharding.make_mesh(config.mesh)
-  models = [trained_model.load(path, sample=settings, first_stage_weights=config.first_stage.weights,
-                               mesh=mesh)
+  models = [trained_model.load(path, sample=settings, mesh=mesh,
+                               first_stage_weights=config.first_stage.weights)
             for path, settings in stage_settings(s, workdir)]
   cascade = trained_model.Cascade(models)
   inputs = collect_inputs(input_paths, cascade.first_stage, s)

@@ -19,15 +19,24 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import jax
 import ml_collections
 import numpy as np
 
-from fmboost_jax.data_sources import HOLDOUTS, LATENTS_VALIDATION, SOURCES, DataError, Geometry
-from fmboost_jax.data_sources import _LatentRecords, latents_metadata, open_images
+from fmboost_jax.data_sources import (
+  HOLDOUTS,
+  LATENTS_VALIDATION,
+  SOURCES,
+  DataError,
+  Geometry,
+  _LatentRecords,
+  latents_metadata,
+  open_images,
+)
 from fmboost_jax.images import normalize
 
 # Validation tiles flatter than this (std in [-1, 1] units, about 2.5/255) are skipped: they hold no

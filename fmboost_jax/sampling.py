@@ -30,7 +30,8 @@ axis; the adaptive step-size controller's error norm is one scalar per solve (an
 the whole batch shares one step sequence.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import diffrax
 import jax
@@ -64,7 +65,7 @@ class Solution(NamedTuple):
 
 
 def solver_settings(sample_config: ml_collections.ConfigDict) -> dict:
-  """The keyword arguments of `solve` that config.sample sets (solver, nfe, rtol, atol, max_steps)."""
+  """The keyword arguments of `solve` set by config.sample: solver, nfe, rtol, atol, max_steps."""
   return {'solver': sample_config.solver, 'nfe': sample_config.nfe,
           'rtol': sample_config.get('rtol', DEFAULT_RTOL),
           'atol': sample_config.get('atol', DEFAULT_ATOL),

@@ -20,8 +20,16 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from fmboost_jax import checkpointing, flow, input_pipeline, metrics, sampling, sharding
-from fmboost_jax import trained_model, upsampling
+from fmboost_jax import (
+  checkpointing,
+  flow,
+  input_pipeline,
+  metrics,
+  sampling,
+  sharding,
+  trained_model,
+  upsampling,
+)
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import unet
 
@@ -310,7 +318,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batch_size = config.data.batch_size
     for i in range(0, len(val_images), batch_size):
       chunk = val_images[i:i + batch_size]
-      images = jax.make_array_from_callback(chunk.shape, batch_sharding, lambda idx: chunk[idx])
+      images = jax.make_array_from_callback(chunk.shape, batch_sharding,
+                                            lambda idx, chunk=chunk: chunk[idx])
       scores, outputs = jitted_eval(params, images, first_stage_params,
                                     jax.random.fold_in(eval_key, i))
       for k, v in jax.device_get(scores).items():

@@ -31,8 +31,8 @@ def run_main(workdir, *overrides, devices: int = 1, config='configs/demo.py:tiny
 def scalars(workdir, tag: str) -> dict[int, float]:
   """All values of a scalar written by the clu writer, by step."""
   from tensorflow.core.util import event_pb2  # noqa: PLC0415
-  from tensorflow.python.lib.io import tf_record  # noqa: PLC0415
   from tensorflow.python.framework import tensor_util  # noqa: PLC0415
+  from tensorflow.python.lib.io import tf_record  # noqa: PLC0415
 
   values = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):

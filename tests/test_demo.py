@@ -47,8 +47,9 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   assert Image.open(boosted / 'figures' / 'astronaut.png').size == (6 * 128, 128)
 
   # The README's Python example, on the same checkpoint and the PNG just written.
-  code = re.search(r"```python\n(from PIL import Image\nfrom fmboost_jax import trained_model\n.*?)```",
-                   readme, re.S).group(1).replace('workdirs/demo', str(tmp_path))
+  code = re.search(
+      r"```python\n(from PIL import Image\nfrom fmboost_jax import trained_model\n.*?)```",
+      readme, re.S).group(1).replace('workdirs/demo', str(tmp_path))
   proc = subprocess.run([sys.executable, '-c', code], cwd=runs.ROOT, env=runs.env(),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

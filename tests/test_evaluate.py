@@ -127,6 +127,7 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   """With (random) FID Inception weights in the real key layout, FID and p-FID are numbers: the
   FID of the images' own features against the ground truth's, computed here from the features."""
   from safetensors.numpy import save_file  # noqa: PLC0415
+
   from fmboost_jax import weights  # noqa: PLC0415
   from tests.test_inception import _random_state_dict  # noqa: PLC0415
 

@@ -10,14 +10,13 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from configs import default
 from fmboost_jax import data_sources as ds
-from fmboost_jax import errors
-from fmboost_jax import images
+from fmboost_jax import errors, images
 from fmboost_jax import input_pipeline as ip
 
 
@@ -174,7 +173,7 @@ def test_random_crops_stay_above_validation_strip():
   tops, lefts = [], []
   for _ in range(2000):
     top, left = geometry.train_crop_offset(height, width, rng)
-    assert 0 <= top and top + size <= height - size and 0 <= left <= width - size
+    assert top >= 0 and top + size <= height - size and 0 <= left <= width - size
     tops.append(top)
     lefts.append(left)
   assert min(tops) == 0 and max(tops) == height - 2 * size  # The whole region is reachable.
@@ -199,7 +198,8 @@ def test_whole_image_geometry_uses_every_pixel_and_the_centre_for_validation():
   assert geometry.minimum() == '16 px on the shorter side'
   rng = np.random.default_rng(0)
   offsets = {geometry.train_crop_offset(20, 40, rng) for _ in range(3000)}
-  assert {t for t, _ in offsets} == set(range(5)) and {left for _, left in offsets} == set(range(25))
+  assert {t for t, _ in offsets} == set(range(5))
+  assert {left for _, left in offsets} == set(range(25))
   assert geometry.train_crop_offset(16, 16, rng) == (0, 0)  # The crop is the whole image.
   assert geometry.validation_offsets(16, 16) == [(0, 0)]
   assert geometry.validation_offsets(21, 40) == [(2, 12)]
@@ -349,7 +349,7 @@ def test_folder_recursive_mixed_extensions_and_held_out(tmp_path):
   for _ in range(5):
     batch = next(it)['image']
     assert batch.shape == (4, size, size, 3) and batch.dtype == np.float32
-    assert -1.0 <= batch.min() and batch.max() <= 1.0
+    assert batch.min() >= -1.0 and batch.max() <= 1.0
     ids = image_ids(batch)
     seen.update(ids)
     check_held_out(batch[np.isin(ids, list(lossless))], heights, size)
@@ -403,7 +403,8 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
     ip.validation_images(config)
 
   (tmp_path / 'good.png').unlink()
-  with pytest.raises(ds.DataError, match=r'no usable image \(0 usable, 4 unreadable, 2 too small \(below 32x16 px'):
+  with pytest.raises(
+      ds.DataError, match=r'no usable image \(0 usable, 4 unreadable, 2 too small \(below 32x16'):
     ip.create_train_iterator(config)
 
 

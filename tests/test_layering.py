@@ -1,5 +1,5 @@
-"""The library imports and trains a step and boosts without TensorFlow, tensorflow-datasets and clu
-(a JAX GPU image has none of them): only the training loop's writers and the tfds source use them."""
+"""The library imports, trains a step and boosts without TensorFlow, tensorflow-datasets and clu (a
+JAX GPU image has none of them): only the training loop's writers and the tfds source use them."""
 
 import json
 import subprocess
@@ -48,7 +48,8 @@ model = trained_model.TrainedModel(path='', step=1, config=config, sample=config
 out = model.boost(np.zeros((8, 8, 3), np.uint8), output_type='np')
 hidden = sorted({m.split('.')[0] for m in sys.modules} & set(BLOCKED))
 import json
-print(json.dumps([len(modules), int(state.step), bool(np.isfinite(measured['loss'])), out.shape, hidden]))
+finite = bool(np.isfinite(measured['loss']))
+print(json.dumps([len(modules), int(state.step), finite, out.shape, hidden]))
 '''
 
 

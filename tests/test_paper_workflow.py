@@ -6,9 +6,9 @@ a landscape, one too small) and an SD-architecture autoencoder (factor 8, slimme
 and one residual block per level for speed) with random weights, saved by diffusers itself as
 `diffusion_pytorch_model.safetensors`. Then it runs README's commands with the placeholder paths
 replaced and only size overrides appended (a tiny UNet, a few steps): convert -> precompute in 2
-processes -> train from the latents, killed with SIGKILL once and resumed -> evaluate -> sample 512 px
-images and a 64^2 latent to 1024 px -> a two-stage cascade to 2048 px, run on the workdir after it
-was moved to another place together with the autoencoder (`--config.first_stage.weights`).
+processes -> train from the latents, killed with SIGKILL once and resumed -> evaluate -> sample
+512 px images and a 64^2 latent to 1024 px -> a two-stage cascade to 2048 px, run on the workdir
+after it was moved to another place together with the autoencoder (`--config.first_stage.weights`).
 """
 
 import json
@@ -36,8 +36,8 @@ VAE = ['--config.first_stage.ch=32', '--config.first_stage.num_res_blocks=1']
 UNET = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2,2,2)',
         '--config.model.num_res_blocks=1', '--config.model.attention_levels=(3,)',
         '--config.model.num_heads=2', '--config.model.head_dim=16']
-DATA = ['--config.data.batch_size=2', '--config.data.num_val_images=2', '--config.data.num_threads=2',
-        '--config.data.val_fraction=0.3']
+DATA = ['--config.data.batch_size=2', '--config.data.num_val_images=2',
+        '--config.data.num_threads=2', '--config.data.val_fraction=0.3']
 SIZES = {  # Appended to each README command, by mode.
     'convert': VAE,
     'precompute': [*VAE, *DATA, '--config.precompute.crops_per_image=1',

@@ -323,7 +323,7 @@ def test_python_boost_of_latents_nchw_and_a_cascade(stages, tmp_path):
   # A cascade of the model twice equals boosting its output again: each stage draws from its own
   # key, so compare with the second stage's key, not just the shape.
   twice = trained_model.boost([model, model], latents=z, output_type='np', batch_size=3)
-  assert twice.shape == (3, 32, 48, 3) and 0 <= twice.min() and twice.max() <= 1
+  assert twice.shape == (3, 32, 48, 3) and twice.min() >= 0 and twice.max() <= 1
   mixed = model.boost([np.zeros((8, 8, 3), np.uint8), np.zeros((6, 10, 3), np.uint8)],
                       output_type='np')
   assert [x.shape for x in mixed] == [(16, 16, 3), (12, 20, 3)]

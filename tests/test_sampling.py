@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmboost_jax import sampling, upsampling
+from fmboost_jax import sampling
 
 # Linear test problem dx/dt = A x + b with elementwise A = -1.3 and b = the context:
 # x(1) = (x0 + b/A) exp(A) - b/A.

@@ -1,8 +1,8 @@
 """Specification of the training loop: sharding, resume, preemption, divergence, bad input."""
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 
 import jax

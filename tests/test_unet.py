@@ -42,7 +42,8 @@ def perturbed_model():
 
 def test_reference_config_parameter_counts():
   config = default.get_config()
-  model = nnx.eval_shape(lambda: unet_lib.UNet(in_channels=8, out_channels=4, **config.model, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: unet_lib.UNet(in_channels=8, out_channels=4, **config.model, rngs=nnx.Rngs(0)))
   assert unet_lib.count_params(model) == 305_806_340
   count = unet_lib.count_params
   assert count(model.time_dense1) + count(model.time_dense2) == 328_704
@@ -151,7 +152,8 @@ def test_attention_matches_spatial_mhsa_reference():
 
 
 def test_bfloat16_compute(perturbed_model):
-  model_bf16 = nnx.eval_shape(lambda: unet_lib.UNet(**SMALL, compute_dtype='bfloat16', rngs=nnx.Rngs(0)))
+  model_bf16 = nnx.eval_shape(
+      lambda: unet_lib.UNet(**SMALL, compute_dtype='bfloat16', rngs=nnx.Rngs(0)))
   nnx.update(model_bf16, nnx.state(perturbed_model, nnx.Param))
   for leaf in jax.tree.leaves(nnx.state(model_bf16, nnx.Param)):
     assert leaf.dtype == jnp.float32
@@ -173,7 +175,8 @@ def test_unet_from_config_keywords_small():
   config.model.num_heads = 2
   config.model.head_dim = 16
   config.model.compute_dtype = 'bfloat16'
-  model = nnx.eval_shape(lambda: unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0)))
   assert model.input_blocks[0].kernel.shape == (3, 3, 6, 32)
   assert model.out_conv.kernel.shape == (3, 3, 32, 3)
   assert model.dtype == jnp.bfloat16

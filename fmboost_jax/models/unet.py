@@ -504,10 +504,11 @@ def check_arguments(*, model_channels: int, channel_mult: Sequence[int],
       raise ValueError(f'{name}={value!r} is not supported; use one of {sorted(choices)}.')
   widths = sorted({model_channels * m for m in channel_mult} | {model_channels})
   if any(w % _GN_GROUPS for w in widths):
+    suggestion = _GN_GROUPS * max(1, model_channels // _GN_GROUPS)
     raise ValueError(
         f'model_channels={model_channels} with channel_mult={tuple(channel_mult)} gives the widths '
         f'{widths}, which the {_GN_GROUPS} GroupNorm groups do not all divide; use a multiple of '
-        f'{_GN_GROUPS} for model_channels (e.g. {max(1, model_channels // _GN_GROUPS) * _GN_GROUPS}).')
+        f'{_GN_GROUPS} for model_channels (e.g. {suggestion}).')
   if any(not 0 <= level < len(channel_mult) for level in attention_levels):
     raise ValueError(f'attention_levels={tuple(attention_levels)} must be level indices in '
                      f'[0, {len(channel_mult)}) (one per entry of channel_mult).')
