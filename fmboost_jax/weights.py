@@ -164,11 +164,11 @@ def _short(error: BaseException) -> str:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors import safe_open  # noqa: PLC0415
   try:
     # framework='numpy' also returns bfloat16 tensors (as ml_dtypes arrays).
     with safe_open(path, framework='numpy') as f:
-      return {key: f.get_tensor(key) for key in f.keys()}
+      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'{path} is not a readable safetensors file ({_short(e)}); the file may be '
                     'truncated or corrupt, so download or convert it again.') from None
@@ -242,8 +242,8 @@ def _latin1_encode(obj: Any, encoding: str = 'utf-8') -> bytes:
 @functools.lru_cache(maxsize=1)
 def _allowed_globals() -> tuple[dict[str, Any], frozenset[int]]:
   """Name -> object of the real globals allowed, and the ids of those objects."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from torch import _weights_only_unpickler  # pylint: disable=import-outside-toplevel
+  import torch  # noqa: PLC0415  (torch is needed for .ckpt files only)
+  from torch import _weights_only_unpickler  # noqa: PLC0415
   # The tensor rebuild functions, dtypes, storage and tensor types of torch.load(weights_only=True).
   allowed = dict(_weights_only_unpickler._get_allowed_globals())  # pylint: disable=protected-access
   allowed.update(_CONTAINERS)
@@ -264,7 +264,9 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
   dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
   def __init__(self, file, **kwargs):
+    import torch  # noqa: PLC0415  (torch is needed for .ckpt files only)
     super().__init__(file, **kwargs)
+    self._torch = torch
     self._allowed, self._allowed_ids = _allowed_globals()
     self._placeholders: dict[str, type] = {}
 
@@ -289,9 +291,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
       return func
     raise _Refused(f'a call of {_describe(func)}')
 
-  @staticmethod
-  def _validate_sparse(func: Any, result: Any) -> None:
-    import torch  # pylint: disable=import-outside-toplevel
+  def _validate_sparse(self, func: Any, result: Any) -> None:
+    torch = self._torch
     if func in torch._tensor_classes and 'sparse' in func.__module__:  # As torch does.
       torch._utils._sparse_tensors_to_validate.append(result)  # pylint: disable=protected-access
 
@@ -303,7 +304,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
   dispatch[pickle.REDUCE[0]] = load_reduce
 
   def _new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    import torch  # pylint: disable=import-outside-toplevel
+    torch = self._torch
     if not isinstance(cls, type):
       raise _Refused(f'NEWOBJ of {_describe(cls)}')
     self._callable(cls)
@@ -327,7 +328,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
     super()._instantiate(self._callable(klass), args)
 
   def load_build(self) -> None:
-    import torch  # pylint: disable=import-outside-toplevel
+    torch = self._torch
     state = self.stack.pop()
     inst = self.stack[-1]
     kind = type(inst)
@@ -429,7 +430,7 @@ def _read_torch(path: str) -> dict[str, Any]:
                     'or a .safetensors file); check the path, or download or convert the file '
                     'again.')
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # noqa: PLC0415  (an optional dependency)
   except ImportError:
     raise UserError(f'reading the PyTorch checkpoint {path} needs PyTorch: pip install '
                     f'{TORCH_PIN}, or convert the file to .safetensors.') from None
@@ -443,6 +444,10 @@ def _read_torch(path: str) -> dict[str, Any]:
         'loading them could run code; use a .safetensors or tensors-only copy of the weights '
         'from a source you trust instead.') from None
   except Exception as e:  # pylint: disable=broad-except
+    if 'explicit pickle_module' in str(e):  # TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 forbids a reader.
+      raise UserError(f'reading {path} needs the environment variable '
+                      'TORCH_FORCE_WEIGHTS_ONLY_LOAD unset (the restricted reader of fmboost_jax '
+                      'never runs code either); unset it and run again.') from None
     raise UserError(f'{path} is not a readable PyTorch checkpoint ({_short(e)}); the file may be '
                     'truncated or of another kind, so download or convert it again.') from None
   if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):

@@ -13,11 +13,13 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from tests import runs
 
 
+@pytest.mark.slow
 def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_steps=1000', config='configs/demo.py',
                        timeout=1500)

@@ -21,6 +21,7 @@ def vae_flags(path) -> list[str]:
           '--config.first_stage.num_res_blocks=1']
 
 
+@pytest.mark.slow
 def test_latent_training_runs_resumes_and_matches_an_uninterrupted_run(tmp_path):
   weights = tmp_path / 'vae.safetensors'
   save_safetensors(_ldm_state(random_model(seed=5, **VAE)), str(weights))
@@ -84,6 +85,7 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
     weights_lib.load_autoencoder_weights(out, abstract_other)
 
 
+@pytest.mark.slow
 def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
   import jax  # noqa: PLC0415
 

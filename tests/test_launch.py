@@ -4,6 +4,8 @@ import glob
 import os
 import subprocess
 
+import pytest
+
 from tests import runs
 
 
@@ -56,6 +58,7 @@ def test_process_count_disagreeing_with_slurm_is_one_clear_line(tmp_path):
       '--distributed without the explicit flags, or make them agree.')
 
 
+@pytest.mark.slow
 def test_compilation_cache_and_profiler_trace(tmp_path):
   cache = tmp_path / 'cache'
   proc = runs.run_main(tmp_path / 'w', '--config.train.num_steps=4',

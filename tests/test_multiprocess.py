@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests import runs
 
@@ -24,6 +25,7 @@ def _relative_error(a, b):
   return diff / np.sqrt(sum(np.sum(b[k]**2) for k in b))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one_process(tmp_path):
   workdir = tmp_path / 'mp'
   proc = _launch(workdir, '--config.train.num_steps=3')
@@ -62,6 +64,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one_process(tmp
                          runs.flat(runs.restore_state(single, 6))) < 1e-5
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   workdir = tmp_path / 'mp'
   port = 20000 + os.getpid() % 20000

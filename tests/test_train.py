@@ -29,6 +29,7 @@ def _relative_error(state, reference, part):
   return diff / np.sqrt(sum(np.sum(reference[k]**2) for k in keys))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', [('data=8',), ('data=2', 'fsdp=4'), ('fsdp=8',)])
 def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run, mesh):
   """Three steps on 8 devices with any data x fsdp mesh: same losses and parameters as one device
@@ -60,6 +61,7 @@ def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run
   np.testing.assert_allclose(runs.scalars(workdir, 'loss')[4], loss1[4], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
   steps = 20
   straight = tmp_path / 'straight'
@@ -250,6 +252,7 @@ def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
                                "train.num_steps? (from --config.train.num_stpes=5)")
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_master_weights(tmp_path, one_device_run):
   workdir = tmp_path / 'bfloat16'
   proc = runs.run_main(workdir, '--config.train.num_steps=3',
@@ -264,6 +267,7 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, one_device_run):
   assert bf16[3] != f32[3]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_one_clear_line(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_steps=1')
   assert proc.returncode == 0, proc.stderr[-3000:]

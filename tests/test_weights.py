@@ -494,3 +494,11 @@ def test_diffusers_fp16_variant(tmp_path, model, ldm):
   message = _error(tmp_path / 'pipeline', abstract)
   assert (f'{tmp_path / "pipeline"} holds no {weights.DIFFUSERS_FILENAME} or '
           f'{weights.DIFFUSERS_FP16_FILENAME}') in message
+
+
+def test_torch_forced_weights_only(tmp_path, monkeypatch, ldm):
+  torch = pytest.importorskip('torch', reason='needs torch==2.13.0 (requirements-dev)')
+  torch.save(_torch(ldm), str(tmp_path / 'vae.ckpt'))
+  monkeypatch.setenv('TORCH_FORCE_WEIGHTS_ONLY_LOAD', '1')
+  message = _error(tmp_path / 'vae.ckpt', _abstract(**SMALL))
+  assert 'needs the environment variable TORCH_FORCE_WEIGHTS_ONLY_LOAD unset' in message
