@@ -1,4 +1,4 @@
-"""Runs every benchmark and writes the tables into benchmarks/results.md and README.md.
+"""Runs every benchmark and writes the tables into benchmarks/results.md and docs/benchmarks.md.
 
   .venv/bin/python benchmarks/run.py                  # everything, about 45 minutes on 2 cores
   .venv/bin/python benchmarks/run.py --only train     # some parts: train torch_reference solver
@@ -8,7 +8,7 @@
 Each measurement runs in its own process (train_step.py, torch_unet_step.py, solver.py,
 sampling.py, autoencoder.py, convolution.py, input_pipeline.py; see their docstrings), one after
 the other: run it on a quiet machine, nothing else using the cores. The text between the
-`benchmarks/run.py` markers in results.md and README.md is replaced; everything outside them (the
+`benchmarks/run.py` markers in results.md and docs/benchmarks.md is replaced; everything outside them (the
 optimisation log, the analysis) is left as it is. With --only, the parts not run keep the numbers
 of the previous run (kept in benchmarks/results.json); --render rewrites the tables from that file
 without measuring. The demo sampling rows need the README demo's checkpoint in --demo_workdir;
@@ -32,7 +32,7 @@ from input_pipeline import tables as input_pipeline_tables
 BENCH = os.path.join(REPO, 'benchmarks')
 RESULTS_MD = os.path.join(BENCH, 'results.md')
 RESULTS_JSON = os.path.join(BENCH, 'results.json')
-README = os.path.join(REPO, 'README.md')
+SUMMARY_MD = os.path.join(REPO, 'docs', 'benchmarks.md')
 BEGIN = '<!-- benchmarks/run.py: begin (generated; edit outside the markers) -->'
 END = '<!-- benchmarks/run.py: end -->'
 
@@ -362,7 +362,7 @@ def main():
       json.dump(results, f, indent=2)
   full, short = render(results)
   replace_block(RESULTS_MD, full)
-  replace_block(README, short)
+  replace_block(SUMMARY_MD, short)
   print(full)
 
 

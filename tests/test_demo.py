@@ -8,6 +8,7 @@ At 1000 steps the demo measured 32.67 dB / 0.8712 against bilinear's 32.52 dB / 
 """
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -56,3 +57,14 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == '(128, 128) (1, 3, 128, 128) (1, 256, 256, 3)'
+
+  # The README's export command.
+  command = re.search(r'```bash\n(\.venv/bin/python main.py --mode=export .*?)```', readme,
+                      re.S).group(1).replace('\\\n', ' ')
+  argv = [a.replace('workdirs/demo', str(tmp_path)) for a in shlex.split(command)]
+  proc = subprocess.run([sys.executable, *argv[1:]], cwd=runs.ROOT, env=runs.env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Exported step 1000' in proc.stdout
+  exported = f'{tmp_path}_export'
+  assert sorted(os.listdir(exported)) == ['config', 'export.json', 'params']
