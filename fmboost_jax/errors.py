@@ -7,3 +7,11 @@ traceback.
 
 class UserError(Exception):
   """A problem with the user's input; the message names the problem and the fix."""
+
+
+def short(error: BaseException) -> str:
+  """An exception as one short line: its type and the start of its first line."""
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ''
+  text = text if len(text) <= 160 else text[:157] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
