@@ -3,10 +3,10 @@
 
 Two on-disk formats are read:
   * LDM / CompVis checkpoints (`.ckpt`, `.pt`, `.bin`): a bare state dict or one under
-    `'state_dict'`, read by `torch_files.read_torch`, a restricted unpickler that never imports or
-    runs anything from the file: tensors are rebuilt as `torch.load(weights_only=True)` rebuilds them,
-    the extra objects of full PyTorch Lightning checkpoints (callbacks, hparams, loop state) become
-    inert placeholders, and any other pickled global refuses the file. Keys of a full SD
+    `'state_dict'`, read by `torch_files.read_torch`, a restricted unpickler that never imports
+    or runs anything from the file (tensors are rebuilt as `torch.load(weights_only=True)` rebuilds
+    them, the extra objects of full PyTorch Lightning checkpoints become inert placeholders, and
+    any other pickled global refuses the file). Keys of a full SD
     checkpoint carry a `first_stage_model.` prefix, which is stripped; discriminator (`loss.*`) and
     any other non-autoencoder keys are ignored.
   * safetensors files (`diffusion_pytorch_model.safetensors`, or the hub's float16
