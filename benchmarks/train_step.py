@@ -25,7 +25,7 @@ from common import apply_settings, flops, peak_flops, peak_rss_mib, report, xla_
 from flax import nnx
 
 from configs import default, demo
-from fmboost_jax import train, trained_model, upsampling
+from fmboost_jax import first_stages, train, trained_model
 
 
 def build(model: str, settings: list[str]):
@@ -55,7 +55,7 @@ def main():
   args = parser.parse_args()
 
   config, channels, batch = build(args.model, args.set)
-  first_stage_graphdef, first_stage_params = nnx.split(upsampling.IdentityFirstStage())
+  first_stage_graphdef, first_stage_params = nnx.split(first_stages.IdentityFirstStage())
   tx = train.make_optimizer(config.optim)
   graphdef = trained_model.model_graphdef(config, channels)
   state = jax.jit(lambda k: train.init_state(config, channels, tx, k))(jax.random.PRNGKey(0))

@@ -30,7 +30,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fmboost_jax import data_sources, input_pipeline, upsampling
+from fmboost_jax import data_sources, first_stages, input_pipeline, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.images import normalize
 
@@ -127,7 +127,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images = data_sources.open_images(config, 'train')
   wanted = manifest(config, images)
   resuming = _check_output(workdir, wanted)
-  first_stage = upsampling.first_stage_from_config(config)
+  first_stage = first_stages.first_stage_from_config(config)
   process, count = jax.process_index(), jax.process_count()
   multihost_utils.sync_global_devices('precompute: output checked')
   try:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from fmboost_jax import (
   checkpointing,
+  first_stages,
   flow,
   input_pipeline,
   metrics,
@@ -236,7 +237,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   logging.info('Device mesh %s.', dict(mesh.shape))
-  first_stage = upsampling.first_stage_from_config(config)
+  first_stage = first_stages.first_stage_from_config(config)
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
   graphdef = trained_model.model_graphdef(config, first_stage.channels)

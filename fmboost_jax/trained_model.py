@@ -35,7 +35,16 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from fmboost_jax import checkpointing, flow, images, metrics, sampling, sharding, upsampling
+from fmboost_jax import (
+  checkpointing,
+  first_stages,
+  flow,
+  images,
+  metrics,
+  sampling,
+  sharding,
+  upsampling,
+)
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import unet
 
@@ -65,7 +74,7 @@ def model_graphdef(config: ml_collections.ConfigDict, channels: int) -> nnx.Grap
   return graphdef
 
 
-def lift(graphdef: nnx.GraphDef, params, first_stage: upsampling.FirstStage,
+def lift(graphdef: nnx.GraphDef, params, first_stage: first_stages.FirstStage,
          config: ml_collections.ConfigDict, sample: ml_collections.ConfigDict,
          target_size: tuple[int, int], key: jax.Array, *, low_res_images: jax.Array | None = None,
          low_res_latents: jax.Array | None = None, save_trajectory: int = 0) -> sampling.Solution:
@@ -77,7 +86,7 @@ def lift(graphdef: nnx.GraphDef, params, first_stage: upsampling.FirstStage,
                                             save_trajectory=save_trajectory)
 
 
-def upsample_held_out(graphdef: nnx.GraphDef, params, first_stage: upsampling.FirstStage,
+def upsample_held_out(graphdef: nnx.GraphDef, params, first_stage: first_stages.FirstStage,
                       config: ml_collections.ConfigDict, targets: jax.Array,
                       key: jax.Array) -> tuple[jax.Array, jax.Array, sampling.Solution]:
   """Held-out images [B, S, S, 3] -> (their low-res input, the model's [B, S, S, 3], Solution),
@@ -180,7 +189,7 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
     sampling.check_config(sampling_config)
   except ValueError as e:
     raise UserError(f'{path}: {e}') from None
-  first_stage = upsampling.first_stage_from_config(config)
+  first_stage = first_stages.first_stage_from_config(config)
   abstract_model = _abstract_model(config, first_stage.channels)
   graphdef, shapes = nnx.split(abstract_model, nnx.Param)
   replicated = sharding.replicated(mesh)

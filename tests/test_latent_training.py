@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file as save_safetensors
 
+from fmboost_jax import first_stages
 from fmboost_jax.errors import UserError
 from tests import runs
 from tests.test_autoencoder import random_model
@@ -112,7 +113,7 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
   assert [s['count'] for s in meta['shards']][:-1] == [10] * (len(meta['shards']) - 1)
 
   # The image path of the training step, on the same crops, gives the stored tensors.
-  first_stage = upsampling.first_stage_from_config(config)
+  first_stage = first_stages.first_stage_from_config(config)
   x1, x_up = jax.jit(lambda im: upsampling.training_pair(first_stage, {'image': im}, 8, 'psu'))(
       crops)
   stored = data_sources._LatentRecords(str(out), meta['shards'])  # pylint: disable=protected-access

@@ -28,10 +28,10 @@ for name in modules:
 import jax, numpy as np, optax
 from flax import nnx
 from configs import demo
-from fmboost_jax import sharding, train, trained_model, upsampling
+from fmboost_jax import first_stages, sharding, train, trained_model, upsampling
 
 config = demo.get_config('tiny')
-first_stage = upsampling.IdentityFirstStage()
+first_stage = first_stages.IdentityFirstStage()
 tx = train.make_optimizer(config.optim)
 state = train.init_state(config, 3, tx, jax.random.key(0))
 graphdef = trained_model.model_graphdef(config, 3)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file as save_safetensors
 
 from configs import demo
-from fmboost_jax import images, inference, metrics, trained_model, upsampling
+from fmboost_jax import first_stages, images, inference, metrics, trained_model, upsampling
 from fmboost_jax.errors import UserError
 from tests import runs
 from tests.test_autoencoder import random_model
@@ -95,7 +95,7 @@ def test_output_is_the_sampler_applied_to_the_source_built_as_in_training(stages
   stage = trained_model.load(stages['pixel'], sample=config.sample)
   x = np.repeat(images.normalize(image)[None], 8, axis=0)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(11), 0), 0)
-  x_up = upsampling.upsample(upsampling.IdentityFirstStage(), 'psu', (16, 16), low_res_images=x)
+  x_up = upsampling.upsample(first_stages.IdentityFirstStage(), 'psu', (16, 16), low_res_images=x)
   expected = stage.objective.sample(stage.velocity(), x_up, key, config.sample).x1
   expected = np.asarray(metrics.to_uint8(expected[0]))
   got = _png(tmp_path / 'out' / 'x.png')

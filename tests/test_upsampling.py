@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmboost_jax import upsampling
+from fmboost_jax import first_stages, upsampling
 
 
 class ScaledFirstStage:
@@ -48,7 +48,7 @@ def test_nearest_x2_is_repeat():
 def test_psu_in_pixel_space_is_bilinear_upsampling():
   x = images()
   lr = upsampling.low_res_images(x, 8)
-  x1, x_up = upsampling.training_pair(upsampling.IdentityFirstStage(), {'image': x}, 8, 'psu')
+  x1, x_up = upsampling.training_pair(first_stages.IdentityFirstStage(), {'image': x}, 8, 'psu')
   np.testing.assert_array_equal(x1, x)
   np.testing.assert_allclose(x_up, upsampling.resize(lr, (16, 16), 'linear'), atol=1e-6)
 

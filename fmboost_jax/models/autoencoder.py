@@ -405,7 +405,7 @@ def _tiled_apply(fn, x: Array, tile: int, overlap: int, unit: int, scale_num: in
 class AutoencoderKL(nnx.Module):
   """The SD KL-f8 autoencoder: Encoder, quant_conv 1x1, posterior, post_quant_conv 1x1, Decoder.
 
-  Satisfies `fmboost_jax.upsampling.FirstStage`: `channels` = z_channels, `factor` = 2**(levels-1).
+  Satisfies `first_stages.FirstStage`: `channels` = z_channels, `factor` = 2**(levels-1).
   Parameters are float32; `dtype` is the compute dtype (float32 or bfloat16); outputs are float32.
   """
 

@@ -1,0 +1,70 @@
+"""The first stage: pixels <-> latents.
+
+Images are float32 NHWC in [-1, 1]. A first stage maps images [B, H, W, 3] to latents
+[B, H/f, W/f, C] and back; the identity first stage (f=1, C=3) gives pixel-space CFM, and the SD
+KL-f8 autoencoder (models/autoencoder.py, weights from weights.py) plugs into the same interface.
+"""
+
+from typing import Protocol
+
+import jax
+from flax import nnx
+
+from fmboost_jax import weights
+from fmboost_jax.errors import UserError
+from fmboost_jax.models import autoencoder
+
+
+class FirstStage(Protocol):
+  """Maps images [B, H, W, 3] in [-1, 1] to latents [B, H/factor, W/factor, channels] and back."""
+
+  channels: int
+  factor: int
+  scale_factor: float  # Latents are the first stage's raw latents times this.
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    ...
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    ...
+
+  def decode_tiled(self, latents: jax.Array) -> jax.Array:
+    """`decode` in bounded memory, for large outputs."""
+    ...
+
+
+class IdentityFirstStage(nnx.Module):
+  """Pixel space: the 'latent' is the image itself (a module without parameters)."""
+
+  channels = 3
+  factor = 1
+  scale_factor = 1.0
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    return images
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    return latents
+
+  def decode_tiled(self, latents: jax.Array) -> jax.Array:
+    return latents
+
+
+def first_stage_from_config(config) -> FirstStage:
+  """The first stage named by config.first_stage.name, an nnx.Module with its weights loaded.
+
+  'identity' has no parameters; 'sd_vae' is the SD KL-f8 autoencoder with the weights of
+  config.first_stage.weights (built abstractly, so random initialisation never runs).
+  """
+  c = config.first_stage
+  if c.name == 'identity':
+    return IdentityFirstStage()
+  if c.name != 'sd_vae':
+    raise UserError(f"config.first_stage.name={c.name!r} is unknown; use 'sd_vae' or 'identity'.")
+  if not c.weights:
+    raise UserError(
+        'config.first_stage.weights is not set; point it at the SD v1 autoencoder: sd_ae.ckpt from '
+        "the official FMBoost README, an SD v1 checkpoint, or stabilityai/sd-vae-ft-mse's "
+        'diffusion_pytorch_model.safetensors (or its folder).')
+  abstract = nnx.eval_shape(lambda: autoencoder.autoencoder_from_config(c, rngs=nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))
