@@ -161,12 +161,9 @@ def convert(config, workdir: str) -> None:
   """Loads the autoencoder weights strictly and writes them as a Flax (Orbax) checkpoint."""
   from flax import nnx  # noqa: PLC0415
 
-  from fmboost_jax import first_stages, weights  # noqa: PLC0415
-  from fmboost_jax.errors import UserError  # noqa: PLC0415
+  from fmboost_jax import config_checks, first_stages, weights  # noqa: PLC0415
 
-  if config.first_stage.name != 'sd_vae':
-    raise UserError('--mode=convert converts the SD autoencoder; set '
-                    '--config.first_stage.name=sd_vae and --config.first_stage.weights=FILE.')
+  config_checks.check(config, 'convert')
   first_stage = first_stages.first_stage_from_config(config)
   path = weights.save_flax_checkpoint(nnx.state(first_stage, nnx.Param), workdir)
   print(f'Wrote {path}; train with --config.first_stage.weights={path}')

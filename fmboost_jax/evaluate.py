@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from fmboost_jax import input_pipeline, metrics, sharding, upsampling, weights
+from fmboost_jax import config_checks, input_pipeline, metrics, sharding, upsampling, weights
 from fmboost_jax.errors import UserError
 from fmboost_jax.trained_model import TrainedModel, load, upsample_held_out
 
@@ -48,27 +48,6 @@ COLUMNS = (  # (key, header, format); FID columns first as in the paper's Table 
     ('spectral_distance', 'spectral dist.', '{:.3f}'), ('hf_energy_db', 'HF energy (dB)',
                                                          '{:+.2f}'),
     ('nfe', 'NFE', '{:.0f}'))
-
-
-def check_eval_config(config: ml_collections.ConfigDict) -> None:
-  e = config.eval
-  if config.data.num_val_images < 2:
-    raise UserError(f'config.data.num_val_images={config.data.num_val_images}: evaluation needs '
-                    'at least 2 held-out images.')
-  if not e.nfe_sweep or any(not isinstance(n, int) or n < 1 for n in e.nfe_sweep):
-    raise UserError(f'config.eval.nfe_sweep={tuple(e.nfe_sweep)} must be a non-empty list of '
-                    'network-evaluation counts of at least 1, e.g. (1, 2, 4, 10, 50).')
-  if not 0 < e.crop_size <= config.data.high_res_size:
-    raise UserError(f'config.eval.crop_size={e.crop_size} must be in [1, '
-                    f'config.data.high_res_size={config.data.high_res_size}].')
-  if e.num_crops < 1:
-    raise UserError(f'config.eval.num_crops={e.num_crops} must be at least 1.')
-  if e.num_figure_images < 1:
-    raise UserError(f'config.eval.num_figure_images={e.num_figure_images} must be at least 1.')
-  if e.inception_weights and not os.path.exists(e.inception_weights):
-    raise UserError(f'config.eval.inception_weights={e.inception_weights} does not exist; pass '
-                    'the pt_inception-2015-12-05-6726825d.pth file of pytorch-fid (or a '
-                    '.safetensors with its keys).')
 
 
 def _label(stage: TrainedModel, taken: set[str]) -> str:
@@ -347,7 +326,7 @@ def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the models of `config.eval.checkpoints` (default: `workdir`) on the held-out
   images; writes WORKDIR/eval/{results.md, results.json, nfe_sweep.png, figure.png}."""
-  check_eval_config(config)
+  config_checks.check(config, 'evaluate')
   if jax.process_count() > 1:
     raise UserError('--mode=evaluate runs in one process on all of its devices; start it without '
                     'the multi-process flags.')

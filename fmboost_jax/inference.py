@@ -28,7 +28,15 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from fmboost_jax import images, metrics, sampling, sharding, trained_model, upsampling
+from fmboost_jax import (
+  config_checks,
+  images,
+  metrics,
+  sampling,
+  sharding,
+  trained_model,
+  upsampling,
+)
 from fmboost_jax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
@@ -197,23 +205,12 @@ def _figure(low_res: np.ndarray, output: np.ndarray, trajectory: list[np.ndarray
   return np.concatenate([np.asarray(c) for c in columns], axis=1)
 
 
-def check_sample_config(s: ml_collections.ConfigDict) -> None:
-  if s.batch_size < 1:
-    raise UserError(f'config.sample.batch_size={s.batch_size} must be at least 1.')
-  if s.input_size < 0:
-    raise UserError(f'config.sample.input_size={s.input_size} must be 0 (keep the input size) or '
-                    'the longer side in pixels that images are resized to.')
-  if s.trajectory == 1 or s.trajectory < 0:
-    raise UserError(f'config.sample.trajectory={s.trajectory} must be 0 (none) or at least 2 '
-                    '(the states at t=0 and t=1 included).')
-
-
 def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[str],
            outdir: str) -> dict[str, Any]:
   """Boosts every input through the stages and writes PNGs, figures and `summary.json` to
   `outdir`; returns the summary."""
   s = config.sample
-  check_sample_config(s)
+  config_checks.check(config, 'sample')
   if jax.process_count() > 1:
     raise UserError('--mode=sample runs in one process on all of its devices; start it without '
                     'the multi-process flags.')

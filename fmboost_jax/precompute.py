@@ -30,7 +30,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fmboost_jax import data_sources, first_stages, input_pipeline, upsampling
+from fmboost_jax import config_checks, data_sources, first_stages, input_pipeline, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.images import normalize
 
@@ -116,13 +116,8 @@ def _check_output(workdir: str, wanted: dict) -> bool:
 
 def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes this process's shards of config.data's latents to `workdir`; returns the metadata."""
-  if config.data.source == 'latents':
-    raise UserError('config.data.source=latents is already precomputed; precompute from images.')
+  config_checks.check(config, 'precompute')
   p = config.precompute
-  if p.crops_per_image < 1 or p.shard_size < 1 or p.batch_size < 1:
-    raise UserError('config.precompute.crops_per_image, shard_size and batch_size must be at least '
-                    '1.')
-  upsampling.check_mode(config.flow.upsampling_mode)
   workdir = os.path.abspath(workdir)
   images = data_sources.open_images(config, 'train')
   wanted = manifest(config, images)

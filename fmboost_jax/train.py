@@ -22,17 +22,16 @@ from PIL import Image
 
 from fmboost_jax import (
   checkpointing,
+  config_checks,
   first_stages,
   flow,
   input_pipeline,
   metrics,
-  sampling,
   sharding,
   trained_model,
   upsampling,
 )
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import unet
 
 
 class TrainingDiverged(UserError):
@@ -144,27 +143,6 @@ def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax
 # ----------------------------------------------------------------------------- helpers
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError with one sentence for a config that cannot train."""
-  try:
-    flow.check_config(config.flow)
-    sampling.check_config(config.sample)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  try:
-    unet.check_arguments(**config.model)
-  except (ValueError, TypeError) as e:
-    raise UserError(f'config.model.{e}') from None
-  upsampling.check_mode(config.flow.upsampling_mode)
-  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
-    if config.train[name] < 1:
-      raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
-  input_pipeline.check_config(config)
-  if config.data.num_val_images % config.data.batch_size:
-    raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a multiple '
-                    f'of config.data.batch_size={config.data.batch_size}.')
-
-
 def image_grid(columns: list[np.ndarray]) -> np.ndarray:
   """Rows of images side by side: columns of [N, H, W, 3] in [-1, 1] -> uint8 [N*H, len*W, 3]."""
   rows = np.concatenate([np.asarray(metrics.to_uint8(c)) for c in columns], axis=2)
@@ -215,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the last evaluation's mean scores.
   """
-  check_config(config)
+  config_checks.check(config, 'train')
   stop = _StopFlag()
   previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
   try:
