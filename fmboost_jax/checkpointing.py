@@ -5,23 +5,64 @@ Each step holds three items: `state`, `data` (the grain iterator position of eve
 restores a step (sampling, evaluation, a cascade) reads the config that step was trained with.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint as the latest usable one.
+mid-save leaves the previous checkpoint as the latest usable one. A save that fails in the
+background (a full disk) is noticed without waiting, at the first `check` after it finished, and
+becomes one `CheckpointSaveError` naming the directory and its free space; its temporary directory
+is removed and the earlier checkpoints stay as they are. The background threads' tracebacks of
+such a failure are logged as one line each (`_BackgroundErrors`).
 
 An exported model (`write_export`, `--mode=export`) is a directory of its own: `export.json` (what
 it was exported from), `config` (the training config, as in a checkpoint) and `params` (the
 sampling weights only), written under a temporary name and renamed when complete.
 """
 
+import glob
 import json
+import logging
 import os
 import shutil
+import sys
+import threading
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fmboost_jax import errors
 from fmboost_jax.errors import UserError
+
+
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written (e.g. the disk is full)."""
+
+
+def _quiet_closed_loop(excepthook, unraisablehook, thread_excepthook):
+  """The hooks, except that they stay silent about the write callbacks of a failed background save
+  that arrive after its event loop closed (`RuntimeError: Event loop is closed`, one per file)."""
+  def closed(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+  return (lambda kind, error, tb: None if closed(error) else excepthook(kind, error, tb),
+          lambda info: None if closed(info.exc_value) else unraisablehook(info),
+          lambda args: None if closed(args.exc_value) else thread_excepthook(args))
+
+
+class _BackgroundErrors(logging.Filter):
+  """Turns the tracebacks that Orbax's finalize thread and its asyncio write tasks log for a
+  failed write into one line each, and remembers the first such error for the user's message."""
+
+  def __init__(self):
+    super().__init__()
+    self.first: BaseException | None = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and ('orbax' in record.pathname or record.name == 'asyncio'):
+      self.first = self.first or error
+      record.msg, record.args = f'{record.getMessage()} ({errors.short(error)})', None
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 class Checkpointer:
@@ -40,13 +81,22 @@ class Checkpointer:
       raise UserError(f'cannot create the checkpoint directory {directory} ({e.strerror}); '
                       'choose a writable --workdir.') from None
     self.directory = directory
+    self._pending: int | None = None  # The step of the save in flight, until checked.
+    self._background = _BackgroundErrors()
+    for name in ('absl', 'asyncio'):
+      logging.getLogger(name).addFilter(self._background)
+    self._hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    sys.excepthook, sys.unraisablehook, threading.excepthook = _quiet_closed_loop(*self._hooks)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_iterator: grain.DatasetIterator,
            config: ml_collections.ConfigDict) -> None:
-    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`."""
+    """Starts an asynchronous save of `state`, the iterator position and `config` at `step`
+    (after the previous one has finished and been checked)."""
+    self.wait()
+    self._pending = step
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -91,11 +141,49 @@ class Checkpointer:
       data_iterator.set_state(next(iter(positions.values())))
     return restored['state']
 
+  def check(self) -> None:
+    """Raises CheckpointSaveError if the last save has finished without writing its step; returns
+    at once while it is still being written."""
+    if self._pending is None or self._manager.is_saving_in_progress():
+      return
+    if jax.process_index() != 0:  # Process 0 renames the step directory when all have written.
+      self._pending = None
+      return
+    step, self._pending = self._pending, None
+    if not os.path.isdir(os.path.join(self.directory, str(step))):
+      self._fail(step, self._background.first)
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight and checks it."""
+    step = self._pending
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (Orbax and tensorstore raise many kinds)
+      self._pending = None
+      self._fail(step, e)
+    self.check()
+
+  def _fail(self, step: int | None, error: BaseException | None) -> None:
+    for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
+      shutil.rmtree(partial, ignore_errors=True)
+    free = shutil.disk_usage(self.directory).free / 2**20
+    kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    if error is not None and ('No space left on device' in str(error)
+                              or getattr(error, 'errno', None) == 28):
+      reason = ' (no space left on device)'
+    else:
+      reason = f' ({errors.short(error)})' if error is not None else ''
+    resume = (f'start again to resume from step {kept[-1]} (the checkpoints of steps '
+              f'{", ".join(map(str, kept))} are intact)' if kept else 'start again')
+    raise CheckpointSaveError(
+        f'saving the checkpoint of step {step} in {self.directory} failed{reason}; {free:.1f} MiB '
+        f'are free there: free space or choose another --workdir, then {resume}.')
 
   def close(self) -> None:
     self._manager.close()
+    for name in ('absl', 'asyncio'):
+      logging.getLogger(name).removeFilter(self._background)
+    sys.excepthook, sys.unraisablehook, threading.excepthook = self._hooks
 
 
 def latest_step(directory: str) -> int | None:

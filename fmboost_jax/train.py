@@ -349,6 +349,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      os.path.join(workdir, 'profile'))
       pending.append(measurements)
       report_progress(step)
+      checkpointer.check()  # A save that failed in the background stops training here.
       if step % config.train.log_every == 0:
         flush_measurements()
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
@@ -368,9 +369,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not last_scores and not stopped:
       last_scores = evaluate()
   finally:
-    checkpointer.wait()
-    checkpointer.close()
-    writer.flush()
+    try:
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
+      writer.flush()
   if last_scores and is_main:
     table = results_table(last_scores)
     logging.info('Held-out results at step %d:\n%s', step, table)

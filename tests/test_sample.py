@@ -366,3 +366,21 @@ def test_export_round_trips_through_load_sample_and_the_command_line(stages, tmp
       f'error: {tmp_path / "export"} already exists; export into a new directory (or remove it).')
   np.testing.assert_array_equal(trained_model.load(str(tmp_path / 'export')).boost(
       photo, output_type='np'), expected)
+
+
+def test_input_size_shrinks_images_with_the_degradation_of_training(stages, tmp_path):
+  """--config.sample.input_size makes the low-res input as training does (bilinear without
+  antialiasing, upsampling.low_res_images), not with another filter."""
+  image = _write_png(tmp_path / 'x.png', 16, 16, 12)
+  inference.sample(_sample_config(input_size=8, seed=2), stages['pixel'],
+                   [str(tmp_path / 'x.png')], str(tmp_path / 'out'))
+  low = np.asarray(upsampling.low_res_images(images.normalize(image)[None], 8))[0]
+  model = trained_model.load(stages['pixel'])
+  expected = model.boost((low + 1) / 2, seed=2, output_type='np')[0]
+  got = _png(tmp_path / 'out' / 'x.png').astype(np.float32) / 255
+  assert got.shape == (16, 16, 3)
+  assert np.abs(got - expected).max() <= 0.5 / 255 + 1e-4
+  # Antialiased resizing (what PIL's filters do) gives another input and another output.
+  pil = np.asarray(Image.fromarray(image).resize((8, 8), Image.Resampling.LANCZOS))
+  other = model.boost(pil, seed=2, output_type='np')[0]
+  assert np.abs(other - expected).max() > 2 / 255

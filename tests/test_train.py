@@ -1,6 +1,7 @@
 """Specification of the training loop: sharding, resume, preemption, divergence, bad input."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -243,6 +244,37 @@ def test_an_output_path_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path,
       'outdir': f'error: the output directory {blocker} is a file; choose another --outdir.'}
   assert _error_line(proc) == expected[where]
   assert blocker.read_text() == 'not a directory'
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+  """Checkpoints of about 11 MB every step on a 30 MB tmpfs: the save that fails in the background
+  stops training with one line (no traceback), its temporary directory is removed and the earlier
+  checkpoints restore."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=30m', 'tmpfs', str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip('mounting a small tmpfs is not permitted on this machine')
+  try:
+    proc = runs.run_main(disk / 'w', '--config.train.checkpoint_every=1',
+                         '--config.train.keep_checkpoints=0', timeout=300)
+    line = _error_line(proc)
+    m = re.fullmatch(
+        r'error: saving the checkpoint of step (\d) in (.*) failed \(no space left on device\); '
+        r'([\d.]+) MiB are free there: free space or choose another --workdir, then start again '
+        r'to resume from step (\d) \(the checkpoints of steps (.*) are intact\)\.', line)
+    assert m, line
+    step = int(m[1])
+    assert m[2] == f'{disk}/w/checkpoints' and int(m[4]) == step - 1 >= 1
+    assert runs.checkpoint_steps(disk / 'w') == list(range(1, step))
+    assert m[5] == ', '.join(str(s) for s in range(1, step))
+    assert not [n for n in os.listdir(disk / 'w' / 'checkpoints') if not n.isdigit()]
+    assert abs(float(m[3]) - shutil.disk_usage(disk).free / 2**20) < 1.0
+    for kept in range(1, step):
+      assert int(runs.restore_state(disk / 'w', kept)['step']) == kept
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)
 
 
 def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
