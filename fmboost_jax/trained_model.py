@@ -111,6 +111,8 @@ class TrainedModel:
   graphdef: nnx.GraphDef
   params: Any
   mesh: jax.sharding.Mesh
+  # The compiled cascades this model starts, by the models in them: boosting again reuses them.
+  cascades: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   @property
   def scale(self) -> int:
@@ -394,8 +396,16 @@ def boost(models: TrainedModel | Sequence[TrainedModel], image=None, *, latents=
       differ), as diffusers pipelines return them.
     seed: the noise of the sources; the same inputs, batch size and seed give the same outputs.
     batch_size: inputs per compiled call (padded to a multiple of the local devices).
+
+  Each input shape is compiled once per cascade; boosting again with the same models reuses it.
   """
-  cascade = Cascade([models] if isinstance(models, TrainedModel) else models)
+  models = [models] if isinstance(models, TrainedModel) else list(models)
+  if not models:
+    raise UserError('boost needs at least one trained model.')
+  key = tuple(id(m) for m in models)
+  if key not in models[0].cascades:
+    models[0].cascades[key] = Cascade(models)
+  cascade = models[0].cascades[key]
   if output_type not in OUTPUT_TYPES:
     raise UserError(f'output_type={output_type!r} is unknown; use one of {OUTPUT_TYPES}.')
   if (image is None) == (latents is None):

@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def tiny_cfm_workdir(tmp_path_factory) -> str:
-  """A pixel-space CFM checkpoint of `configs/demo.py:tiny` (8 -> 16 px, 2 steps), trained once per
-  session for the tests that sample or evaluate (they must not write into it)."""
+  """A pixel-space CFM checkpoint of `configs/demo.py:tiny` (8 -> 16 px, 2 steps, the EMA started
+  after step 1, so that its EMA and online weights differ), trained once per session for the tests
+  that sample or evaluate (they must not write into it)."""
   from tests import runs  # noqa: PLC0415
-  return runs.train_tiny(tmp_path_factory.mktemp('tiny_cfm') / 'workdir')
+  return runs.train_tiny(tmp_path_factory.mktemp('tiny_cfm') / 'workdir', ema__start_step=1)

@@ -14,6 +14,9 @@ from fmboost_jax import evaluate, input_pipeline, metrics, upsampling
 from fmboost_jax.errors import UserError
 from tests import runs
 
+# Each test samples or evaluates trained checkpoints: the full suite runs them, the fast tier not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory, tiny_cfm_workdir):

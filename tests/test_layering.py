@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests import runs
 
 SCRIPT = r'''
@@ -48,11 +50,14 @@ model = trained_model.TrainedModel(path='', step=1, config=config, sample=config
 out = model.boost(np.zeros((8, 8, 3), np.uint8), output_type='np')
 hidden = sorted({m.split('.')[0] for m in sys.modules} & set(BLOCKED))
 import json
+
+import pytest
 finite = bool(np.isfinite(measured['loss']))
 print(json.dumps([len(modules), int(state.step), finite, out.shape, hidden]))
 '''
 
 
+@pytest.mark.slow
 def test_modules_import_train_a_step_and_boost_without_tensorflow_and_clu():
   proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=runs.ROOT, env=runs.env(2),
                         capture_output=True, text=True, timeout=300)

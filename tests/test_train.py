@@ -111,6 +111,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
   config = demo.get_config('tiny')
   config.train.num_steps = 3
@@ -246,6 +247,7 @@ def test_an_output_path_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path,
   assert blocker.read_text() == 'not a directory'
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
   """Checkpoints of about 11 MB every step on a 30 MB tmpfs: the save that fails in the background
   stops training with one line (no traceback), its temporary directory is removed and the earlier
