@@ -10,6 +10,7 @@ import math
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -88,3 +89,11 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in local_batch.items()
   }
+
+
+def wait_for_all_processes(name: str, timeout_seconds: int) -> None:
+  """A barrier of all processes through the coordination service, not a device collective: it
+  needs no CPU collectives context (whose set-up times out after 30 s when processes arrive far
+  apart). A no-op in one process."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(f'fmboost_jax: {name}', timeout=timeout_seconds)

@@ -33,6 +33,9 @@ from fmboost_jax import (
 )
 from fmboost_jax.errors import UserError
 
+# How long the processes of a run wait for each other to finish compiling the step.
+STARTUP_BARRIER_SECONDS = 3600
+
 
 class TrainingDiverged(UserError):
   """The loss or gradient became NaN or infinite."""
@@ -262,6 +265,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       out_shardings=(state_sharding, replicated),
       donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
+  # Processes compile at different speeds (one from a warm compilation cache, one not): the first
+  # step's collectives start only when all have compiled.
+  sharding.wait_for_all_processes('train step compiled', STARTUP_BARRIER_SECONDS)
   jitted_eval = jax.jit(
       lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
                                    first_stage_graphdef=first_stage_graphdef, config=config),

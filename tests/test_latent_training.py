@@ -56,6 +56,7 @@ def test_missing_autoencoder_weights_are_one_clear_line(tmp_path):
   assert 'nope.ckpt' in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path):
   from flax import nnx  # noqa: PLC0415
 

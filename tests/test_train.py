@@ -130,6 +130,7 @@ def test_nan_loss_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     np.testing.assert_array_equal(before[k], after[k])
 
 
+@pytest.mark.slow
 def test_an_implicit_host_transfer_in_the_step_loop_is_an_error(tmp_path, monkeypatch):
   # A regression that hands the step host arrays (an implicit, synchronous copy every step) must
   # fail at the first step instead of silently slowing training down.

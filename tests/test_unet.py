@@ -279,6 +279,7 @@ def _count_ops(lowered) -> dict[str, int]:
                                                        'dot_general')}
 
 
+@pytest.mark.slow
 def test_remat_policies_recompute_blocks_with_the_same_gradients(perturbed_model):
   lowered, params = _grad_fn(perturbed_model)
   ref_loss, ref_grads = lowered.compile()(params)
