@@ -1,15 +1,19 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`, so this directory
-is on sys.path): config overrides, the machine's measured peak, memory, and the machine line."""
+is on sys.path): config overrides, the machine's measured peak, memory, the machine line, and
+the timing helpers of input_pipeline.py and input_formats.py."""
 
 import ast
 import contextlib
 import datetime
+import gc
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import resource
 import statistics
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,3 +98,57 @@ def shown_args() -> list[str]:
       continue
     args.append(a)
   return args
+
+
+# ------------------------------------------ timing helpers of the input pipeline benchmarks
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def _close(iterator, timeout: float = 60.0) -> None:
+  """Closes a grain iterator and waits until its prefetch threads have finished their work (a
+  closed thread pool lets running tasks complete), so that no row pays for the previous one."""
+  close = getattr(iterator, 'close', None)
+  if close:
+    close()
+  gc.collect()
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and any(
+      t.name.startswith('grain') and t is not threading.current_thread()
+      for t in threading.enumerate()):
+    time.sleep(0.01)
+
+
+def cpu_seconds() -> float:
+  """CPU time (user + system) of this process's threads and of its live multiprocessing
+  children (grain's mp_prefetch workers)."""
+  total = time.process_time()
+  tick = os.sysconf('SC_CLK_TCK')
+  for child in multiprocessing.active_children():
+    try:
+      with open(f'/proc/{child.pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
+
+
+def time_batches(iterator, batch_size: int, warmup: int, seconds: float,
+                 min_batches: int = 3) -> dict:
+  """Samples/s of `next(iterator)` after `warmup` batches, over at least `seconds`, and the CPU
+  time spent meanwhile (all threads and worker processes): cores busy = CPU s / wall s."""
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    next(iterator)
+  start, cpu = time.perf_counter(), cpu_seconds()
+  n = 0
+  while n < min_batches or time.perf_counter() - start < seconds:
+    next(iterator)
+    n += 1
+  elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+  return {'samples_per_second': n * batch_size / elapsed, 'batches': n, 'seconds': elapsed,
+          'warmup_seconds': start - t0, 'cpu_seconds': cpu, 'cores_busy': cpu / elapsed,
+          'samples_per_cpu_second': n * batch_size / max(cpu, 1e-9)}
