@@ -186,9 +186,13 @@ def main(argv):
   if FLAGS.config.train.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.config.train.compilation_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  logging.info('JAX process %d of %d, %d local / %d global devices.', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  backend, kind = jax.default_backend(), jax.local_devices()[0].device_kind
+  logging.info('JAX process %d of %d: backend %s, device kind %s, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(), backend, kind, jax.local_device_count(),
+               jax.device_count())
   try:
+    from fmboost_jax import config_checks  # noqa: PLC0415
+    config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
     outdir = output_directory(FLAGS.mode)
     ensure_writable(outdir)
     if FLAGS.mode == 'train':

@@ -142,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp_min_size = 2**18
 
   config.train = ml_collections.ConfigDict()
+  # The backend JAX must see, else no start: 'any' | 'cpu' | 'gpu' | 'tpu' (the SLURM launch script
+  # sets gpu, the TPU one tpu, so a job that lost its accelerators never trains on the CPU).
+  config.train.platform = 'any'
   config.train.num_steps = 500_000
   config.train.log_every = 50
   config.train.eval_every = 5000

@@ -16,6 +16,19 @@ from fmboost_jax.errors import UserError
 from fmboost_jax.models import unet
 
 MODES = ('train', 'sample', 'evaluate', 'precompute', 'convert', 'export')
+PLATFORMS = ('any', 'cpu', 'gpu', 'tpu')
+
+
+def check_platform(platform: str, backend: str, device_kind: str) -> None:
+  """Raises UserError when JAX's backend is not the one config.train.platform asks for."""
+  if platform not in PLATFORMS:
+    raise UserError(f'config.train.platform={platform!r} is unknown; use one of '
+                    f'{", ".join(PLATFORMS)}.')
+  if platform not in ('any', backend):
+    raise UserError(
+        f'config.train.platform={platform} but JAX sees {backend} devices ({device_kind}); install '
+        f'JAX for {platform} on this host (README, "Installs"), run where the {platform}s are, or '
+        'set --config.train.platform=any to run here anyway.')
 
 
 def check(config: ml_collections.ConfigDict, mode: str) -> None:

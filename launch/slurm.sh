@@ -40,6 +40,8 @@ esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 flags=''
 for flag in "$@"; do flags+=" $(printf '%q' "$flag")"; done
+# Refuse to train anywhere but on the GPUs (unless the flags choose another platform).
+if [[ "$flags" != *"--config.train.platform"* ]]; then flags+=" --config.train.platform=gpu"; fi
 script="#!/usr/bin/env bash
 #SBATCH --job-name=fmboost
 #SBATCH --nodes=$nodes

@@ -20,6 +20,8 @@ shift 2
 repo=${REPO_DIR:-\~/fmboost_jax}
 remote="cd $repo && .venv/bin/python main.py --distributed"
 for flag in "$@"; do remote+=" $(printf '%q' "$flag")"; done
+# Refuse to train anywhere but on the TPUs (unless the flags choose another platform).
+if [[ "$remote" != *"--config.train.platform"* ]]; then remote+=" --config.train.platform=tpu"; fi
 command=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all "--command=$remote")
 if [[ -n "${PROJECT:-}" ]]; then command+=("--project=$PROJECT"); fi
 if ((dry_run)); then

@@ -22,7 +22,8 @@ def test_tpu_pod_dry_run_prints_the_command_for_every_worker():
   assert proc.stdout.strip() == (
       "gcloud compute tpus tpu-vm ssh my-v4-32 --zone=us-central2-b --worker=all "
       "--command='cd ~/fmboost_jax && .venv/bin/python main.py --distributed "
-      "--config=configs/default.py --workdir=/mnt/shared/paper --config.sample.stages=a\\;b'")
+      "--config=configs/default.py --workdir=/mnt/shared/paper --config.sample.stages=a\\;b "
+      "--config.train.platform=tpu'")
   proc = _run('launch/tpu_pod.sh', '--dry-run', 'my-v4-32')
   assert proc.returncode == 2 and proc.stderr.startswith('usage:')
 
@@ -38,7 +39,12 @@ def test_slurm_dry_run_prints_the_batch_script():
       '#SBATCH --signal=USR1@120', '#SBATCH --output=slurm-%j.out', '#SBATCH --partition=gpu']
   assert lines[9] == f'cd {runs.ROOT}'
   assert lines[10] == ('srun --kill-on-bad-exit=1 .venv/bin/python main.py --distributed '
-                       '--config=configs/default.py --workdir=/shared/run')
+                       '--config=configs/default.py --workdir=/shared/run '
+                       '--config.train.platform=gpu')
+  cpu = _run('launch/slurm.sh', '--dry-run', '--', '--config=configs/default.py',
+             '--config.train.platform=any').stdout
+  assert [line for line in cpu.splitlines() if line.startswith('srun')][0].endswith(
+      '--config=configs/default.py --config.train.platform=any')
   per_host = _run('launch/slurm.sh', '--dry-run', '--per=host', '--gpus-per-node=8', '--').stdout
   assert '#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node=8\n' in per_host
   for bad in ('--per=node', '--nodes=0', '--frobnicate'):

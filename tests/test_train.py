@@ -210,6 +210,11 @@ def _error_line(proc):
      'val_fraction=1.5 must lie strictly between 0 and 1'),
     (['--config.data.batch_size=0'], 1, 'config.data.batch_size=0 (global) is not a positive '
      'multiple of the 1 processes'),
+    (['--config.train.platform=gpu'], 1, 'error: config.train.platform=gpu but JAX sees cpu '
+     'devices (cpu); install JAX for gpu on this host (README, "Installs"), run where the gpus '
+     'are, or set --config.train.platform=any to run here anyway.'),
+    (['--config.train.platform=cuda'], 1, "config.train.platform='cuda' is unknown; use one of "
+     'any, cpu, gpu, tpu.'),
     (['--config.model.model_channels=16'], 1, 'error: config.model.model_channels=16 with '
      'channel_mult=(1, 2) gives the widths [16, 32], which the 32 GroupNorm groups do not all '
      'divide; use a multiple of 32 for model_channels (e.g. 32).'),
