@@ -174,7 +174,7 @@ class Evaluator:
                       in_shardings=(self.replicated, self.batch, self.replicated, self.replicated),
                       out_shardings=self.replicated)
     acc, kept, oks = _Accumulator(), [], []
-    key = jax.random.PRNGKey(self.config.eval.seed)
+    key = jax.random.key(self.config.eval.seed)
     for start, n, images in self._batches():
       pred, nfe, ok = jax.device_get(step_fn(stage.params, images, fs_params,
                                              jax.random.fold_in(key, start)))

@@ -222,7 +222,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
   graphdef = trained_model.model_graphdef(config, first_stage.channels)
-  init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
 
   train_iter = input_pipeline.create_train_iterator(config)
   val_images = input_pipeline.validation_images(config)

@@ -331,7 +331,7 @@ class Cascade:
     groups: dict[Any, list[int]] = {}
     for i, (kind, array) in enumerate(inputs):
       groups.setdefault((kind, array.shape), []).append(i)
-    key = jax.random.PRNGKey(seed)
+    key = jax.random.key(seed)
     ids_of_batches = [ids[j:j + batch_size] for ids in groups.values()
                       for j in range(0, len(ids), batch_size)]
     for b, ids in enumerate(ids_of_batches):
