@@ -20,6 +20,17 @@ from PIL import Image
 from tests import runs
 
 
+def _run_readme_command(readme: str, mode: str, workdir) -> subprocess.CompletedProcess:
+  """Runs README's `main.py --mode=MODE` command with workdirs/demo replaced by `workdir`."""
+  command = re.search(rf'```bash\n(\.venv/bin/python main.py --mode={mode} .*?)```', readme,
+                      re.S).group(1).replace('\\\n', ' ')
+  argv = [a.replace('workdirs/demo', str(workdir)) for a in shlex.split(command)]
+  proc = subprocess.run([sys.executable, *argv[1:]], cwd=runs.ROOT, env=runs.env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 @pytest.mark.slow
 def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_steps=1000', config='configs/demo.py',
@@ -36,12 +47,7 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   # The README's next command boosts the bundled photographs with this checkpoint.
   with open(f'{runs.ROOT}/README.md') as f:
     readme = f.read()
-  command = re.search(r'```bash\n(\.venv/bin/python main.py --mode=sample .*?)```', readme,
-                      re.S).group(1).replace('\\\n', ' ')
-  argv = [a.replace('workdirs/demo', str(tmp_path)) for a in shlex.split(command)]
-  proc = subprocess.run([sys.executable, *argv[1:]], cwd=runs.ROOT, env=runs.env(),
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _run_readme_command(readme, 'sample', tmp_path)
   boosted = tmp_path / 'boosted'
   with open(boosted / 'summary.json') as f:
     summary = json.load(f)
@@ -59,12 +65,7 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   assert proc.stdout.strip().splitlines()[-1] == '(128, 128) (1, 3, 128, 128) (1, 256, 256, 3)'
 
   # The README's export command.
-  command = re.search(r'```bash\n(\.venv/bin/python main.py --mode=export .*?)```', readme,
-                      re.S).group(1).replace('\\\n', ' ')
-  argv = [a.replace('workdirs/demo', str(tmp_path)) for a in shlex.split(command)]
-  proc = subprocess.run([sys.executable, *argv[1:]], cwd=runs.ROOT, env=runs.env(),
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_readme_command(readme, 'export', tmp_path)
   assert 'Exported step 1000' in proc.stdout
   exported = f'{tmp_path}_export'
   assert sorted(os.listdir(exported)) == ['config', 'export.json', 'params']
