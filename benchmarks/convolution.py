@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fmboost_jax.models.unet import conv_as_matmul  # noqa: E402
+from fmboost_jax.models.layers import conv_as_matmul  # noqa: E402
 
 SAME = ((1, 1), (1, 1))
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from configs import default
 from fmboost_jax import flow, sampling, trained_model
-from fmboost_jax.models import unet
+from fmboost_jax.models import layers
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -56,7 +56,7 @@ def main():
   channels = 4
   model = trained_model.network(config, channels, nnx.Rngs(0))
   kernel = model.out_conv.kernel
-  kernel[...] = unet.torch_kernel_init(jax.random.PRNGKey(1), kernel.shape, kernel.dtype)
+  kernel[...] = layers.torch_kernel_init(jax.random.PRNGKey(1), kernel.shape, kernel.dtype)
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
   shape = (args.batch, args.size, args.size, channels)

@@ -33,10 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_levels = (3,)
   config.model.num_heads = 4
   config.model.head_dim = 64
-  config.model.compute_dtype = 'float32'  # 'bfloat16' computes in bf16 with float32 master weights.
-  # 'xla': lax.conv_general_dilated (TPU, GPU). 'matmul': convolutions as one im2col matrix product
-  # each, 2-3x faster on CPUs (benchmarks/results.md); same parameters and results either way.
-  config.model.conv_impl = 'xla'
+  # What the network computes with; 'auto' picks the measured fastest per backend
+  # (fmboost_jax/models/backends.py, docs/benchmarks.md) and logs it at start-up:
+  # compute_dtype: 'bfloat16' (float32 master weights) on GPU/TPU, 'float32' on CPU;
+  # conv_impl: 'matmul' (one im2col matrix product per convolution) on CPU, 'xla' on GPU/TPU;
+  # attention_impl: 'cudnn' (fused attention, where it applies, else XLA's) on GPU, 'xla' elsewhere.
+  # Parameters, checkpoints and results are the same whichever is chosen, up to rounding.
+  config.model.compute_dtype = 'auto'  # 'auto' | 'float32' | 'bfloat16'
+  config.model.conv_impl = 'auto'  # 'auto' | 'xla' | 'matmul'
+  config.model.attention_impl = 'auto'  # 'auto' | 'xla' | 'cudnn'
   # Rematerialisation of each residual block in the backward pass, trading compute for activation
   # memory: 'none' | 'full' (keep block inputs only) | 'dots' (also keep unbatched matrix products;
   # see models/unet.py). No effect on CPUs, where XLA folds the recomputation back.

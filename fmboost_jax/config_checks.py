@@ -2,18 +2,20 @@
 sections a mode uses, first thing when the mode starts, and raises `UserError` with one sentence.
 
 The rules of a part of the method stay beside it and are called from here: `flow.check_config`,
-`sampling.check_config`, `unet.check_arguments`, `input_pipeline.check_config` (data) and
-`upsampling.check_mode`; the rules of the modes' own sections (train, sample, eval, precompute)
-are written here.
+`sampling.check_config`, `unet.check_arguments`, `backends.check_backend` (which also logs what
+`auto` chose), `input_pipeline.check_config` (data) and `upsampling.check_mode`; the rules of
+the modes' own sections (train, sample, eval, precompute) are written here.
 """
 
 import os
 
+import jax
 import ml_collections
+from absl import logging
 
 from fmboost_jax import flow, input_pipeline, sampling, upsampling
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import unet
+from fmboost_jax.models import backends, unet
 
 MODES = ('train', 'sample', 'evaluate', 'precompute', 'convert', 'export')
 PLATFORMS = ('any', 'cpu', 'gpu', 'tpu')
@@ -74,6 +76,7 @@ def _check_method(config: ml_collections.ConfigDict) -> None:
     unet.check_arguments(**config.model)
   except (ValueError, TypeError) as e:
     raise UserError(f'config.model.{e}') from None
+  logging.info(backends.check_backend(jax.default_backend(), **config.model))
   upsampling.check_mode(config.flow.upsampling_mode)
 
 

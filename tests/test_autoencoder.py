@@ -20,6 +20,7 @@ from flax import nnx
 
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import autoencoder as ae
+from fmboost_jax.models import tiling
 from fmboost_jax.models.unet import count_params
 
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4)  # factor 4.
@@ -197,9 +198,9 @@ def test_bfloat16_compute_float32_params(small_model):
 @pytest.mark.parametrize('length,tile,overlap,scale', [(40, 16, 4, 8), (48, 16, 8, 1),
                                                        (24, 24, 8, 8), (37, 10, 3, 2)])
 def test_blend_weights_are_a_partition_of_unity(length, tile, overlap, scale):
-  tile, starts = ae._tiles_1d(length, tile, overlap)
+  tile, starts = tiling.tiles_1d(length, tile, overlap)
   assert starts[0] == 0 and starts[-1] + tile == length
-  weights = ae._blend_weights_1d(length, tile, starts, scale)
+  weights = tiling.blend_weights_1d(length, tile, starts, scale)
   total = np.zeros(length * scale)
   for w, s in zip(weights, starts):
     total[s * scale:(s + tile) * scale] += w
@@ -215,11 +216,11 @@ def test_tiled_geometry_is_exact():
   rs = np.random.RandomState(0)
   z = jnp.asarray(rs.randn(2, 40, 56, 4).astype(np.float32))
   upsample = lambda x: 2.0 * jnp.repeat(jnp.repeat(x[..., :3], 8, axis=1), 8, axis=2)
-  out = ae._tiled_apply(upsample, z, 16, 4, 1, 8, 1, 3)
+  out = tiling.tiled_apply(upsample, z, 16, 4, 1, 8, 1, 3)
   np.testing.assert_allclose(out, upsample(z), atol=1e-5)
   images = jnp.asarray(rs.randn(2, 80, 104, 3).astype(np.float32))
   subsample = lambda x: jnp.concatenate([x[:, 3::8, 5::8], x[:, ::8, ::8, :1]], axis=-1)
-  out = ae._tiled_apply(subsample, images, 32, 16, 8, 1, 8, 4)
+  out = tiling.tiled_apply(subsample, images, 32, 16, 8, 1, 8, 4)
   np.testing.assert_allclose(out, subsample(images), atol=1e-5)
 
 

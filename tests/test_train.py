@@ -218,6 +218,9 @@ def _error_line(proc):
     (['--config.model.model_channels=16'], 1, 'error: config.model.model_channels=16 with '
      'channel_mult=(1, 2) gives the widths [16, 32], which the 32 GroupNorm groups do not all '
      'divide; use a multiple of 32 for model_channels (e.g. 32).'),
+    (['--config.model.attention_impl=cudnn'], 1, "error: config.model.attention_impl='cudnn' "
+     'needs an NVIDIA GPU and bfloat16 compute (here: cpu, float32); set '
+     '--config.model.attention_impl=auto (cuDNN where it applies, else XLA) or xla.'),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
   proc = runs.run_main(tmp_path / 'w', *overrides, devices=devices, timeout=120)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import default
+from fmboost_jax.models import backends, layers
 from fmboost_jax.models import unet as unet_lib
 
 SMALL = dict(in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
@@ -209,7 +210,7 @@ def test_conv_as_matmul_equals_the_xla_convolution_and_its_gradients(shape, kern
   dn = jax.lax.conv_dimension_numbers(shape, kernel, ('NHWC', 'HWIO', 'NHWC'))
   xla = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,  # noqa: E731
                                                   dimension_numbers=dn)
-  mm = lambda x, w: unet_lib.conv_as_matmul(x, w, strides, padding)  # noqa: E731
+  mm = lambda x, w: layers.conv_as_matmul(x, w, strides, padding)  # noqa: E731
   relative = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
   assert mm(x, w).shape == xla(x, w).shape
   assert relative(mm(x, w), xla(x, w)) < 1e-5  # float32 rounding of a different summation order
@@ -221,8 +222,8 @@ def test_conv_as_matmul_equals_the_xla_convolution_and_its_gradients(shape, kern
 @pytest.mark.parametrize('conv_impl', ['xla', 'matmul'])
 @pytest.mark.parametrize('shape', [(2, 5, 7, 6), (1, 1, 1, 6), (1, 8, 3, 6)])
 def test_upsample_equals_a_convolution_of_the_nearest_upsampled_map(conv_impl, shape):
-  up = unet_lib.Upsample(6, rngs=nnx.Rngs(0))
-  up.conv.conv_general_dilated = unet_lib._CONV_IMPLS[conv_impl]
+  up = layers.Upsample(6, rngs=nnx.Rngs(0))
+  up.conv.conv_general_dilated = backends.CONV_IMPLS[conv_impl]
   up.conv.bias[...] = jax.random.normal(jax.random.key(2), (6,))
   x = jax.random.normal(jax.random.key(1), shape)
   relative = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
@@ -249,7 +250,7 @@ def test_unet_with_matmul_convolutions_computes_the_same_velocity(perturbed_mode
                       attention_levels=(2,), num_heads=2, head_dim=16, conv_impl='matmul')
   model = unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0))
   nnx.update(model, nnx.state(perturbed_model, nnx.Param))
-  assert all(m.conv_general_dilated is unet_lib.conv_as_matmul
+  assert all(m.conv_general_dilated is layers.conv_as_matmul
              for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv))
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 6))
   t = jnp.array([0.3, 0.7])

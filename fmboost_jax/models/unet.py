@@ -25,91 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fmboost_jax.models.backends import AUTO, CONV_IMPLS, DTYPES, attention, backend_settings
+from fmboost_jax.models.layers import Upsample, conv, torch_bias_init, torch_kernel_init, zeros_init
+
 Array = jax.Array
 Dtype = Any
 
 _GN_GROUPS = 32
 _GN_EPS = 1e-5  # PyTorch's default, used by the official UNet (Flax's default is 1e-6).
-
-# PyTorch's default weight init, kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-zeros_init = nnx.initializers.zeros_init()
-
-
-def torch_bias_init(fan_in: int) -> nnx.Initializer:
-  """PyTorch's default bias initialiser U(+-1/sqrt(fan_in)).
-
-  Args:
-    fan_in: Fan-in of the layer the bias belongs to (in_features, or kh*kw*in for a conv).
-
-  Returns:
-    An initialiser `init(key, shape, dtype)`.
-  """
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def conv_as_matmul(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None,
-                   rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                   precision=None, preferred_element_type=None, out_sharding=None) -> Array:
-  """`lax.conv_general_dilated` for NHWC x HWIO convolutions as one matrix product (im2col).
-
-  The kh*kw shifted (strided) views of the padded input are concatenated along the channels and
-  multiplied by the kernel reshaped to [kh*kw*in, out]. Same result as the convolution up to
-  float rounding; on CPUs XLA's matrix product is 2-3x faster than its convolution at the UNet's
-  shapes (benchmarks/results.md), at the price of a kh*kw times larger activation buffer.
-  Dilations and feature groups are not supported (the UNet uses neither).
-  """
-  del dimension_numbers, out_sharding  # nnx.Conv passes NHWC / HWIO; shardings propagate (Auto).
-  if feature_group_count != 1 or any(d != 1 for d in (lhs_dilation or ())) or any(
-      d != 1 for d in (rhs_dilation or ())):
-    raise ValueError('conv_as_matmul supports plain convolutions only.')
-  kh, kw, cin, cout = rhs.shape
-  sh, sw = window_strides
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  b, hp, wp, _ = x.shape
-  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  if kh == kw == 1 and sh == sw == 1:
-    cols = x
-  else:
-    cols = jnp.concatenate([x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-                            for i in range(kh) for j in range(kw)], axis=-1)
-  out = jnp.dot(cols.reshape(b * ho * wo, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
-                precision=precision, preferred_element_type=preferred_element_type)
-  return out.reshape(b, ho, wo, cout)
-
-
-def _conv(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int,
-    *,
-    strides: int = 1,
-    zero_init: bool = False,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    rngs: nnx.Rngs,
-) -> nnx.Conv:
-  """A 2-D conv with symmetric padding (k-1)/2 and PyTorch (or zero) initialisation."""
-  pad = (kernel_size - 1) // 2
-  fan_in = kernel_size * kernel_size * in_channels
-  return nnx.Conv(
-      in_channels,
-      out_channels,
-      (kernel_size, kernel_size),
-      strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)),
-      kernel_init=zeros_init if zero_init else torch_kernel_init,
-      bias_init=zeros_init if zero_init else torch_bias_init(fan_in),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=rngs,
-  )
-
 
 def _dense(
     in_features: int,
@@ -188,14 +111,14 @@ class ResBlock(nnx.Module):
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.in_norm = _group_norm(in_channels, **kw)
-    self.in_conv = _conv(in_channels, out_channels, 3, **kw)
+    self.in_conv = conv(in_channels, out_channels, 3, **kw)
     self.emb_dense = _dense(emb_dim, 2 * out_channels, **kw)
     self.out_norm = _group_norm(out_channels, **kw)
-    self.out_conv = _conv(out_channels, out_channels, 3, zero_init=True, **kw)
+    self.out_conv = conv(out_channels, out_channels, 3, zero_init=True, **kw)
     if in_channels == out_channels:
       self.skip = None
     else:
-      self.skip = _conv(in_channels, out_channels, 1, **kw)
+      self.skip = conv(in_channels, out_channels, 1, **kw)
 
   def __call__(self, x: Array, emb: Array) -> Array:
     """Applies the block.
@@ -229,6 +152,7 @@ class SpatialSelfAttention(nnx.Module):
       num_heads: int,
       head_dim: int,
       *,
+      attention_impl: str = 'xla',
       dtype: Dtype = jnp.float32,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
@@ -236,6 +160,7 @@ class SpatialSelfAttention(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = num_heads
     self.head_dim = head_dim
+    self.attention_impl = attention_impl
     inner = num_heads * head_dim
     self.norm = _group_norm(channels, **kw)
     self.qkv = _dense(channels, 3 * inner, **kw)
@@ -253,7 +178,7 @@ class SpatialSelfAttention(nnx.Module):
     b, h, w, c = x.shape
     qkv = self.qkv(self.norm(x)).reshape(b, h * w, self.num_heads, 3 * self.head_dim)
     q, k, v = jnp.split(qkv, 3, axis=-1)  # Each [B, L, heads, head_dim].
-    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim))
+    out = attention(q, k, v, 1.0 / math.sqrt(self.head_dim), self.attention_impl)
     out = self.proj_out(out.reshape(b, h * w, self.num_heads * self.head_dim))
     return x + out.reshape(b, h, w, c)
 
@@ -263,51 +188,11 @@ class Downsample(nnx.Module):
 
   def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, strides=2, dtype=dtype, param_dtype=param_dtype,
+    self.conv = conv(channels, channels, 3, strides=2, dtype=dtype, param_dtype=param_dtype,
                       rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     return self.conv(x)
-
-
-def _phase_taps(kernel: Array, axis: int) -> tuple[Array, Array]:
-  """The two 2-tap kernels along `axis` that a 3-tap kernel becomes after a nearest x2 upsample.
-
-  Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps w0 | w1+w2 on
-  rows i-1, i); output row 2i+1 reads input rows i, i, i+1 (taps w0+w1 | w2 on rows i, i+1).
-  """
-  w0, w1, w2 = (jax.lax.index_in_dim(kernel, i, axis) for i in range(3))
-  return (jnp.concatenate([w0, w1 + w2], axis), jnp.concatenate([w0 + w1, w2], axis))
-
-
-# Zero padding (before, after) of the input for output phase 0 (rows i-1, i) and 1 (rows i, i+1).
-_PHASE_PADDING = ((1, 0), (0, 1))
-
-
-class Upsample(nnx.Module):
-  """Nearest x2 then Conv3x3 with padding 1 (reference 3.5): `[B, H, W, C] -> [B, 2H, 2W, C]`.
-
-  Computed without building the upsampled map: each of the four output phases (2i+a, 2j+b) is a
-  2x2 convolution of the input with the 3x3 taps summed as `_phase_taps` says, and the phases are
-  interleaved. Equal to the convolution of the upsampled map up to float rounding (the zero border
-  of the upsampled map is the zero border of the input), with 4/9 of its multiply-adds.
-  """
-
-  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    conv = self.conv
-    b, h, w, _ = x.shape
-    kernels = [_phase_taps(rows, 1) for rows in _phase_taps(conv.kernel[...], 0)]
-    x, bias = conv.promote_dtype((x, conv.bias[...]), dtype=conv.dtype)
-    phases = [[conv.conv_general_dilated(
-        x, kernels[a][c].astype(x.dtype), (1, 1), (_PHASE_PADDING[a], _PHASE_PADDING[c]),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=conv.precision)
-               for c in range(2)] for a in range(2)]
-    y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2, W, 2, C]
-    return y.reshape(b, 2 * h, 2 * w, -1) + bias
 
 
 class UNetBlock(nnx.Module):
@@ -323,13 +208,15 @@ class UNetBlock(nnx.Module):
       upsample: bool,
       num_heads: int,
       head_dim: int,
+      attention_impl: str = 'xla',
       dtype: Dtype = jnp.float32,
       param_dtype: Dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.res = ResBlock(in_channels, out_channels, emb_dim, **kw)
-    self.attn = SpatialSelfAttention(out_channels, num_heads, head_dim, **kw) if attention else None
+    self.attn = (SpatialSelfAttention(out_channels, num_heads, head_dim,
+                                      attention_impl=attention_impl, **kw) if attention else None)
     self.upsample = Upsample(out_channels, **kw) if upsample else None
 
   def __call__(self, x: Array, emb: Array) -> Array:
@@ -374,20 +261,26 @@ class UNet(nnx.Module):
       attention_levels: Sequence[int],
       num_heads: int,
       head_dim: int,
-      compute_dtype: str = 'float32',
-      conv_impl: str = 'xla',
+      compute_dtype: str = 'auto',
+      conv_impl: str = 'auto',
+      attention_impl: str = 'auto',
       remat: str = 'none',
       rngs: nnx.Rngs,
   ):
     check_arguments(model_channels=model_channels, channel_mult=channel_mult,
-                    attention_levels=attention_levels, compute_dtype=compute_dtype,
-                    conv_impl=conv_impl, remat=remat)
+                    attention_levels=attention_levels, head_dim=head_dim,
+                    compute_dtype=compute_dtype, conv_impl=conv_impl,
+                    attention_impl=attention_impl, remat=remat)
+    settings = backend_settings(jax.default_backend(), compute_dtype=compute_dtype,
+                                conv_impl=conv_impl, attention_impl=attention_impl,
+                                head_dim=head_dim)
     channel_mult = tuple(channel_mult)
     attention_levels = tuple(attention_levels)
     num_levels = len(channel_mult)
-    dtype = _DTYPES[compute_dtype]
+    dtype = DTYPES[settings['compute_dtype']]
     kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    blk = dict(num_heads=num_heads, head_dim=head_dim, **kw)
+    attn = dict(num_heads=num_heads, head_dim=head_dim, attention_impl=settings['attention_impl'])
+    blk = dict(**attn, **kw)
     self.model_channels = model_channels
     self.num_levels = num_levels
     self.dtype = dtype
@@ -398,7 +291,7 @@ class UNet(nnx.Module):
     self.time_dense2 = _dense(emb_dim, emb_dim, **kw)
 
     # Encoder. input_blocks[0] is the stem conv; the rest are UNetBlocks or Downsamples.
-    input_blocks: list[nnx.Module] = [_conv(in_channels, model_channels, 3, **kw)]
+    input_blocks: list[nnx.Module] = [conv(in_channels, model_channels, 3, **kw)]
     skip_channels = [model_channels]
     ch = model_channels
     for level, mult in enumerate(channel_mult):
@@ -413,7 +306,7 @@ class UNet(nnx.Module):
     self.input_blocks = nnx.List(input_blocks)
 
     self.middle_res1 = ResBlock(ch, ch, emb_dim, **kw)
-    self.middle_attn = SpatialSelfAttention(ch, num_heads, head_dim, **kw)
+    self.middle_attn = SpatialSelfAttention(ch, **attn, **kw)
     self.middle_res2 = ResBlock(ch, ch, emb_dim, **kw)
 
     # Decoder.
@@ -428,10 +321,10 @@ class UNet(nnx.Module):
     self.output_blocks = nnx.List(output_blocks)
 
     self.out_norm = _group_norm(ch, **kw)
-    self.out_conv = _conv(ch, out_channels, 3, zero_init=True, **kw)
+    self.out_conv = conv(ch, out_channels, 3, zero_init=True, **kw)
     for _, module in nnx.iter_modules(self):
       if isinstance(module, nnx.Conv):
-        module.conv_general_dilated = _CONV_IMPLS[conv_impl]
+        module.conv_general_dilated = CONV_IMPLS[settings['conv_impl']]
 
   def __call__(self, x: Array, t: Array) -> Array:
     """Predicts the velocity.
@@ -475,8 +368,6 @@ class UNet(nnx.Module):
     return h.astype(jnp.float32)
 
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
 # Rematerialisation (gradient checkpointing) of every UNetBlock and middle ResBlock: 'none' keeps
 # all activations for the backward pass; 'full' keeps only each block's input and recomputes the
 # rest; 'dots' also keeps the outputs of matrix products without batch dimensions (dense layers and
@@ -488,20 +379,21 @@ REMAT_POLICIES = {
 }
 
 
-_CONV_IMPLS = {'xla': jax.lax.conv_general_dilated, 'matmul': conv_as_matmul}
-
-
 def check_arguments(*, model_channels: int, channel_mult: Sequence[int],
-                    attention_levels: Sequence[int], compute_dtype: str = 'float32',
-                    conv_impl: str = 'xla', remat: str = 'none', **unused) -> None:
+                    attention_levels: Sequence[int], head_dim: int = 64,
+                    compute_dtype: str = AUTO, conv_impl: str = AUTO, attention_impl: str = AUTO,
+                    remat: str = 'none', **unused) -> None:
   """Raises ValueError with one sentence, starting with the argument's name, for UNet arguments
   that cannot build a network (checked before anything is built)."""
   del unused
-  for name, value, choices in (('compute_dtype', compute_dtype, _DTYPES),
-                               ('conv_impl', conv_impl, _CONV_IMPLS),
+  for name, value, choices in (('compute_dtype', compute_dtype, (*DTYPES, AUTO)),
+                               ('conv_impl', conv_impl, (*CONV_IMPLS, AUTO)),
+                               ('attention_impl', attention_impl, ('xla', 'cudnn', AUTO)),
                                ('remat', remat, REMAT_POLICIES)):
     if value not in choices:
       raise ValueError(f'{name}={value!r} is not supported; use one of {sorted(choices)}.')
+  if head_dim < 1:
+    raise ValueError(f'head_dim={head_dim} must be at least 1.')
   widths = sorted({model_channels * m for m in channel_mult} | {model_channels})
   if any(w % _GN_GROUPS for w in widths):
     suggestion = _GN_GROUPS * max(1, model_channels // _GN_GROUPS)

@@ -1,0 +1,79 @@
+"""What the networks compute with on each backend: compute dtypes, the convolution and attention
+implementations, and the `auto` setting that picks the measured fastest one per backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from fmboost_jax.errors import UserError
+from fmboost_jax.models.layers import conv_as_matmul
+
+Array = jax.Array
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+CONV_IMPLS = {'xla': jax.lax.conv_general_dilated, 'matmul': conv_as_matmul}
+# Attention: 'xla', or 'cudnn' (cuDNN's fused attention: NVIDIA GPUs, bfloat16 compute, head_dim a
+# multiple of 8 up to 128); 'auto' resolves to 'cudnn_or_xla' on GPUs: cuDNN where it applies, else
+# XLA's.
+AUTO = 'auto'
+KNOWN_BACKENDS = ('cpu', 'gpu', 'tpu')
+
+
+def backend_settings(backend: str, *, compute_dtype: str, conv_impl: str, attention_impl: str,
+                     head_dim: int) -> dict[str, str]:
+  """The concrete compute dtype, convolution and attention for `backend` ('cpu', 'gpu', 'tpu'),
+  replacing each 'auto' by the measured fastest choice (docs/benchmarks.md): bfloat16 compute with
+  float32 master weights on GPUs and TPUs, float32 on CPUs; convolutions as matrix products on CPUs
+  (UNet-base trains about twice as fast), XLA's elsewhere; cuDNN attention on GPUs when
+  computing in bfloat16 with a head_dim cuDNN takes, XLA's elsewhere. Another backend gets float32,
+  XLA's convolutions and XLA's attention. Settings other than 'auto' are kept."""
+  known = backend in KNOWN_BACKENDS
+  if compute_dtype == AUTO:
+    compute_dtype = 'bfloat16' if backend in ('gpu', 'tpu') else 'float32'
+  if conv_impl == AUTO:
+    conv_impl = 'matmul' if backend == 'cpu' else 'xla'
+  if attention_impl == AUTO:
+    cudnn = (known and backend == 'gpu' and compute_dtype == 'bfloat16'
+             and head_dim % 8 == 0 and head_dim <= 128)
+    attention_impl = 'cudnn_or_xla' if cudnn else 'xla'
+  return {'compute_dtype': compute_dtype, 'conv_impl': conv_impl, 'attention_impl': attention_impl}
+
+
+def check_backend(backend: str, *, compute_dtype: str = AUTO, conv_impl: str = AUTO,
+                  attention_impl: str = AUTO, head_dim: int = 64, **unused) -> str:
+  """Raises UserError when the settings cannot run on `backend`; returns one line naming the
+  settings the network will use there (for the log)."""
+  del unused
+  s = backend_settings(backend, compute_dtype=compute_dtype, conv_impl=conv_impl,
+                       attention_impl=attention_impl, head_dim=head_dim)
+  if attention_impl == 'cudnn' and (backend != 'gpu' or s['compute_dtype'] != 'bfloat16'):
+    raise UserError(
+        f"config.model.attention_impl='cudnn' needs an NVIDIA GPU and bfloat16 compute (here: "
+        f"{backend}, {s['compute_dtype']}); set --config.model.attention_impl=auto (cuDNN where it "
+        "applies, else XLA) or xla.")
+  attention = s['attention_impl'].replace('cudnn_or_xla', 'cudnn (XLA where it cannot run)')
+  line = (f"UNet on {backend}: compute {s['compute_dtype']}, convolutions {s['conv_impl']}, "
+          f"attention {attention}")
+  if backend not in KNOWN_BACKENDS and AUTO in (compute_dtype, conv_impl, attention_impl):
+    line += f" (auto settings on the unknown backend {backend!r}: the portable defaults)"
+  return line + '.'
+
+
+def attention(q: Array, k: Array, v: Array, scale: float, implementation: str) -> Array:
+  """Softmax attention of `[B, L, heads, head_dim]` q, k, v by `implementation`. cuDNN's shape,
+  dtype and platform limits are checked while tracing: 'cudnn_or_xla' then falls back to XLA's
+  attention (logged), 'cudnn' raises one UserError, both before the step runs."""
+  if implementation in ('cudnn', 'cudnn_or_xla'):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      if implementation == 'cudnn':
+        raise UserError(f"config.model.attention_impl='cudnn' cannot run here ({reason}); set "
+                        '--config.model.attention_impl=auto or xla.') from None
+      logging.log_first_n(logging.WARNING, 'cuDNN attention cannot run here (%s); using XLA '
+                          'attention.', 1, reason)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
