@@ -222,7 +222,9 @@ def main(argv):
     elif FLAGS.mode == 'convert':
       convert(FLAGS.config, FLAGS.workdir)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    # The first line only: JAX appends a note on its traceback filtering to errors raised while
+    # tracing.
+    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
     exit_now(1)
 
 
