@@ -10,7 +10,10 @@
 #   launch/slurm.sh --nodes=4 --gpus-per-node=8 --time=24:00:00 -- --config=configs/default.py \
 #       --workdir=/shared/runs/paper --config.first_stage.weights=/shared/sd_vae
 #
-# --dry-run prints the batch script and the sbatch command instead of submitting.
+# The job first makes sure every node's JAX sees the GPUs (launch/setup_host.sh; it installs
+# requirements.txt with jax[cuda13] into .venv when missing) and sets XLA's GPU flags for overlapping
+# collectives with compute. --dry-run prints the batch script and the sbatch command instead of
+# submitting.
 set -euo pipefail
 usage="usage: $0 [--dry-run] [--nodes=N] [--gpus-per-node=G] [--per=gpu|host] [--time=T] \
 [--partition=P] [--account=A] -- [main.py flags...]"
@@ -42,6 +45,15 @@ flags=''
 for flag in "$@"; do flags+=" $(printf '%q' "$flag")"; done
 # Refuse to train anywhere but on the GPUs (unless the flags choose another platform).
 if [[ "$flags" != *"--config.train.platform"* ]]; then flags+=" --config.train.platform=gpu"; fi
+platform=$(sed -n 's/.*--config\.train\.platform=\([a-z]*\).*/\1/p' <<< "$flags")
+# XLA's GPU flags for overlapping collectives with compute: the latency-hiding scheduler moves
+# collectives so they run beside the convolutions, and larger combine thresholds make the gradient
+# all-reduce (data) and the fsdp all-gathers / reduce-scatters fewer, bigger transfers. Flags already
+# in XLA_FLAGS come later and win.
+xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true \
+--xla_gpu_all_reduce_combine_threshold_bytes=134217728 \
+--xla_gpu_all_gather_combine_threshold_bytes=134217728 \
+--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
 script="#!/usr/bin/env bash
 #SBATCH --job-name=fmboost
 #SBATCH --nodes=$nodes
@@ -52,7 +64,12 @@ $gpu_line
 #SBATCH --output=slurm-%j.out${partition:+
 #SBATCH --partition=$partition}${account:+
 #SBATCH --account=$account}
+set -euo pipefail
 cd $(printf '%q' "$repo")
+export XLA_FLAGS=\"$xla_flags \${XLA_FLAGS:-}\"
+# JAX for the GPUs in .venv (installed here once if missing), then seen on every node.
+bash launch/setup_host.sh $platform
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash launch/setup_host.sh --verify $platform
 srun --kill-on-bad-exit=1 .venv/bin/python main.py --distributed$flags"
 if ((dry_run)); then
   echo "$script"

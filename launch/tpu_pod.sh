@@ -7,9 +7,9 @@
 #   launch/tpu_pod.sh my-v4-32 us-central2-b --config=configs/default.py \
 #       --workdir=/mnt/shared/paper --config.first_stage.weights=/mnt/shared/sd_vae
 #
-# Every worker needs this repository at $REPO_DIR (default ~/fmboost_jax) with its .venv (the
-# README's install command, with jax[tpu] instead of jax), and the workdir on storage all workers
-# share. $PROJECT, if set, is passed to gcloud. --dry-run prints the command instead of running it.
+# Every worker needs this repository at $REPO_DIR (default ~/fmboost_jax); its .venv is created
+# there on the first launch (launch/setup_host.sh: requirements.txt and jax[tpu]). The workdir must
+# be on storage all workers share. $PROJECT, if set, is passed to gcloud. --dry-run prints the command instead of running it.
 set -euo pipefail
 usage="usage: $0 [--dry-run] TPU_NAME ZONE [main.py flags...]"
 dry_run=0
@@ -18,10 +18,14 @@ if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then echo "$usage" >&2; exit 2; f
 tpu=$1 zone=$2
 shift 2
 repo=${REPO_DIR:-\~/fmboost_jax}
-remote="cd $repo && .venv/bin/python main.py --distributed"
-for flag in "$@"; do remote+=" $(printf '%q' "$flag")"; done
+flags=''
+for flag in "$@"; do flags+=" $(printf '%q' "$flag")"; done
 # Refuse to train anywhere but on the TPUs (unless the flags choose another platform).
-if [[ "$remote" != *"--config.train.platform"* ]]; then remote+=" --config.train.platform=tpu"; fi
+if [[ "$flags" != *"--config.train.platform"* ]]; then flags+=" --config.train.platform=tpu"; fi
+platform=$(sed -n 's/.*--config\.train\.platform=\([a-z]*\).*/\1/p' <<< "$flags")
+# Every worker first makes sure its .venv has JAX for the TPUs (launch/setup_host.sh installs
+# requirements.txt with jax[tpu] when missing) and that JAX sees them.
+remote="cd $repo && bash launch/setup_host.sh $platform && .venv/bin/python main.py --distributed$flags"
 command=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all "--command=$remote")
 if [[ -n "${PROJECT:-}" ]]; then command+=("--project=$PROJECT"); fi
 if ((dry_run)); then
