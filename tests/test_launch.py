@@ -116,3 +116,14 @@ def test_compilation_cache_and_profiler_trace(tmp_path):
   assert glob.glob(str(tmp_path / 'w' / 'profile' / '**' / '*.xplane.pb'), recursive=True)
   assert 'Wrote a profiler trace of steps 2-3' in proc.stderr
   assert 'Compiled the train step in' in proc.stderr
+
+
+def test_the_readmes_dry_run_transcripts_are_what_the_scripts_print():
+  with open(os.path.join(runs.ROOT, 'README.md')) as f:
+    readme = f.read()
+  transcripts = re.findall(r'^\$ (launch/\S+ --dry-run .*)\n((?:[^$`\n].*\n)+)', readme, re.M)
+  assert len(transcripts) == 2
+  for command, printed in transcripts:
+    proc = _run(*command.split())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.replace(runs.ROOT, '/path/to/fmboost_jax') == printed.rstrip('\n') + '\n'
