@@ -200,7 +200,9 @@ def query_chunked_attention(q: Array, k: Array, v: Array, *, scale: float,
 
 
 class Downsample(nnx.Module):
-  """Zero-pad bottom/right by 1, conv3x3 stride 2, no padding: `[B, H, W, C] -> [B, H/2, W/2, C]`.
+  """Zero-pad bottom/right by 1, then conv3x3 stride 2 without padding.
+
+  `[B, H, W, C] -> [B, H/2, W/2, C]`.
   """
 
   def __init__(self, channels: int, *, dtype: Dtype = jnp.float32,

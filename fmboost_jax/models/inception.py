@@ -305,8 +305,7 @@ class InceptionV3(nnx.Module):
     return jnp.mean(x, axis=(1, 2))
 
   def __call__(self, images: Array) -> Array:
-    """FID features: `[B, H, W, 3]` in [0, 255] (uint8 or float, any H, W) -> `[B, 2048]` float32.
-    """
+    """FID features: `[B, H, W, 3]` in [0, 255] (uint8 or float, any H, W) -> `[B, 2048]`."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise UserError(f'the FID Inception network takes RGB images [B, H, W, 3], got shape '
                       f'{list(images.shape)}; pass NHWC RGB images with values in [0, 255].')
