@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`, so this directory
-is on sys.path): config overrides, the machine's measured peak, memory, the machine line, and
-the timing helpers of input_pipeline.py and input_formats.py."""
+is on sys.path): config overrides, the machine's measured peak, pipelined timing, the compiled
+train step and random weights (train_step.py, accelerator.py), memory, the machine line, and the
+timing helpers of input_pipeline.py and input_formats.py."""
 
 import ast
 import contextlib
@@ -31,20 +32,81 @@ def apply_settings(config, settings: list[str]) -> None:
     config[section][field] = value if isinstance(current, str) else ast.literal_eval(value)
 
 
-def peak_flops(n: int = 4096, repeats: int = 5) -> float:
-  """FLOP/s of a float32 n x n x n matrix product in JAX (the machine's practical peak)."""
+def peak_flops(n: int = 4096, repeats: int = 5, dtype: str = 'float32', calls: int = 1) -> float:
+  """FLOP/s of an n x n x n matrix product in JAX (the machine's practical peak): the median over
+  `repeats` of `calls` products run back to back (one wait at the end), on random inputs."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
   dot = jax.jit(jnp.dot)
   dot(a, b).block_until_ready()
+  return 2 * n**3 / statistics.median(pipelined_seconds(lambda: dot(a, b), calls, repeats))
+
+
+def pipelined_seconds(run, calls: int, repeats: int) -> list[float]:
+  """Seconds per call of `run()` called `calls` times back to back and waited for once at the end
+  (as a training loop runs its steps), for each of `repeats` repeats."""
+  import jax  # pylint: disable=import-outside-toplevel
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(times)
+    for _ in range(calls):
+      out = run()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / calls)
+  return times
+
+
+def random_params(abstract, seed: int = 0):
+  """Random values for the nnx.Params of an abstract module (`nnx.eval_shape`), drawn with numpy
+  on the host, where random initialisation under jit compiles slowly (a CPU): kernels
+  U(+-1/sqrt(fan_in)) as PyTorch draws them, norm scales 1 + 0.1 N(0, 1), all else 0.1 N(0, 1)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  values = []
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    if path[-1] == 'kernel':
+      bound = 1.0 / np.sqrt(np.prod(var.shape[:-1]))
+      value = (rng.random(var.shape, np.float32) * 2 - 1) * np.float32(bound)
+    else:
+      value = rng.standard_normal(var.shape, np.float32) * np.float32(0.1)
+      value += np.float32(path[-1] == 'scale')
+    values.append((path, var.replace(value=jnp.asarray(value))))
+  return nnx.from_flat_state(values)
+
+
+def compile_train_step(config, channels: int, batch: dict, donate: bool = True,
+                       params=None) -> dict:
+  """`train.train_step` of `config` (identity first stage, so `batch` holds images or precomputed
+  latents {'x1', 'x_up'}) AOT-compiled for `batch`: {'step': compiled(state, batch, first-stage
+  params) -> (state, measurements), 'state', 'first_stage_params', 'lowered', 'compile_seconds'
+  (tracing, lowering and compilation)}. The state is `train.init_state`'s, or starts from
+  `params` (a pure dict) when given; it is donated to the step unless not `donate`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from fmboost_jax import first_stages, train, trained_model  # pylint: disable=import-outside-toplevel
+  first_stage_graphdef, first_stage_params = nnx.split(first_stages.IdentityFirstStage())
+  tx = train.make_optimizer(config.optim)
+  graphdef = trained_model.model_graphdef(config, channels)
+  if params is None:
+    state = jax.jit(lambda k: train.init_state(config, channels, tx, k))(jax.random.key(0))
+  else:  # The EMA weights a copy, so that no buffer is donated twice.
+    state = jax.jit(lambda p: train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+        ema_params=jax.tree.map(jnp.copy, p)))(params)
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  lowered = jax.jit(lambda s, b, f: train.train_step(
+      s, b, f, key, graphdef=graphdef, first_stage_graphdef=first_stage_graphdef, tx=tx,
+      config=config), donate_argnums=(0,) if donate else ()).lower(state, batch, first_stage_params)
+  step = lowered.compile()
+  return {'step': step, 'state': state, 'first_stage_params': first_stage_params,
+          'lowered': lowered, 'compile_seconds': time.perf_counter() - t0}
 
 
 def peak_rss_mib() -> float:
@@ -61,13 +123,14 @@ def xla_memory(compiled) -> dict[str, float]:
 
 
 def flops(compiled) -> float:
+  """XLA's FLOP count of a compiled (or lowered: before XLA's optimisations) function."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost['flops'])
 
 
-def machine() -> str:
-  """One line: CPU, cores, memory, date, library versions."""
+def machine(accelerator: str = '') -> str:
+  """One line: CPU, cores, memory, the accelerator (none unless named), date, library versions."""
   with open('/proc/cpuinfo') as f:
     cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '?')
   with open('/proc/meminfo') as f:
@@ -76,8 +139,9 @@ def machine() -> str:
   for package in ('jax', 'jaxlib', 'flax', 'torch', 'diffusers'):
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
       versions.append(f'{package} {importlib.metadata.version(package)}')
-  return (f'{cpu}, {len(os.sched_getaffinity(0))} usable cores, {mem_gib:.0f} GiB RAM, no '
-          f'accelerator; Python {sys.version.split()[0]}, {", ".join(versions)}; '
+  return (f'{cpu}, {len(os.sched_getaffinity(0))} usable cores, {mem_gib:.0f} GiB RAM, '
+          f'{accelerator or "no accelerator"}; Python {sys.version.split()[0]}, '
+          f'{", ".join(versions)}; '
           f'{datetime.datetime.now():%Y-%m-%d %H:%M}')
 
 

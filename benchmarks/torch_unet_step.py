@@ -11,6 +11,17 @@ times: forward, the flow-matching MSE loss, backward and Adam, float32, batch 2 
 (x_t and the context), `torch.set_num_threads(--threads)`. Reported: median, min and max over
 --steps steps after 2 warm-up steps, and the process's peak RSS. PyTorch is a test and benchmark
 dependency only (requirements-dev.txt).
+
+On a GPU (benchmarks/accelerator.py), as the official config trains (precision bf16-mixed):
+
+  python benchmarks/torch_unet_step.py --device=cuda --precision=bf16-mixed --batch=32 --size=128 \
+      --pipelined --steps=5 --repeats=3
+
+--precision=bf16-mixed runs the forward pass and the loss under bf16 autocast (float32 weights and
+Adam), as Lightning does; on CUDA cuDNN picks its fastest algorithms (cudnn.benchmark). --pipelined
+times --steps steps back to back with one wait at the end, --repeats times (per-step time = each
+run's average, as a training loop runs them). --model=tiny is a small UNet of the same code
+(configs/demo.py:tiny's widths) for smoke runs.
 """
 
 import argparse
@@ -112,7 +123,8 @@ class EfficientUNet(nn.Module):
 
   def forward(self, x, t):
     half = self.ch // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                        device=t.device) / half)
     args = t[:, None] * freqs[None]
     emb = self.time(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
     h, hs = x, []
@@ -129,38 +141,77 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--threads', type=int, default=2)
+  parser.add_argument('--model', choices=['unet_base', 'tiny'], default='unet_base')
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--size', type=int, default=64, help='Latent edge (the paper: 64 -> 128).')
+  parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'.")
+  parser.add_argument('--precision', choices=['32', 'bf16-mixed'], default='32')
+  parser.add_argument('--pipelined', action='store_true',
+                      help='Time --steps steps back to back (one wait at the end), --repeats '
+                      'times.')
+  parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--json', help='Also write the results to this file.')
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  model = EfficientUNet()
+  device = torch.device(args.device)
+  if device.type == 'cuda':
+    if not torch.cuda.is_available():
+      raise SystemExit('--device=cuda: this PyTorch sees no CUDA device.')
+    torch.backends.cudnn.benchmark = True
+  model = (EfficientUNet() if args.model == 'unet_base' else
+           EfficientUNet(ch=32, mult=(1, 2), num_res=1, attention_levels=(1,)))
   params = sum(p.numel() for p in model.parameters())
-  if params != REFERENCE_PARAMETERS:
+  if args.model == 'unet_base' and params != REFERENCE_PARAMETERS:
     raise SystemExit(f'the PyTorch UNet-base has {params:,} parameters, not the reference '
                      f'{REFERENCE_PARAMETERS:,}; the port is wrong.')
+  model = model.to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=3e-5)
-  x1, x_up = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 64)
+  b, s = args.batch, args.size
+  x1, x_up = torch.randn(b, 4, s, s, device=device), torch.randn(b, 4, s, s, device=device)
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=args.precision == 'bf16-mixed')
 
   def step():
-    t = torch.rand(2)
+    t = torch.rand(b, device=device)
     x0 = x_up + 0.1 * torch.randn_like(x_up)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
-    loss = F.mse_loss(model(torch.cat([x_t, x_up], dim=1), t), x1 - x0)
+    with autocast:
+      loss = F.mse_loss(model(torch.cat([x_t, x_up], dim=1), t), x1 - x0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return loss.detach()
+
+  def wait():
+    if device.type == 'cuda':
+      torch.cuda.synchronize(device)
 
   times = []
-  for i in range(args.steps + 2):
+  for i in range(2 if args.pipelined else args.steps + 2):  # 2 warm-up steps first.
     t0 = time.perf_counter()
-    step()
-    if i >= 2:
+    loss = float(step())
+    if i >= 2 and not args.pipelined:
       times.append(time.perf_counter() - t0)
+  for _ in range(args.repeats if args.pipelined else 0):
+    wait()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      last = step()
+    wait()
+    times.append((time.perf_counter() - t0) / args.steps)
+    loss = float(last)
+  median = statistics.median(times)
   results = {'parameters': params, 'threads': args.threads, 'torch': torch.__version__,
-             'step_seconds_median': statistics.median(times), 'step_seconds_min': min(times),
+             'step_seconds_median': median, 'step_seconds_min': min(times),
              'step_seconds_max': max(times),
-             'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+             'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             'model': args.model, 'batch_size': b, 'size': s, 'device': args.device,
+             'precision': args.precision, 'pipelined': args.pipelined,
+             'samples_per_second': b / median, 'loss': loss}
+  if device.type == 'cuda':
+    results.update(device_name=torch.cuda.get_device_name(device),
+                   cuda_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20)
   report(results, args.json)
 
 

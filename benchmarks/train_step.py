@@ -21,11 +21,17 @@ import time
 
 import jax
 import jax.numpy as jnp
-from common import apply_settings, flops, peak_flops, peak_rss_mib, report, xla_memory
-from flax import nnx
+from common import (
+  apply_settings,
+  compile_train_step,
+  flops,
+  peak_flops,
+  peak_rss_mib,
+  report,
+  xla_memory,
+)
 
 from configs import default, demo
-from fmboost_jax import first_stages, train, trained_model
 
 
 def build(model: str, settings: list[str]):
@@ -55,18 +61,10 @@ def main():
   args = parser.parse_args()
 
   config, channels, batch = build(args.model, args.set)
-  first_stage_graphdef, first_stage_params = nnx.split(first_stages.IdentityFirstStage())
-  tx = train.make_optimizer(config.optim)
-  graphdef = trained_model.model_graphdef(config, channels)
-  state = jax.jit(lambda k: train.init_state(config, channels, tx, k))(jax.random.PRNGKey(0))
-  key = jax.random.PRNGKey(1)
-
-  t0 = time.perf_counter()
-  step = jax.jit(lambda s, b, f: train.train_step(
-      s, b, f, key, graphdef=graphdef, first_stage_graphdef=first_stage_graphdef, tx=tx,
-      config=config), donate_argnums=() if args.no_donate else 0).lower(
-          state, batch, first_stage_params).compile()
-  compile_seconds = time.perf_counter() - t0
+  compiled = compile_train_step(config, channels, batch, donate=not args.no_donate)
+  step, state, first_stage_params = (compiled['step'], compiled['state'],
+                                     compiled['first_stage_params'])
+  compile_seconds = compiled['compile_seconds']
   memory = xla_memory(step)
 
   times, dispatch = [], []

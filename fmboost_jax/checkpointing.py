@@ -23,14 +23,17 @@ import os
 import shutil
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from fmboost_jax import errors
 from fmboost_jax.errors import UserError
+
+if TYPE_CHECKING:  # grain is imported where a data iterator is saved or restored, so that
+  import grain  # the model layer (boosting, a train step) runs without it.
 
 
 class CheckpointSaveError(UserError):
@@ -91,10 +94,11 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator,
+  def save(self, step: int, state, data_iterator: 'grain.DatasetIterator',
            config: ml_collections.ConfigDict) -> None:
     """Starts an asynchronous save of `state`, the iterator position and `config` at `step`
     (after the previous one has finished and been checked)."""
+    import grain  # noqa: PLC0415
     self.wait()
     self._pending = step
     self._manager.save(step, args=ocp.args.Composite(
@@ -102,7 +106,7 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
 
-  def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
+  def restore(self, step: int, abstract_state, data_iterator: 'grain.DatasetIterator'):
     """Restores the state onto `abstract_state` (ShapeDtypeStructs with shardings).
 
     The iterator is restored in place. Errors propagate: a checkpoint that does not fit the
@@ -127,6 +131,7 @@ class Checkpointer:
     # so a checkpoint of another process count resumes from that one position.
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if not other_count:
+      import grain  # noqa: PLC0415
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -20,9 +20,8 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -38,6 +37,9 @@ from fmboost_jax.data_sources import (
   open_images,
 )
 from fmboost_jax.images import normalize
+
+if TYPE_CHECKING:  # grain is imported where the training stream is built, so that the model
+  import grain  # layer (which imports this module's checks through config_checks) runs without it.
 
 # Validation tiles flatter than this (std in [-1, 1] units, about 2.5/255) are skipped: they hold no
 # detail to upsample and bilinear reproduces them exactly (infinite PSNR).
@@ -196,6 +198,7 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
           f'The first {len(probe)} images of TFDS {data.tfds_name}/{data.tfds_split} are all '
           f'smaller than {geometry.minimum()}; lower config.data.high_res_size or choose a '
           'larger-image dataset.')
+  import grain  # noqa: PLC0415  (here: the model layer imports this module's checks only)
   ds = grain.MapDataset.range(len(source)).shuffle(seed=_seed(config, 0)).repeat(None)
   ds = ds.random_map(functools.partial(_train_example, source=source, geometry=geometry),
                      seed=_seed(config, 1))

@@ -1,7 +1,6 @@
 """Image metrics on float images in [-1, 1], NHWC: PSNR, SSIM, MSE, FID and patch-FID from Inception
 features (models/inception.py), and a spectral detail measure that needs no weights."""
 
-import dm_pix  # SSIM; PSNR is checked against dm_pix.psnr in tests/test_metrics.py.
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +22,7 @@ def psnr(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 def ssim(pred: jax.Array, target: jax.Array) -> jax.Array:
   """Per-image SSIM [B] (Gaussian 11x11, sigma 1.5, data range 1) of images in [-1, 1]."""
+  import dm_pix  # noqa: PLC0415  (here: boosting and the train step run without dm_pix)
   return dm_pix.ssim(to_unit(pred), to_unit(target), max_val=1.0)
 
 
