@@ -3,7 +3,6 @@ is on sys.path): config overrides, the machine's measured peak, pipelined timing
 train step and random weights (train_step.py, accelerator.py), memory, the machine line, and the
 timing helpers of input_pipeline.py and input_formats.py."""
 
-import ast
 import contextlib
 import datetime
 import gc
@@ -23,13 +22,26 @@ if REPO not in sys.path:
 MiB = 2.0**20
 
 
-def apply_settings(config, settings: list[str]) -> None:
-  """Applies `section.field=value` overrides (values parsed as Python literals unless strings)."""
-  for setting in settings:
-    key, value = setting.split('=', 1)
-    section, field = key.split('.')
-    current = config[section][field]
-    config[section][field] = value if isinstance(current, str) else ast.literal_eval(value)
+def define_config_flag(default: str):
+  """Defines main.py's `--config` flag: an ml_collections config file (`FILE` or `FILE:variant`,
+  default `default` in this repository) with `--config.section.field=value` overrides, parsed as
+  main.py parses them. Returns the flag holder; the scripts run under `absl.app.run`."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  return config_flags.DEFINE_config_file(
+      'config', os.path.join(REPO, default),
+      'The config file and --config.section.field=value overrides, as main.py takes them.')
+
+
+def config_file() -> str:
+  """The `--config` file of this run, relative to the repository (with its `:variant`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  return os.path.relpath(config_flags.get_config_filename(flags.FLAGS['config']), REPO)
+
+
+def config_overrides() -> list[str]:
+  """This run's `--config.section.field=value` overrides, as `section.field=value`."""
+  return [a[len('--config.'):] for a in sys.argv[1:] if a.startswith('--config.')]
 
 
 def peak_flops(n: int = 4096, repeats: int = 5, dtype: str = 'float32', calls: int = 1) -> float:

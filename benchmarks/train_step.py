@@ -1,29 +1,33 @@
 """Benchmarks one full training step (forward, backward, Adam, EMA) and the machine's peak.
 
-  .venv/bin/python benchmarks/train_step.py --model=unet_base --steps=5
-  .venv/bin/python benchmarks/train_step.py --model=demo --steps=20
+  .venv/bin/python benchmarks/train_step.py --config=configs/default.py \
+      --config.data.batch_size=2 --config.data.high_res_size=512 --steps=5
+  .venv/bin/python benchmarks/train_step.py --config=configs/demo.py --steps=20
 
-`unet_base` is configs/default.py's UNet (305.8 M parameters) at batch 2 on precomputed 64x64x4
-latents (the network sees 8x64x64 inputs: x_t and the PSU context), float32, as the official
-PyTorch code was measured (reference 3.9); `demo` is configs/demo.py (pixel space, 32 px, batch 16).
-Reported: compile time of the AOT-compiled step, the median step time over --steps steps after
-two warm-up steps, samples/s, XLA's FLOP count for the step (cost analysis), achieved FLOP/s and its
-ratio to the peak measured in the same process (median of a 4096^3 float32 matrix product),
+`--config` is main.py's flag (a config file and `--config.section.field=value` overrides). A latent
+config (first stage `sd_vae`, e.g. configs/default.py: UNet-base, 305.8 M parameters) is measured
+on precomputed latents of high_res_size / 8 (the network sees x_t and the PSU context, 8 channels),
+as the paper trains; with batch 2 at 512 px (64x64 latents) this is the setting the official PyTorch
+code was measured in (reference 3.9). A pixel config (`identity`, configs/demo.py) is measured on
+images. Reported: compile time of the AOT-compiled step, the median step time over --steps steps
+after two warm-up steps, samples/s, XLA's FLOP count for the step (cost analysis), achieved FLOP/s
+and its ratio to the peak measured in the same process (median of a 4096^3 float32 matrix product),
 XLA's memory analysis of the step, the process's peak RSS, and the host time one step call takes
 to return (dispatch; the step runs asynchronously) and the time per step of --steps steps run back
-to back without waiting (pipelined, as in the training loop). Extra `--set section.field=value`
-arguments change the config (e.g. --set model.compute_dtype=bfloat16).
+to back without waiting (pipelined, as in the training loop).
 """
 
-import argparse
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 from common import (
-  apply_settings,
   compile_train_step,
+  config_file,
+  config_overrides,
+  define_config_flag,
   flops,
   peak_flops,
   peak_rss_mib,
@@ -31,44 +35,43 @@ from common import (
   xla_memory,
 )
 
-from configs import default, demo
+from fmboost_jax.models import backends
+
+CONFIG = define_config_flag('configs/default.py')
+STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after two warm-up steps).')
+NO_DONATE = flags.DEFINE_bool('no_donate', False,
+                              'Do not donate the train state to the step (as the loop does).')
+JSON = flags.DEFINE_string('json', None, 'Also write the results to this file.')
 
 
-def build(model: str, settings: list[str]):
-  if model == 'unet_base':
-    config = default.get_config()
-    config.first_stage.name = 'identity'
-    config.data.source = 'latents'
-    config.data.batch_size = 2
-    shape, channels = (2, 64, 64, 4), 4
-    batch = {'x1': jnp.ones(shape), 'x_up': jnp.zeros(shape)}
-  else:
-    config = demo.get_config()
+def build(config):
+  """The config to compile (identity first stage: the batch holds images or latents), the
+  channels the network predicts and one batch."""
+  b = config.data.batch_size
+  if config.first_stage.name == 'identity':
     s, channels = config.data.high_res_size, 3
-    batch = {'image': jnp.zeros((config.data.batch_size, s, s, 3))}
-  apply_settings(config, settings)
-  return config, channels, batch
+    return config, channels, {'image': jnp.zeros((b, s, s, 3))}
+  s = config.data.high_res_size // 2 ** (len(config.first_stage.ch_mult) - 1)
+  channels = config.first_stage.z_channels
+  config.first_stage.name = 'identity'
+  config.data.source = 'latents'
+  shape = (b, s, s, channels)
+  return config, channels, {'x1': jnp.ones(shape), 'x_up': jnp.zeros(shape)}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', choices=['unet_base', 'demo'], default='unet_base')
-  parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--no_donate', action='store_true',
-                      help='Do not donate the train state to the step (as the loop does).')
-  parser.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE')
-  parser.add_argument('--json', help='Also write the results to this file.')
-  args = parser.parse_args()
-
-  config, channels, batch = build(args.model, args.set)
-  compiled = compile_train_step(config, channels, batch, donate=not args.no_donate)
+def main(argv):
+  del argv
+  config, channels, batch = build(CONFIG.value)
+  settings = backends.backend_settings(jax.default_backend(), **{
+      k: config.model[k] for k in ('compute_dtype', 'conv_impl', 'attention_impl', 'head_dim')})
+  compiled = compile_train_step(config, channels, batch, donate=not NO_DONATE.value)
   step, state, first_stage_params = (compiled['step'], compiled['state'],
                                      compiled['first_stage_params'])
   compile_seconds = compiled['compile_seconds']
   memory = xla_memory(step)
 
   times, dispatch = [], []
-  for i in range(args.steps + 2):
+  for i in range(STEPS.value + 2):
     t0 = time.perf_counter()
     state, measurements = step(state, batch, first_stage_params)
     t1 = time.perf_counter()  # The call returns once the step is enqueued (async dispatch).
@@ -80,15 +83,16 @@ def main():
   # The same steps back to back without waiting in between, as the training loop runs them: if the
   # host's dispatch work showed up, this would be slower than the blocked median.
   t0 = time.perf_counter()
-  for _ in range(args.steps):
+  for _ in range(STEPS.value):
     state, measurements = step(state, batch, first_stage_params)
   jax.block_until_ready(measurements)
-  pipelined = (time.perf_counter() - t0) / args.steps
+  pipelined = (time.perf_counter() - t0) / STEPS.value
   step_flops = flops(step)
   peak = peak_flops()
   params = sum(x.size for x in jax.tree.leaves(state.params))
   results = {
-      'model': args.model, 'settings': args.set, 'donated': not args.no_donate,
+      'config': config_file(),
+      'settings': config_overrides(), 'resolved': settings, 'donated': not NO_DONATE.value,
       'parameters': int(params),
       'batch_size': config.data.batch_size, 'devices': jax.device_count(),
       'compile_seconds': compile_seconds, 'step_seconds_median': median,
@@ -100,8 +104,8 @@ def main():
       **memory, 'peak_rss_mib': peak_rss_mib(),
       'loss': float(measurements['loss']),
   }
-  report(results, args.json)
+  report(results, JSON.value)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)
