@@ -59,8 +59,8 @@ def main():
   print('|---|---:|---:|---:|')
   records = []
   for size, channels in [(64, 128), (32, 256), (16, 512), (8, 1024)]:
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, channels))
-    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, channels, channels)) * 0.01
+    x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
+    w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.01
     flops = 3 * 2 * 2 * size * size * 9 * channels * channels
     cells = []
     for conv in (conv_xla, conv_im2col, conv_nine_matmuls):

@@ -37,15 +37,15 @@ def test_alpha_bar_endpoints():
 
 
 def test_noise_augment_is_the_q_sample_formula():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
-  key = jax.random.PRNGKey(1)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  key = jax.random.key(1)
   eps = jax.random.normal(key, x.shape)
   np.testing.assert_allclose(flow.noise_augment(x, key, 400), 0.808643 * x + 0.588299 * eps,
                              atol=2e-6)
 
 
 def test_linear_interpolant_and_target():
-  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+  k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
   x0, x1 = jax.random.normal(k0, (3, 4, 5, 2)), jax.random.normal(k1, (3, 4, 5, 2))
   t = jax.random.uniform(k2, (3,))
   x_t, u = flow.interpolant(x0, x1, t, 'linear')
@@ -58,7 +58,7 @@ def test_linear_interpolant_and_target():
 
 
 def test_gvp_velocity_is_the_time_derivative():
-  k0, k1 = jax.random.split(jax.random.PRNGKey(0))
+  k0, k1 = jax.random.split(jax.random.key(0))
   x0, x1 = jax.random.normal(k0, (2, 3, 3, 1)), jax.random.normal(k1, (2, 3, 3, 1))
   t = jnp.array([0.2, 0.7])
   h = 1e-3
@@ -70,7 +70,7 @@ def test_gvp_velocity_is_the_time_derivative():
 
 
 def _oracle_and_inputs():
-  k0, k1 = jax.random.split(jax.random.PRNGKey(3))
+  k0, k1 = jax.random.split(jax.random.key(3))
   x1 = jax.random.normal(k0, (4, 8, 8, 3))
   x_up = x1 + 0.3 * jax.random.normal(k1, x1.shape)
   return x1, x_up
@@ -78,7 +78,7 @@ def _oracle_and_inputs():
 
 def test_cfm_loss_is_mse_against_x1_minus_x0():
   x1, x_up = _oracle_and_inputs()
-  key = jax.random.PRNGKey(7)
+  key = jax.random.key(7)
   c = flow_config()
   seen = {}
 
@@ -99,7 +99,7 @@ def test_cfm_loss_is_mse_against_x1_minus_x0():
 def test_fm_starts_from_standard_normal_noise():
   x1, x_up = _oracle_and_inputs()
   x0, context = flow.objective(flow_config(objective='fm', noising_step=0)).source(
-      jnp.zeros((64, 16, 16, 4)), jax.random.PRNGKey(0))
+      jnp.zeros((64, 16, 16, 4)), jax.random.key(0))
   assert abs(float(x0.mean())) < 0.02 and abs(float(x0.std()) - 1) < 0.02
   np.testing.assert_array_equal(context, 0.0)
 
@@ -108,13 +108,13 @@ def test_cfm_sigma_min_perturbs_x_t_only():
   """cfm: the I-CFM form of the official code, sigma_min * eps added to x_t, target unchanged."""
   x1, x_up = _oracle_and_inputs()
   got = {}
-  loss(lambda x, c, t: got.setdefault('a', x), x1, x_up, jax.random.PRNGKey(0), flow_config())
-  loss(lambda x, c, t: got.setdefault('b', x), x1, x_up, jax.random.PRNGKey(0),
+  loss(lambda x, c, t: got.setdefault('a', x), x1, x_up, jax.random.key(0), flow_config())
+  loss(lambda x, c, t: got.setdefault('b', x), x1, x_up, jax.random.key(0),
        flow_config(sigma_min=0.1))
   diff = np.asarray(got['b'] - got['a'])
   assert 0.09 < diff.std() < 0.11
   # The target is still x1 - x0: the oracle on the unperturbed path has the same loss.
-  key = jax.random.PRNGKey(0)
+  key = jax.random.key(0)
   source_key, _, _ = jax.random.split(key, 3)
   x0 = flow.noise_augment(x_up, source_key, 400)
   value = loss(lambda x, c, t: x1 - x0, x1, x_up, key, flow_config(sigma_min=0.1))
@@ -125,7 +125,7 @@ def test_cfm_sigma_min_perturbs_x_t_only():
 def test_fm_follows_the_papers_equations_3_to_5(sigma_min):
   """fm: x_t = (1 - (1 - s) t) x0 + t x1 with target x1 - (1 - s) x0 (s = sigma_min)."""
   x1, x_up = _oracle_and_inputs()
-  key = jax.random.PRNGKey(5)
+  key = jax.random.key(5)
   c = flow_config(objective='fm', noising_step=0, sigma_min=sigma_min)
   seen = {}
 
@@ -149,9 +149,9 @@ def test_regression_predicts_the_residual_at_t0(objective):
   x1, x_up = _oracle_and_inputs()
   c = flow_config(objective=objective, noising_step=0)
   # A perfect predictor of x1 - x_up has zero loss; a zero predictor has the L1/L2 residual.
-  perfect = loss(lambda x, ctx, t: x1 - x, x1, x_up, jax.random.PRNGKey(0), c)
+  perfect = loss(lambda x, ctx, t: x1 - x, x1, x_up, jax.random.key(0), c)
   assert float(perfect) == pytest.approx(0.0, abs=1e-7)
-  zero = loss(lambda x, ctx, t: jnp.zeros_like(x), x1, x_up, jax.random.PRNGKey(0), c)
+  zero = loss(lambda x, ctx, t: jnp.zeros_like(x), x1, x_up, jax.random.key(0), c)
   expected = jnp.mean(jnp.abs(x1 - x_up)) if objective == 'l1' else jnp.mean((x1 - x_up)**2)
   np.testing.assert_allclose(zero, expected, rtol=1e-6)
 

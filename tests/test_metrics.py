@@ -11,7 +11,7 @@ from fmboost_jax import metrics
 
 
 def test_psnr_matches_dm_pix_and_is_capped_for_exact_copies():
-  k0, k1 = jax.random.split(jax.random.PRNGKey(0))
+  k0, k1 = jax.random.split(jax.random.key(0))
   a = jax.random.uniform(k0, (3, 8, 8, 3), minval=-1, maxval=1)
   b = jax.numpy.clip(a + 0.1 * jax.random.normal(k1, a.shape), -1, 1)
   np.testing.assert_allclose(metrics.psnr(a, b), dm_pix.psnr(a * 0.5 + 0.5, b * 0.5 + 0.5),
@@ -22,9 +22,9 @@ def test_psnr_matches_dm_pix_and_is_capped_for_exact_copies():
 
 
 def test_ssim_is_one_for_identical_images_and_lower_for_noise():
-  a = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  a = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
   np.testing.assert_allclose(metrics.ssim(a, a), 1.0, rtol=1e-5)
-  noisy = a + 0.3 * jax.random.normal(jax.random.PRNGKey(1), a.shape)
+  noisy = a + 0.3 * jax.random.normal(jax.random.key(1), a.shape)
   assert float(metrics.ssim(noisy, a).max()) < 0.9
 
 

@@ -97,7 +97,7 @@ def test_output_is_the_sampler_applied_to_the_source_built_as_in_training(stages
 
   stage = trained_model.load(stages['pixel'], sample=config.sample)
   x = np.repeat(images.normalize(image)[None], 8, axis=0)
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(11), 0), 0)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(11), 0), 0)
   x_up = upsampling.upsample(first_stages.IdentityFirstStage(), 'psu', (16, 16), low_res_images=x)
   expected = stage.objective.sample(stage.velocity(), x_up, key, config.sample).x1
   expected = np.asarray(metrics.to_uint8(expected[0]))

@@ -66,9 +66,9 @@ def test_unet_base_state_is_created_sharded_over_fsdp_as_the_rule_says():
   mesh = _mesh(data=1, fsdp=8)
   tx = train.make_optimizer(config.optim)
   init = lambda k: train.init_state(config, 4, tx, k)  # noqa: E731
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  out = jax.eval_shape(jax.jit(init, out_shardings=shardings), jax.random.PRNGKey(0))
+  out = jax.eval_shape(jax.jit(init, out_shardings=shardings), jax.random.key(0))
   leaves = jax.tree.leaves(out)
   total = sum(x.size for x in leaves)
   per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in leaves)
@@ -84,9 +84,9 @@ def test_tiny_state_arrays_really_live_sharded_after_init():
   mesh = _mesh(data=2, fsdp=4)
   tx = train.make_optimizer(config.optim)
   init = lambda k: train.init_state(config, 3, tx, k)  # noqa: E731
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh, 1000)
-  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
   kernel = state.params['out_conv']['kernel']  # [3, 3, 32, 3]: 864 elements, replicated.
   assert kernel.shape == (3, 3, 32, 3) and kernel.sharding.spec == P()
   big = state.opt_state[0].mu['output_blocks'][2]['res']['out_conv']['kernel']

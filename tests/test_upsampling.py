@@ -23,7 +23,7 @@ class ScaledFirstStage:
 
 
 def images(shape=(2, 16, 16, 3), seed=0):
-  return jax.random.uniform(jax.random.PRNGKey(seed), shape, minval=-1, maxval=1)
+  return jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)
 
 
 def test_2x_bilinear_downsampling_is_2x2_average_pooling():
