@@ -1,13 +1,16 @@
-"""Test set-up, before JAX is imported: 8 fake CPU devices for in-process tests, and one persistent
-compilation cache for the session, shared by the `main.py` subprocesses the tests start (most of
-them compile the same tiny programs; the cache roughly halves each run)."""
+"""Test set-up, before JAX is imported: 8 fake CPU devices for in-process tests, compiled quickly
+(`runs.FAST_COMPILE`), and one persistent compilation cache for the session, shared by the
+`main.py` subprocesses the tests start (most of them compile the same tiny programs; the cache
+roughly halves each run)."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+from tests import runs  # Standard library and NumPy only: JAX is not imported yet.
+
+os.environ['XLA_FLAGS'] = runs.xla_flags(8)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='fmboost_jax_test_compilation_cache_')
@@ -24,5 +27,4 @@ def tiny_cfm_workdir(tmp_path_factory) -> str:
   """A pixel-space CFM checkpoint of `configs/demo.py:tiny` (8 -> 16 px, 2 steps, the EMA started
   after step 1, so that its EMA and online weights differ), trained once per session for the tests
   that sample or evaluate (they must not write into it)."""
-  from tests import runs  # noqa: PLC0415
   return runs.train_tiny(tmp_path_factory.mktemp('tiny_cfm') / 'workdir', ema__start_step=1)

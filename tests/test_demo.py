@@ -34,7 +34,7 @@ def _run_readme_command(readme: str, mode: str, workdir) -> subprocess.Completed
 @pytest.mark.slow
 def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_steps=1000', config='configs/demo.py',
-                       timeout=1500)
+                       timeout=1500, fast_compile=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
