@@ -6,6 +6,7 @@
 
 import os
 import sys
+import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -40,6 +41,11 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordin
 flags.DEFINE_integer('process_id', None, 'This process\'s index (with --coordinator_address).')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() with cluster auto-detection.')
+flags.DEFINE_integer('heartbeat_timeout_seconds', 60,
+                     'Multi-process runs: a process whose heartbeats the coordination service has '
+                     'missed for this long (killed, hung, its host lost) stops all the others, '
+                     'each with one line naming it and a non-zero exit status. The death of '
+                     'process 0 (the coordinator) stops them at once.')
 config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -112,14 +118,18 @@ def initialize_distributed() -> None:
     raise UserError(f'--num_processes={FLAGS.num_processes} disagrees with SLURM_NTASKS='
                     f'{slurm_tasks} of this SLURM job; use --distributed without the explicit '
                     'flags, or make them agree.')
+  if FLAGS.heartbeat_timeout_seconds < 1:
+    raise UserError(f'--heartbeat_timeout_seconds={FLAGS.heartbeat_timeout_seconds} must be at '
+                    'least 1.')
   if jax.config.jax_platforms in (None, '', 'cpu') and explicit:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives across hosts.
   try:
     if explicit:
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                 heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
     else:
-      jax.distributed.initialize()
+      jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
   except (RuntimeError, ValueError) as e:
     raise UserError(f'jax.distributed.initialize failed ({str(e).splitlines()[0][:200]}); check '
                     'the coordinator address, process count and id, or the cluster environment.') \
@@ -190,6 +200,9 @@ def main(argv):
   logging.info('JAX process %d of %d: backend %s, device kind %s, %d local / %d global devices.',
                jax.process_index(), jax.process_count(), backend, kind, jax.local_device_count(),
                jax.device_count())
+  if jax.process_count() > 1:  # A lost process: one line, not jaxlib's crash report.
+    from fmboost_jax import peer_loss  # noqa: PLC0415
+    peer_loss.install(jax.process_index(), jax.process_count(), FLAGS.heartbeat_timeout_seconds)
   try:
     from fmboost_jax import config_checks  # noqa: PLC0415
     config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
@@ -225,6 +238,18 @@ def main(argv):
     # The first line only: JAX appends a note on its traceback filtering to errors raised while
     # tracing.
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    exit_now(1)
+  except Exception as e:
+    if jax.process_count() == 1:
+      raise
+    from fmboost_jax import peer_loss  # noqa: PLC0415
+    # A collective that lost its peer fails at once: the coordination service names the lost
+    # process within the heartbeat timeout, and its line ends this process instead of a traceback.
+    peer_loss.await_verdict(e, FLAGS.heartbeat_timeout_seconds)
+    # Anything else failed here alone: the traceback, then exit without the shutdown barrier, which
+    # would wait for the other processes (blocked in a collective) for 5 minutes; they stop within
+    # the heartbeat timeout, naming this one.
+    traceback.print_exc()
     exit_now(1)
 
 

@@ -35,6 +35,8 @@ from fmboost_jax.errors import UserError
 
 # How long the processes of a run wait for each other to finish compiling the step.
 STARTUP_BARRIER_SECONDS = 3600
+# What JAX reports when a program is loaded from the persistent compilation cache.
+_CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 
 class TrainingDiverged(UserError):
@@ -257,14 +259,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   per_step_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                     for k, (shape, dtype) in input_pipeline.batch_spec(config).items()}
   t0 = time.perf_counter()
-  compiled_step = jax.jit(
-      lambda s, b, f: train_step(s, b, f, train_key, graphdef=graphdef,
-                                 first_stage_graphdef=first_stage_graphdef, tx=tx, config=config),
-      in_shardings=(state_sharding, {k: batch_sharding for k in per_step_batch},
-                    first_stage_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
-  logging.info('Compiled the train step in %.1f s.', time.perf_counter() - t0)
+  cache_hits = []
+  count_hits = lambda event, **_: cache_hits.append(1) if event == _CACHE_HIT_EVENT else None
+  jax.monitoring.register_event_listener(count_hits)
+  try:
+    compiled_step = jax.jit(
+        lambda s, b, f: train_step(s, b, f, train_key, graphdef=graphdef,
+                                   first_stage_graphdef=first_stage_graphdef, tx=tx,
+                                   config=config),
+        in_shardings=(state_sharding, {k: batch_sharding for k in per_step_batch},
+                      first_stage_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
+  finally:
+    jax.monitoring.unregister_event_listener(count_hits)
+  logging.info('Compiled the train step in %.1f s%s.', time.perf_counter() - t0,
+               ' (from the persistent compilation cache)' if cache_hits else '')
   # Processes compile at different speeds (one from a warm compilation cache, one not): the first
   # step's collectives start only when all have compiled.
   sharding.wait_for_all_processes('train step compiled', STARTUP_BARRIER_SECONDS)

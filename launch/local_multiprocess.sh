@@ -5,6 +5,10 @@
 #
 #   launch/local_multiprocess.sh N D [main.py flags...]
 #   launch/local_multiprocess.sh 2 4 --config=configs/demo.py:tiny --workdir=workdirs/mp
+#
+# The processes inherit the environment (JAX_COMPILATION_CACHE_DIR included). If one is lost, the
+# others stop within --heartbeat_timeout_seconds, each with one line naming it; the exit status is
+# then the last non-zero one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 num_processes=${1:?usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS [main.py flags...]}
@@ -20,5 +24,7 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+# A process that lost a peer prints one line and ends by SIGABRT (fmboost_jax/peer_loss.py); the
+# shell's own report of that signal would be a second line.
+for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || status=$?; done
 exit "$status"
