@@ -51,6 +51,10 @@ config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections confi
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# How long a process of a multi-process run that raised waits for the others to shut down with it.
+SHUTDOWN_AFTER_ERROR_SECONDS = 10
+
+
 def exit_now(code: int) -> None:
   """Exits after a user error without interpreter teardown, where background threads of
   libraries (Orbax's async machinery after a refused restore) would print tracebacks after the one
@@ -238,6 +242,9 @@ def main(argv):
     # The first line only: JAX appends a note on its traceback filtering to errors raised while
     # tracing.
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    if jax.process_count() > 1:  # Leave together if all hit it (a diverged loss, a bad config).
+      from fmboost_jax import peer_loss  # noqa: PLC0415
+      peer_loss.shut_down_within(SHUTDOWN_AFTER_ERROR_SECONDS)
     exit_now(1)
   except Exception as e:
     if jax.process_count() == 1:
@@ -246,10 +253,11 @@ def main(argv):
     # A collective that lost its peer fails at once: the coordination service names the lost
     # process within the heartbeat timeout, and its line ends this process instead of a traceback.
     peer_loss.await_verdict(e, FLAGS.heartbeat_timeout_seconds)
-    # Anything else failed here alone: the traceback, then exit without the shutdown barrier, which
-    # would wait for the other processes (blocked in a collective) for 5 minutes; they stop within
-    # the heartbeat timeout, naming this one.
+    # Anything else: the traceback, and out through the shutdown barrier if the other processes
+    # reach it soon (they failed too), else without it (they stop within the heartbeat timeout,
+    # naming this one).
     traceback.print_exc()
+    peer_loss.shut_down_within(SHUTDOWN_AFTER_ERROR_SECONDS)
     exit_now(1)
 
 

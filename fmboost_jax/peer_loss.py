@@ -32,6 +32,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 # An absl log line of C++ or Python: severity, date, time, thread id, file:line.
@@ -176,6 +177,17 @@ def await_verdict(error: BaseException, heartbeat_seconds: int) -> None:
   """
   if _filter_process is not None and _CONNECTION_LOST.search(str(error)):
     time.sleep(heartbeat_seconds + VERDICT_MARGIN_SECONDS)
+
+
+def shut_down_within(seconds: float) -> None:
+  """`jax.distributed.shutdown` (its barrier: every process leaves together), given up on after
+  `seconds`: processes still waiting in a collective for this one would hold it there for
+  jax's shutdown timeout (5 minutes); they stop within the heartbeat timeout once it is gone."""
+  import jax  # noqa: PLC0415  (the filter process runs this file without JAX)
+
+  thread = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+  thread.start()
+  thread.join(seconds)
 
 
 def install(process_index: int, process_count: int, heartbeat_seconds: int) -> None:
