@@ -6,9 +6,10 @@
 #   launch/local_multiprocess.sh N D [main.py flags...]
 #   launch/local_multiprocess.sh 2 4 --config=configs/demo.py:tiny --workdir=workdirs/mp
 #
-# The processes inherit the environment (JAX_COMPILATION_CACHE_DIR included). If one is lost, the
-# others stop within --heartbeat_timeout_seconds, each with one line naming it; the exit status is
-# then the last non-zero one.
+# The processes inherit the environment (JAX_COMPILATION_CACHE_DIR included; the device count is
+# appended to XLA_FLAGS, where the last value of a flag wins). If one is lost, the others stop
+# within --heartbeat_timeout_seconds, each with one line naming it; the exit status is then the last
+# non-zero one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 num_processes=${1:?usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS [main.py flags...]}
@@ -18,8 +19,8 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 python=${PYTHON:-.venv/bin/python}
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu \
-    "$python" main.py --coordinator_address="127.0.0.1:${port}" \
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=${devices}" \
+    JAX_PLATFORMS=cpu "$python" main.py --coordinator_address="127.0.0.1:${port}" \
     --num_processes="$num_processes" --process_id="$i" "$@" &
   pids+=($!)
 done
