@@ -18,7 +18,7 @@ The process still ends as jaxlib ends it (SIGABRT in jaxlib 0.10.2: exit status 
 subprocess); a jaxlib that words the fatal log otherwise gets its report through unchanged. When
 process 0 dies, the others stop at once (its connection closes); when another process dies, once
 the coordination service has missed its heartbeats for about `--heartbeat_timeout_seconds`
-(measured: 44 s at 60, 3-5.5 s at 3-5).
+(measured here: 38-44 s at 60, 2.5-5.5 s at 3-5).
 
 The filter runs as `python -S peer_loss.py INDEX COUNT HEARTBEAT_SECONDS` (the standard library
 only), ignores the stop signals a scheduler sends the whole job (SIGTERM, SIGUSR1, SIGINT, ...) and
