@@ -3,16 +3,18 @@
 # stack (requirements.txt) and JAX's wheels for the platform when .venv lacks them, then checks that
 # JAX sees the platform's devices. The launch scripts run it on every host before main.py.
 #
-#   launch/setup_host.sh [--verify] PLATFORM      PLATFORM: gpu | tpu | cpu | any
+#   launch/setup_host.sh [--verify | --install-command] PLATFORM   PLATFORM: gpu | tpu | cpu | any
 #
 # gpu installs "jax[cuda13]==V" and tpu "jax[tpu]==V", V being requirements.txt's jax pin.
-# --verify only checks (for hosts that share one .venv on shared storage: install on one host).
+# --verify only checks (for hosts that share one .venv on shared storage: install on one host);
+# --install-command prints the install command and does nothing (the launch scripts' dry runs).
 # Exits 1 with one `error:` line when JAX still sees another backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-verify_only=0
+verify_only=0 print_only=0
 if [[ "${1:-}" == "--verify" ]]; then verify_only=1; shift; fi
-platform=${1:?usage: $0 [--verify] gpu|tpu|cpu|any}
+if [[ "${1:-}" == "--install-command" ]]; then print_only=1; shift; fi
+platform=${1:?usage: $0 [--verify | --install-command] gpu|tpu|cpu|any}
 version=$(sed -n 's/^jax==//p' requirements.txt)
 case "$platform" in
   gpu) wheels="jax[cuda13]==$version" ;;
@@ -20,6 +22,10 @@ case "$platform" in
   cpu | any) wheels="" ;;
   *) echo "error: platform $platform is unknown; use gpu, tpu, cpu or any." >&2; exit 2 ;;
 esac
+if ((print_only)); then
+  echo "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt${wheels:+ \"$wheels\"}"
+  exit 0
+fi
 python=.venv/bin/python
 host=$(hostname)
 

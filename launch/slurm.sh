@@ -67,7 +67,9 @@ $gpu_line
 set -euo pipefail
 cd $(printf '%q' "$repo")
 export XLA_FLAGS=\"$xla_flags \${XLA_FLAGS:-}\"
-# JAX for the GPUs in .venv (installed here once if missing), then seen on every node.
+# JAX for the GPUs: where .venv lacks it, this node runs (once, for all nodes)
+# $(bash "$repo/launch/setup_host.sh" --install-command "$platform")
+# then every node checks that JAX sees its GPUs.
 bash launch/setup_host.sh $platform
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash launch/setup_host.sh --verify $platform
 srun --kill-on-bad-exit=1 .venv/bin/python main.py --distributed$flags"

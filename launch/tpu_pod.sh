@@ -29,6 +29,8 @@ remote="cd $repo && bash launch/setup_host.sh $platform && .venv/bin/python main
 command=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all "--command=$remote")
 if [[ -n "${PROJECT:-}" ]]; then command+=("--project=$PROJECT"); fi
 if ((dry_run)); then
+  echo "# Every worker first runs launch/setup_host.sh $platform: where .venv lacks JAX for the TPUs,"
+  echo "# $(bash "$(dirname "$0")/setup_host.sh" --install-command "$platform")"
   quoted=$([[ "$remote" != *"'"* ]] && printf "'%s'" "$remote" || printf '%q' "$remote")
   echo "gcloud compute tpus tpu-vm ssh $tpu --zone=$zone --worker=all --command=$quoted${PROJECT:+ --project=$PROJECT}"
   exit 0

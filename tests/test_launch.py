@@ -20,7 +20,10 @@ def test_tpu_pod_dry_run_prints_the_command_for_every_worker():
   proc = _run('launch/tpu_pod.sh', '--dry-run', 'my-v4-32', 'us-central2-b',
               '--config=configs/default.py', '--workdir=/mnt/shared/paper;1')
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.strip() == (
+  install, command = proc.stdout.strip().split('\n', 1)[1], proc.stdout.strip().splitlines()[-1]
+  assert install == ('# python3 -m venv .venv && .venv/bin/pip install -r requirements.txt '
+                     '"jax[tpu]==0.10.2"\n' + command)
+  assert command == (
       "gcloud compute tpus tpu-vm ssh my-v4-32 --zone=us-central2-b --worker=all "
       "--command='cd ~/fmboost_jax && bash launch/setup_host.sh tpu && .venv/bin/python main.py "
       "--distributed --config=configs/default.py --workdir=/mnt/shared/paper\\;1 "
@@ -43,6 +46,8 @@ def test_slurm_dry_run_prints_the_batch_script():
   assert lines[11] == f'export XLA_FLAGS="{" ".join(SLURM_XLA_FLAGS)} ${{XLA_FLAGS:-}}"'
   # JAX for the GPUs is installed if missing and seen on every node before training.
   assert lines[13:] == [
+      '# python3 -m venv .venv && .venv/bin/pip install -r requirements.txt "jax[cuda13]==0.10.2"',
+      '# then every node checks that JAX sees its GPUs.',
       'bash launch/setup_host.sh gpu',
       'srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash launch/setup_host.sh --verify gpu',
       'srun --kill-on-bad-exit=1 .venv/bin/python main.py --distributed '
