@@ -12,8 +12,9 @@ from configs import default
 from fmboost_jax.models import backends, layers
 from fmboost_jax.models import unet as unet_lib
 
+# XLA convolutions, as the tests below count and compare them (`auto` has its own tests).
 SMALL = dict(in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
-             num_res_blocks=1, attention_levels=(2,), num_heads=2, head_dim=16)
+             num_res_blocks=1, attention_levels=(2,), num_heads=2, head_dim=16, conv_impl='xla')
 
 
 def _attention_modules(model):
