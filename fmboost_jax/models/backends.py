@@ -25,7 +25,8 @@ KNOWN_BACKENDS = ('cpu', 'gpu', 'tpu')
 def backend_settings(backend: str, *, compute_dtype: str, conv_impl: str, attention_impl: str,
                      head_dim: int) -> dict[str, str]:
   """The concrete compute dtype, convolution and attention for `backend` ('cpu', 'gpu', 'tpu'),
-  replacing each 'auto' by the measured fastest choice (docs/benchmarks.md): bfloat16 compute with
+  replacing each 'auto' by the fastest choice (measured on CPUs, docs/benchmarks.md; on GPUs and
+  TPUs the established practice, not yet measured by this project): bfloat16 compute with
   float32 master weights on GPUs and TPUs, float32 on CPUs; convolutions as matrix products on CPUs
   (the UNet-base step: 4.78 s against XLA's 9.57 s), XLA's elsewhere; cuDNN attention on GPUs when
   computing in bfloat16 with a head_dim cuDNN takes, XLA's elsewhere. Another backend gets float32,
