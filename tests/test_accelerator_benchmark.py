@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import runs
+
+# Whole benchmark scripts in subprocesses: the full suite runs them, the fast tier does not.
+pytestmark = pytest.mark.slow
 
 SCRIPT = os.path.join(runs.ROOT, 'benchmarks', 'accelerator.py')
 

@@ -5,8 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests import runs
 
+# Whole benchmark scripts in subprocesses: the full suite runs them, the fast tier does not.
+pytestmark = pytest.mark.slow
 
 def _run(script, *args, tmp_path):
   out = tmp_path / f'{script}.json'
