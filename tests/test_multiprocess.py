@@ -240,3 +240,11 @@ def test_incomplete_distributed_flags_are_one_clear_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       'error: --coordinator_address needs --num_processes and --process_id too.')
+
+
+def test_a_heartbeat_timeout_below_one_second_is_one_clear_line(tmp_path):
+  proc = runs.run_main(tmp_path, '--coordinator_address=127.0.0.1:1234', '--num_processes=2',
+                       '--process_id=0', '--heartbeat_timeout_seconds=0', timeout=120)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: --heartbeat_timeout_seconds=0 must be at least 1.')
