@@ -28,6 +28,7 @@ from fmboost_jax import (
   input_pipeline,
   metrics,
   sharding,
+  summaries,
   trained_model,
   upsampling,
 )
@@ -210,12 +211,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         stop: _StopFlag) -> dict[str, float]:
-  # The loop's writers and progress reports (TensorBoard summaries through TensorFlow) are the only
-  # users of clu and TensorFlow: imported here, so that the library imports without them.
-  import tensorflow as tf  # noqa: PLC0415
-  from clu import metric_writers, parameter_overview, periodic_actions  # noqa: PLC0415
+  # The parameter table at start-up is the only use of clu: imported here, so that the library
+  # imports without it.
+  from clu import parameter_overview  # noqa: PLC0415
 
-  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only writes logs; keep it off accelerators.
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
@@ -284,9 +283,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
       out_shardings=replicated)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
-                                                    writer=writer)
+  writer = summaries.SummaryWriter(workdir, enabled=is_main)
+  report_progress = summaries.Progress(writer, config.train.num_steps)
   pending: list[dict[str, jax.Array]] = []
   last_saved = step if latest is not None else None
   last_scores: dict[str, float] = {}
@@ -370,7 +368,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         flush_measurements()
       if step % config.train.eval_every == 0 or step == config.train.num_steps:
         flush_measurements()
-        with report_progress.timed('eval'):
+        with report_progress.paused():
           last_scores = evaluate()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
         save()
@@ -389,7 +387,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.wait()
     finally:
       checkpointer.close()
-      writer.flush()
+      writer.close()
   if last_scores and is_main:
     table = results_table(last_scores)
     logging.info('Held-out results at step %d:\n%s', step, table)

@@ -2,6 +2,8 @@
 
 import glob
 import os
+import socket
+import struct
 import subprocess
 import sys
 
@@ -39,20 +41,40 @@ def run_main(workdir, *overrides, devices: int = 1, config='configs/demo.py:tiny
                         timeout=timeout)
 
 
+def free_port() -> int:
+  """A TCP port no process on this machine listens on now (for a coordinator address)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 def scalars(workdir, tag: str) -> dict[int, float]:
-  """All values of a scalar written by the clu writer, by step."""
-  from tensorflow.core.util import event_pb2  # noqa: PLC0415
-  from tensorflow.python.framework import tensor_util  # noqa: PLC0415
-  from tensorflow.python.lib.io import tf_record  # noqa: PLC0415
+  """All values of a scalar in the workdir's TensorBoard event files, by step."""
+  from tensorboard.compat.proto import event_pb2  # noqa: PLC0415
+  from tensorboard.util import tensor_util  # noqa: PLC0415
 
   values = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for record in tf_record.tf_record_iterator(path):
+    for record in tf_records(path):
       event = event_pb2.Event.FromString(record)
       for v in event.summary.value:
         if v.tag == tag:
-          values[event.step] = float(tensor_util.MakeNdarray(v.tensor))
+          values[event.step] = float(tensor_util.make_ndarray(v.tensor))
   return values
+
+
+def tf_records(path) -> list[bytes]:
+  """The records of a TFRecord file (length, checksum, data, checksum), checksums verified."""
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # noqa: PLC0415
+
+  records = []
+  with open(path, 'rb') as f:
+    while header := f.read(12):
+      (length,), (header_crc,) = struct.unpack('<Q', header[:8]), struct.unpack('<I', header[8:])
+      data, (data_crc,) = f.read(length), struct.unpack('<I', f.read(4))
+      assert (header_crc, data_crc) == (masked_crc32c(header[:8]), masked_crc32c(data)), path
+      records.append(data)
+  return records
 
 
 def checkpoint_steps(workdir) -> list[int]:

@@ -1,5 +1,6 @@
 """The library imports, trains a step and boosts without TensorFlow, tensorflow-datasets and clu (a
-JAX GPU image has none of them): only the training loop's writers and the tfds source use them."""
+JAX GPU image has none of them): only the tfds source imports TensorFlow and tfds, and only the
+training loop's parameter table clu."""
 
 import json
 import subprocess

@@ -18,6 +18,7 @@ from tests import runs
 def _launch(workdir, *flags, timeout=600):
   env = runs.env()
   env['PYTHON'] = sys.executable
+  env['PORT'] = str(runs.free_port())
   return subprocess.run(
       ['bash', 'launch/local_multiprocess.sh', '2', '4', '--config=configs/demo.py:tiny',
        f'--workdir={workdir}', *flags],
@@ -81,7 +82,7 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   workdir = tmp_path / 'mp'
-  port = 20000 + os.getpid() % 20000
+  port = runs.free_port()
   procs = []
   for i in range(2):
     env = runs.env(4)
@@ -112,7 +113,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 @pytest.mark.slow
 def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout_in_one_line(tmp_path):
   heartbeat = 3
-  port = 20000 + (os.getpid() + 1) % 20000
+  port = runs.free_port()
   procs = []
   for i in range(2):
     # One device each: the cheapest run, and one where Gloo's all-reduce fails at once (the
