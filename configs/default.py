@@ -152,7 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.platform = 'any'
   config.train.num_steps = 500_000
   config.train.log_every = 50
-  config.train.eval_every = 5000
+  config.train.eval_every = 5000  # Held-out PSNR/SSIM every N steps and at the end; 0: never.
   config.train.checkpoint_every = 10_000
   config.train.keep_checkpoints = 3  # The latest ones; 0 keeps all.
   config.train.num_grid_images = 8

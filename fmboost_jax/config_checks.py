@@ -41,7 +41,7 @@ def check(config: ml_collections.ConfigDict, mode: str) -> None:
     _check_method(config)
     _check_train(config)
     input_pipeline.check_config(config)
-    if config.data.num_val_images % config.data.batch_size:
+    if config.train.eval_every and config.data.num_val_images % config.data.batch_size:
       raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a '
                       f'multiple of config.data.batch_size={config.data.batch_size}.')
   elif mode == 'sample':
@@ -81,9 +81,12 @@ def _check_method(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_train(config: ml_collections.ConfigDict) -> None:
-  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
+  for name in ('num_steps', 'log_every', 'checkpoint_every'):
     if config.train[name] < 1:
       raise UserError(f'config.train.{name}={config.train[name]} must be at least 1.')
+  if config.train.eval_every < 0:
+    raise UserError(f'config.train.eval_every={config.train.eval_every} must be 0 (no held-out '
+                    'evaluation while training) or at least 1.')
 
 
 def _check_precompute(config: ml_collections.ConfigDict) -> None:

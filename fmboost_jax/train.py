@@ -197,7 +197,7 @@ class _StopFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, and checkpoints.
 
-  Returns the last evaluation's mean scores.
+  Returns the last evaluation's mean scores (none with config.train.eval_every=0).
   """
   config_checks.check(config, 'train')
   stop = _StopFlag()
@@ -226,7 +226,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
 
   train_iter = input_pipeline.create_train_iterator(config)
-  val_images = input_pipeline.validation_images(config)
+  evaluates = config.train.eval_every > 0
+  val_images = input_pipeline.validation_images(config) if evaluates else None
 
   # The state is created directly on the mesh, laid out by the rule of sharding.array_sharding
   # (never materialised whole on one device).
@@ -366,7 +367,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.check()  # A save that failed in the background stops training here.
       if step % config.train.log_every == 0:
         flush_measurements()
-      if step % config.train.eval_every == 0 or step == config.train.num_steps:
+      if evaluates and (step % config.train.eval_every == 0 or step == config.train.num_steps):
         flush_measurements()
         with report_progress.paused():
           last_scores = evaluate()
@@ -380,7 +381,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           save()
         break
     flush_measurements()
-    if not last_scores and not stopped:
+    if evaluates and not last_scores and not stopped:
       last_scores = evaluate()
   finally:
     try:

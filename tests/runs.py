@@ -14,6 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # compiled without LLVM's expensive optimisations (a third less time per tiny training run). Runs
 # that do real work (the demo's 1000 steps, the rehearsal at 1024 px) keep XLA's defaults.
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+# Runs that test the loop (resume, meshes, signals, checkpoints) skip the held-out evaluation, a
+# quarter of a tiny run; the demo, the rehearsal and the tests of evaluation keep it.
+NO_EVAL = '--config.train.eval_every=0'
 
 
 def xla_flags(devices: int, fast_compile: bool = True) -> str:
@@ -102,14 +105,15 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def train_tiny(workdir, **overrides) -> str:
-  """Trains `configs/demo.py:tiny` for 2 steps in this process (overrides: section__field=value)
-  and returns the workdir."""
+  """Trains `configs/demo.py:tiny` for 2 steps in this process, without the held-out evaluation
+  (overrides: section__field=value) and returns the workdir."""
   from configs import demo  # noqa: PLC0415
   from fmboost_jax import train  # noqa: PLC0415
 
   config = demo.get_config('tiny')
   config.train.num_steps = 2
   config.train.checkpoint_every = 2
+  config.train.eval_every = 0
   for key, value in overrides.items():
     section, field = key.split('__')
     config[section][field] = value

@@ -28,12 +28,12 @@ def test_latent_training_runs_resumes_and_matches_an_uninterrupted_run(tmp_path)
   save_safetensors(_ldm_state(random_model(seed=5, **VAE)), str(weights))
 
   straight = tmp_path / 'straight'
-  proc = runs.run_main(straight, *vae_flags(weights), '--config.train.num_steps=4')
+  proc = runs.run_main(straight, *vae_flags(weights), '--config.train.num_steps=4', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   resumed = tmp_path / 'resumed'
-  proc = runs.run_main(resumed, *vae_flags(weights), '--config.train.num_steps=2')
+  proc = runs.run_main(resumed, *vae_flags(weights), '--config.train.num_steps=2', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = runs.run_main(resumed, *vae_flags(weights), '--config.train.num_steps=4')
+  proc = runs.run_main(resumed, *vae_flags(weights), '--config.train.num_steps=4', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 2' in proc.stderr
 
@@ -126,7 +126,7 @@ def test_precomputed_latents_feed_the_step_the_same_tensors_and_train(tmp_path):
   # Training from the latents runs and resumes through main.py.
   train_flags = [*vae_flags(weights), '--config.data.source=latents', f'--config.data.path={out}']
   workdir = tmp_path / 'train'
-  proc = runs.run_main(workdir, *train_flags, '--config.train.num_steps=2')
+  proc = runs.run_main(workdir, *train_flags, '--config.train.num_steps=2', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   proc = runs.run_main(workdir, *train_flags, '--config.train.num_steps=4')
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -55,7 +55,7 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
   assert (workdir / 'results.json').exists()
 
   warm = tmp_path / 'mp_warm'
-  proc = _launch(warm, '--config.train.num_steps=6')
+  proc = _launch(warm, '--config.train.num_steps=6', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # JAX writes cache entries from process 0 only, and on CPU another process's keys differ (they
   # name its devices): process 0 loads the step from the cache, process 1 compiles it.
@@ -69,7 +69,7 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
                          runs.flat(runs.restore_state(warm, 3))) < 1e-6
 
   # The two-process checkpoint resumes in one process of 8 devices, from the same data position.
-  proc = runs.run_main(workdir, '--config.train.num_steps=6', devices=8)
+  proc = runs.run_main(workdir, '--config.train.num_steps=6', runs.NO_EVAL, devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 3' in proc.stderr
   resumed = runs.scalars(workdir, 'loss')

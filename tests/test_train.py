@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from fmboost_jax import flow, sharding, train
+from fmboost_jax import config_checks, flow, sharding, train
+from fmboost_jax.errors import UserError
 from tests import runs
 
 
@@ -19,7 +20,7 @@ from tests import runs
 def one_device_run(tmp_path_factory):
   """4 steps of the tiny demo on one device, checkpointed after 3 and 4."""
   workdir = tmp_path_factory.mktemp('one_device')
-  proc = runs.run_main(workdir, '--config.train.num_steps=4', devices=1)
+  proc = runs.run_main(workdir, '--config.train.num_steps=4', runs.NO_EVAL, devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -37,6 +38,7 @@ def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run
   (relative 1e-5); fsdp_min_size=1000 makes the tiny model's large kernels really sharded."""
   workdir = tmp_path / 'eight'
   proc = runs.run_main(workdir, '--config.train.num_steps=3', '--config.mesh.fsdp_min_size=1000',
+                       runs.NO_EVAL,
                        *[f'--config.mesh.{m}' for m in mesh], devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
   sizes = dict(m.split('=') for m in mesh)
@@ -56,7 +58,7 @@ def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run
   if mesh != ('fsdp=8',):
     return
   # The checkpoint of the fsdp=8 mesh restores on one device and training continues.
-  proc = runs.run_main(workdir, '--config.train.num_steps=4', devices=1)
+  proc = runs.run_main(workdir, '--config.train.num_steps=4', runs.NO_EVAL, devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 3' in proc.stderr
   np.testing.assert_allclose(runs.scalars(workdir, 'loss')[4], loss1[4], rtol=1e-5)
@@ -67,12 +69,12 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
   steps = 20
   straight = tmp_path / 'straight'
   proc = runs.run_main(straight, f'--config.train.num_steps={steps}',
-                       '--config.train.checkpoint_every=1000')
+                       '--config.train.checkpoint_every=1000', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   interrupted = tmp_path / 'interrupted'
   p = subprocess.Popen(runs.command(interrupted, f'--config.train.num_steps={steps}',
-                                    '--config.train.checkpoint_every=1000'),
+                                    '--config.train.checkpoint_every=1000', runs.NO_EVAL),
                        cwd=runs.ROOT, env=runs.env(), stderr=subprocess.PIPE, text=True)
   log = []
   for line in p.stderr:
@@ -96,7 +98,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
       f.write_bytes(f.read_bytes()[:50])
 
   proc = runs.run_main(interrupted, f'--config.train.num_steps={steps}',
-                       '--config.train.checkpoint_every=1000')
+                       '--config.train.checkpoint_every=1000', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from the checkpoint at step' in proc.stderr
   assert runs.checkpoint_steps(interrupted) == [stopped_at, steps]
@@ -115,6 +117,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(tmp_path):
 def test_nan_loss_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
   config = demo.get_config('tiny')
   config.train.num_steps = 3
+  config.train.eval_every = 0
   train.train_and_evaluate(config, str(tmp_path))
   assert runs.checkpoint_steps(tmp_path) == [3]
   before = runs.flat(runs.restore_state(tmp_path, 3))
@@ -227,6 +230,14 @@ def test_bad_input_is_one_clear_line(tmp_path, overrides, devices, expected):
   assert expected in _error_line(proc)
 
 
+def test_a_negative_evaluation_interval_is_one_clear_line():
+  config = demo.get_config('tiny')
+  config.train.eval_every = -1
+  with pytest.raises(UserError, match=r'^config.train.eval_every=-1 must be 0 \(no held-out '
+                     r'evaluation while training\) or at least 1.$'):
+    config_checks.check(config, 'train')
+
+
 def test_a_missing_config_file_is_one_clear_line(tmp_path):
   proc = runs.run_main(tmp_path / 'w', config='configs/nope.py', timeout=120)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
@@ -269,7 +280,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
     pytest.skip('mounting a small tmpfs is not permitted on this machine')
   try:
     proc = runs.run_main(disk / 'w', '--config.train.checkpoint_every=1',
-                         '--config.train.keep_checkpoints=0', timeout=300)
+                         '--config.train.keep_checkpoints=0', runs.NO_EVAL, timeout=300)
     line = _error_line(proc)
     m = re.fullmatch(
         r'error: saving the checkpoint of step (\d) in (.*) failed \(no space left on device\); '
@@ -299,7 +310,7 @@ def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
 def test_bf16_compute_keeps_float32_master_weights(tmp_path, one_device_run):
   workdir = tmp_path / 'bfloat16'
   proc = runs.run_main(workdir, '--config.train.num_steps=3',
-                       '--config.model.compute_dtype=bfloat16')
+                       '--config.model.compute_dtype=bfloat16', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   state = runs.flat(runs.restore_state(workdir, 3))
   assert {a.dtype for k, a in state.items() if 'params' in k} == {np.dtype('float32')}
@@ -312,8 +323,12 @@ def test_bf16_compute_keeps_float32_master_weights(tmp_path, one_device_run):
 
 @pytest.mark.slow
 def test_resuming_with_another_model_is_one_clear_line(tmp_path):
-  proc = runs.run_main(tmp_path, '--config.train.num_steps=1')
+  proc = runs.run_main(tmp_path, '--config.train.num_steps=1', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = runs.run_main(tmp_path, '--config.train.num_steps=2', '--config.model.model_channels=64')
+  # eval_every=0: no held-out evaluation, at the end either.
+  assert runs.scalars(tmp_path, 'loss') and not runs.scalars(tmp_path, 'val/psnr_model')
+  assert not (tmp_path / 'results.json').exists() and 'Held-out results' not in proc.stdout
+  proc = runs.run_main(tmp_path, '--config.train.num_steps=2', '--config.model.model_channels=64',
+                       runs.NO_EVAL)
   assert 'does not fit this config' in _error_line(proc)
   assert runs.checkpoint_steps(tmp_path) == [1]
