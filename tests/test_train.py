@@ -1,5 +1,6 @@
 """Specification of the training loop: sharding, resume, preemption, divergence, bad input."""
 
+import logging
 import os
 import re
 import shutil
@@ -332,3 +333,36 @@ def test_resuming_with_another_model_is_one_clear_line(tmp_path):
                        runs.NO_EVAL)
   assert 'does not fit this config' in _error_line(proc)
   assert runs.checkpoint_steps(tmp_path) == [1]
+
+
+def test_orbax_progress_stays_out_of_the_log_unless_debug_output_is_asked_for(tmp_path, caplog):
+  """Writing a checkpoint and reading its EMA weights back logs none of Orbax's progress lines
+  (about 60 per checkpoint) and no warning about a missing metadata file at the default INFO
+  verbosity; at DEBUG (`--verbosity=1`) Orbax's lines are back."""
+  import grain  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from fmboost_jax import checkpointing  # noqa: PLC0415
+
+  state = {'ema_params': {'w': jnp.arange(4.0)}, 'step': jnp.asarray(1)}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32, sharding=device)}
+
+  def save_and_restore(workdir) -> np.ndarray:
+    checkpointer = checkpointing.Checkpointer(str(workdir), keep=0)
+    checkpointer.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
+                      ml_collections.ConfigDict({'seed': 0}))
+    checkpointer.wait()
+    checkpointer.close()
+    return checkpointing.restore_subtree(str(workdir), 1, 'ema_params', abstract)['w']
+
+  orbax = lambda: [r for r in caplog.records if '/orbax/' in r.pathname]  # noqa: E731
+  caplog.set_level(logging.INFO, logger='absl')
+  np.testing.assert_array_equal(save_and_restore(tmp_path / 'info'), np.arange(4.0))
+  assert orbax() == []
+  caplog.clear()
+  caplog.set_level(logging.DEBUG, logger='absl')
+  np.testing.assert_array_equal(save_and_restore(tmp_path / 'debug'), np.arange(4.0))
+  assert len([r for r in orbax() if r.levelno == logging.INFO]) > 20
+  assert not any('Metadata file does not exist' in r.getMessage() for r in caplog.records)
