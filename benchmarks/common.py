@@ -102,6 +102,7 @@ def compile_train_step(config, channels: int, batch: dict, donate: bool = True,
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from fmboost_jax import first_stages, train, trained_model  # pylint: disable=import-outside-toplevel
+  from fmboost_jax.models import backends  # pylint: disable=import-outside-toplevel
   first_stage_graphdef, first_stage_params = nnx.split(first_stages.IdentityFirstStage())
   tx = train.make_optimizer(config.optim)
   graphdef = trained_model.model_graphdef(config, channels)
@@ -116,7 +117,8 @@ def compile_train_step(config, channels: int, batch: dict, donate: bool = True,
   lowered = jax.jit(lambda s, b, f: train.train_step(
       s, b, f, key, graphdef=graphdef, first_stage_graphdef=first_stage_graphdef, tx=tx,
       config=config), donate_argnums=(0,) if donate else ()).lower(state, batch, first_stage_params)
-  step = lowered.compile()
+  step = lowered.compile(compiler_options=backends.compiler_options(
+      jax.default_backend(), config.train.cpu_compiler_options))  # As the training loop does.
   return {'step': step, 'state': state, 'first_stage_params': first_stage_params,
           'lowered': lowered, 'compile_seconds': time.perf_counter() - t0}
 

@@ -158,6 +158,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_grid_images = 8
   # Persistent XLA compilation cache shared by runs (e.g. on storage all hosts see); '' disables.
   config.train.compilation_cache_dir = ''
+  # XLA compiler options of the train step on CPUs, as (name, value) pairs, e.g.
+  # (('xla_cpu_experimental_ynn_fusion_type', ''),); GPUs and TPUs compile without them.
+  config.train.cpu_compiler_options = ()
   # > 0: a profiler trace (TensorBoard / Perfetto) of this many steps, from the second step on,
   # in WORKDIR/profile.
   config.train.profile_steps = 0

@@ -87,6 +87,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
   if config.train.eval_every < 0:
     raise UserError(f'config.train.eval_every={config.train.eval_every} must be 0 (no held-out '
                     'evaluation while training) or at least 1.')
+  backends.check_compiler_options(jax.default_backend(), config.train.cpu_compiler_options)
 
 
 def _check_precompute(config: ml_collections.ConfigDict) -> None:

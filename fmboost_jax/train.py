@@ -33,6 +33,7 @@ from fmboost_jax import (
   upsampling,
 )
 from fmboost_jax.errors import UserError
+from fmboost_jax.models import backends
 
 # How long the processes of a run wait for each other to finish compiling the step.
 STARTUP_BARRIER_SECONDS = 3600
@@ -270,7 +271,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         in_shardings=(state_sharding, {k: batch_sharding for k in per_step_batch},
                       first_stage_sharding),
         out_shardings=(state_sharding, replicated),
-        donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile()
+        donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile(
+            compiler_options=backends.compiler_options(jax.default_backend(),
+                                                       config.train.cpu_compiler_options))
   finally:
     jax.monitoring.unregister_event_listener(count_hits)
   logging.info('Compiled the train step in %.1f s%s.', time.perf_counter() - t0,

@@ -5,10 +5,11 @@ The test writes a folder of 1024 px photographs (the bundled ones scaled and cro
 a landscape, one too small) and an SD-architecture autoencoder (factor 8, slimmer widths 32-128
 and one residual block per level for speed) with random weights, saved by diffusers itself as
 `diffusion_pytorch_model.safetensors`. Then it runs README's commands with the placeholder paths
-replaced and only size overrides appended (a tiny UNet, a few steps): convert -> precompute in 2
-processes -> train from the latents, killed with SIGKILL once and resumed -> evaluate -> sample
-512 px images and a 64^2 latent to 1024 px -> a two-stage cascade to 2048 px, run on the workdir
-after it was moved to another place together with the autoencoder (`--config.first_stage.weights`).
+replaced and only size overrides appended (a tiny UNet, a few steps, no held-out evaluation while
+training: step 4 evaluates): convert -> precompute in 2 processes -> train from the latents, killed
+with SIGKILL once and resumed -> evaluate -> sample 512 px images and a 64^2 latent to 1024 px -> a
+two-stage cascade to 2048 px, run on the workdir after it was moved to another place together with
+the autoencoder (`--config.first_stage.weights`).
 """
 
 import json
@@ -43,7 +44,7 @@ SIZES = {  # Appended to each README command, by mode.
     'precompute': [*VAE, *DATA, '--config.precompute.crops_per_image=1',
                    '--config.precompute.shard_size=2', '--config.precompute.batch_size=2'],
     'train': [*VAE, *UNET, *DATA, '--config.train.num_steps=6', '--config.train.checkpoint_every=2',
-              '--config.train.log_every=1', '--config.train.eval_every=1000',
+              '--config.train.log_every=1', runs.NO_EVAL,
               '--config.train.num_grid_images=2', '--config.optim.warmup_steps=2',
               '--config.ema.start_step=2', '--config.sample.nfe=2'],
     'evaluate': [*DATA, '--config.eval.nfe_sweep=(2,)', '--config.eval.num_figure_images=1',

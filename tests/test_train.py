@@ -8,12 +8,14 @@ import signal
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo
 from fmboost_jax import config_checks, flow, sharding, train
 from fmboost_jax.errors import UserError
+from fmboost_jax.models import backends
 from tests import runs
 
 
@@ -236,6 +238,31 @@ def test_a_negative_evaluation_interval_is_one_clear_line():
   config.train.eval_every = -1
   with pytest.raises(UserError, match=r'^config.train.eval_every=-1 must be 0 \(no held-out '
                      r'evaluation while training\) or at least 1.$'):
+    config_checks.check(config, 'train')
+
+
+def test_cpu_compiler_options_reach_the_train_step_on_cpus_only_and_bad_ones_are_one_line():
+  options = demo.get_config().train.cpu_compiler_options
+  assert backends.compiler_options('cpu', options) == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert backends.compiler_options('gpu', options) is None
+  tiny = demo.get_config('tiny').train.cpu_compiler_options
+  assert backends.compiler_options('cpu', tiny) is None
+  # What the demo's option does: a convolution's gradient leaves YNNPACK for XLA's own kernels.
+  loss = lambda w, x: jnp.sum(jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
+  lowered = jax.jit(jax.grad(loss)).lower(jnp.ones((3, 3, 32, 32)), jnp.ones((4, 16, 16, 32)))
+  assert lowered.compile().as_text().count('__ynn_fusion') == 2
+  assert lowered.compile(compiler_options=backends.compiler_options('cpu', options)).as_text(
+  ).count('__ynn_fusion') == 0
+
+  config = demo.get_config('tiny')
+  config.train.cpu_compiler_options = (('xla_cpu_no_such_option', '1'),)
+  with pytest.raises(UserError, match=re.escape(
+      "config.train.cpu_compiler_options: this XLA does not take them (No such compile option: "
+      "'xla_cpu_no_such_option'); correct or remove the option.")):
+    config_checks.check(config, 'train')
+  config.train.cpu_compiler_options = ('xla_cpu_experimental_ynn_fusion_type',)
+  with pytest.raises(UserError, match=r'must be \(name, value\) pairs'):
     config_checks.check(config, 'train')
 
 

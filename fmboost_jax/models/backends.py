@@ -63,6 +63,32 @@ def check_backend(backend: str, *, compute_dtype: str = AUTO, conv_impl: str = A
   return line + '.'
 
 
+def compiler_options(backend: str, cpu_options) -> dict[str, str] | None:
+  """XLA's compiler options for a program compiled for `backend`: the (name, value) pairs of
+  config.train.cpu_compiler_options on CPUs, none elsewhere."""
+  if backend != 'cpu' or not cpu_options:
+    return None
+  return {str(name): str(value) for name, value in cpu_options}
+
+
+def check_compiler_options(backend: str, cpu_options) -> None:
+  """Raises UserError unless config.train.cpu_compiler_options is (name, value) pairs that this
+  XLA takes (on CPUs: a trivial program is compiled with them)."""
+  field = 'config.train.cpu_compiler_options'
+  if not all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+             for p in cpu_options):
+    raise UserError(f"{field}={tuple(cpu_options)!r} must be (name, value) pairs, e.g. "
+                    "(('xla_cpu_experimental_ynn_fusion_type', ''),).")
+  options = compiler_options(backend, cpu_options)
+  if options:
+    try:
+      jax.jit(lambda x: x + 1).lower(jnp.zeros(())).compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+      reason = str(e).strip().splitlines()[0].removeprefix('INVALID_ARGUMENT: ')
+      raise UserError(f'{field}: this XLA does not take them ({reason}); correct or remove '
+                      'the option.') from None
+
+
 def attention(q: Array, k: Array, v: Array, scale: float, implementation: str) -> Array:
   """Softmax attention of `[B, L, heads, head_dim]` q, k, v by `implementation`. cuDNN's shape,
   dtype and platform limits are checked while tracing: 'cudnn_or_xla' then falls back to XLA's
