@@ -73,7 +73,7 @@ from flax import nnx
 
 from configs import default, demo
 from fmboost_jax import trained_model
-from fmboost_jax.models import autoencoder
+from fmboost_jax.models import autoencoder, layers
 
 GOAL_MFU = 0.45
 GOAL_TORCH_RATIO = 1.5
@@ -116,7 +116,7 @@ def random_autoencoder(shapes: dict, compute_dtype: str) -> autoencoder.Autoenco
   fs = default.get_config().first_stage
   fs.update(shapes['autoencoder'])
   fs.compute_dtype = compute_dtype
-  abstract = nnx.eval_shape(lambda: autoencoder.autoencoder_from_config(fs, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(autoencoder.autoencoder_from_config, fs)
   key = json.dumps(shapes['autoencoder'])
   if key not in _AUTOENCODER_PARAMS:
     _AUTOENCODER_PARAMS[key] = random_params(abstract, seed=2)
@@ -125,7 +125,7 @@ def random_autoencoder(shapes: dict, compute_dtype: str) -> autoencoder.Autoenco
 
 def random_unet(config) -> dict:
   """Random weights of `config.model` on SD latents, as the pure dict a train state holds."""
-  abstract = nnx.eval_shape(lambda: trained_model.network(config, CHANNELS, nnx.Rngs(0)))
+  abstract = layers.abstract(trained_model.network, config, CHANNELS)
   return nnx.to_pure_dict(random_params(abstract, seed=3))
 
 

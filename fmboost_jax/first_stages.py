@@ -12,7 +12,7 @@ from flax import nnx
 
 from fmboost_jax import weights
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import autoencoder
+from fmboost_jax.models import autoencoder, layers
 
 
 class FirstStage(Protocol):
@@ -66,5 +66,5 @@ def first_stage_from_config(config) -> FirstStage:
         'config.first_stage.weights is not set; point it at the SD v1 autoencoder: sd_ae.ckpt from '
         "the official FMBoost README, an SD v1 checkpoint, or stabilityai/sd-vae-ft-mse's "
         'diffusion_pytorch_model.safetensors (or its folder).')
-  abstract = nnx.eval_shape(lambda: autoencoder.autoencoder_from_config(c, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(autoencoder.autoencoder_from_config, c)
   return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))

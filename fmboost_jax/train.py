@@ -33,7 +33,7 @@ from fmboost_jax import (
   upsampling,
 )
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import backends
+from fmboost_jax.models import backends, layers
 
 # How long the processes of a run wait for each other to finish compiling the step.
 STARTUP_BARRIER_SECONDS = 3600
@@ -88,7 +88,7 @@ def ema_update(ema_params, params, step: jax.Array, ema_config: ml_collections.C
 
 def init_state(config: ml_collections.ConfigDict, channels: int,
                tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  model = trained_model.network(config, channels, nnx.Rngs(key))
+  model = trained_model.network(config, channels, layers.ParamKeys(key))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)

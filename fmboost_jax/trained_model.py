@@ -46,7 +46,7 @@ from fmboost_jax import (
   upsampling,
 )
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import unet
+from fmboost_jax.models import layers, unet
 
 WEIGHTS_FLAG = '--config.first_stage.weights'
 OUTPUT_TYPES = ('pil', 'np', 'latent')
@@ -58,19 +58,17 @@ def velocity_fn(graphdef: nnx.GraphDef, params) -> sampling.VelocityFn:
   return lambda x_t, context, t: model(jnp.concatenate([x_t, context], axis=-1), t)
 
 
-def network(config: ml_collections.ConfigDict, channels: int, rngs: nnx.Rngs) -> unet.UNet:
+def network(config: ml_collections.ConfigDict, channels: int,
+            rngs: nnx.Rngs | layers.ParamKeys) -> unet.UNet:
   """The velocity network of `config.model` on latents of `channels` channels: its input is
-  concat[x_t, context] (2 * channels), its output the velocity (channels)."""
+  concat[x_t, context] (2 * channels), its output the velocity (channels). Inside jit or
+  eval_shape, build it with `layers.ParamKeys`."""
   return unet.UNet(in_channels=2 * channels, out_channels=channels, **config.model, rngs=rngs)
-
-
-def _abstract_model(config: ml_collections.ConfigDict, channels: int):
-  return nnx.eval_shape(lambda: network(config, channels, nnx.Rngs(0)))
 
 
 def model_graphdef(config: ml_collections.ConfigDict, channels: int) -> nnx.GraphDef:
   """The network's graph for `config.model` on latents of `channels` channels (no weights)."""
-  graphdef, _ = nnx.split(_abstract_model(config, channels), nnx.Param)
+  graphdef, _ = nnx.split(layers.abstract(network, config, channels), nnx.Param)
   return graphdef
 
 
@@ -192,7 +190,7 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
   except ValueError as e:
     raise UserError(f'{path}: {e}') from None
   first_stage = first_stages.first_stage_from_config(config)
-  abstract_model = _abstract_model(config, first_stage.channels)
+  abstract_model = layers.abstract(network, config, first_stage.channels)
   graphdef, shapes = nnx.split(abstract_model, nnx.Param)
   replicated = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -40,7 +40,7 @@ from flax import nnx
 
 from fmboost_jax import errors, torch_files
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import inception
+from fmboost_jax.models import inception, layers
 
 AUTOENCODER_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
 FULL_MODEL_PREFIX = 'first_stage_model.'
@@ -384,5 +384,5 @@ def load_inception_weights(path: str | os.PathLike, model_or_abstract_state: Any
 
 def inception_from_weights(path: str | os.PathLike) -> inception.InceptionV3:
   """The FID `InceptionV3` with the weights of `path` (see `load_inception_weights`)."""
-  abstract = nnx.eval_shape(lambda: inception.InceptionV3(rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(inception.InceptionV3)
   return nnx.merge(nnx.graphdef(abstract), load_inception_weights(path, abstract))

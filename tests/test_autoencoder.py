@@ -20,7 +20,7 @@ from flax import nnx
 
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import autoencoder as ae
-from fmboost_jax.models import tiling
+from fmboost_jax.models import layers, tiling
 from fmboost_jax.models.unet import count_params
 
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4)  # factor 4.
@@ -38,7 +38,7 @@ def random_model(seed: int = 0, dtype=jnp.float32, **config) -> ae.AutoencoderKL
 
   Kernels U(+-1/sqrt(fan_in)) like PyTorch; GroupNorm scales 1 + 0.1 N(0, 1); biases 0.1 N(0, 1).
   """
-  abstract = nnx.eval_shape(lambda: ae.AutoencoderKL(**config, dtype=dtype, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(ae.AutoencoderKL, **config, dtype=dtype)
   graphdef, state = nnx.split(abstract)
   rs = np.random.RandomState(seed)
   values = []
@@ -68,7 +68,7 @@ def _images(shape, seed=0):
 
 def test_sd_parameter_counts_and_layout():
   config = ml_collections.ConfigDict(SD_CONFIG)
-  model = nnx.eval_shape(lambda: ae.autoencoder_from_config(config, rngs=nnx.Rngs(0)))
+  model = layers.abstract(ae.autoencoder_from_config, config)
   assert count_params(model) == 83_653_863
   assert count_params(model.encoder) == 34_163_592
   assert count_params(model.decoder) == 49_490_179
@@ -162,7 +162,7 @@ def test_logvar_is_clamped():
 
 def test_image_size_not_divisible_by_eight():
   config = ml_collections.ConfigDict(SD_CONFIG)
-  model = nnx.eval_shape(lambda: ae.autoencoder_from_config(config, rngs=nnx.Rngs(0)))
+  model = layers.abstract(ae.autoencoder_from_config, config)
   with pytest.raises(UserError, match=r'image size 100x64 is not divisible by 8.*96x64'):
     model.encode(jnp.zeros((1, 100, 64, 3)))
   with pytest.raises(UserError, match=r'\[B, H, W, 3\]'):
@@ -172,7 +172,7 @@ def test_image_size_not_divisible_by_eight():
 def test_bfloat16_compute_float32_params(small_model):
   """Measured relative difference to float32 compute: encode 2.1%, decode 3.4% (bf16 rounding)."""
   config = ml_collections.ConfigDict(dict(SD_CONFIG, **SMALL, compute_dtype='bfloat16'))
-  abstract = nnx.eval_shape(lambda: ae.autoencoder_from_config(config, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(ae.autoencoder_from_config, config)
   assert abstract.dtype == jnp.bfloat16
   assert abstract.decoder.up[0].block[0].conv1.dtype == jnp.bfloat16
   params = nnx.state(abstract, nnx.Param)
@@ -354,7 +354,7 @@ def _torch_reference(vae, images):
 def _load_and_compare_formats(config, tmp_path, vae):
   from fmboost_jax import weights  # pylint: disable=import-outside-toplevel
   st_path, ckpt_path, num_keys = _save_both_formats(vae, tmp_path)
-  abstract = nnx.eval_shape(lambda: ae.AutoencoderKL(**config, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(ae.AutoencoderKL, **config)
   from_st = weights.load_autoencoder_weights(st_path, abstract)
   from_ckpt = weights.load_autoencoder_weights(ckpt_path, abstract)
   flat_st, flat_ckpt = dict(nnx.to_flat_state(from_st)), dict(nnx.to_flat_state(from_ckpt))

@@ -29,7 +29,7 @@ from safetensors.numpy import save_file as save_safetensors
 
 from fmboost_jax import weights
 from fmboost_jax.errors import UserError
-from fmboost_jax.models import inception
+from fmboost_jax.models import inception, layers
 
 # Parameters (conv kernels, BatchNorm scale and bias) of the FID Inception-v3 without its `fc`
 # classifier; torch-fidelity's module has the same number (checked in the parity test).
@@ -40,7 +40,7 @@ FIDELITY_REASON = ('parity with torch-fidelity needs torch_fidelity and torchvis
 
 
 def _abstract() -> inception.InceptionV3:
-  return nnx.eval_shape(lambda: inception.InceptionV3(rngs=nnx.Rngs(0)))
+  return layers.abstract(inception.InceptionV3)
 
 
 def _random_state_dict(seed: int) -> dict[str, np.ndarray]:

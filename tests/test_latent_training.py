@@ -61,7 +61,7 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
   from flax import nnx  # noqa: PLC0415
 
   from fmboost_jax import weights as weights_lib  # noqa: PLC0415
-  from fmboost_jax.models import autoencoder  # noqa: PLC0415
+  from fmboost_jax.models import autoencoder, layers  # noqa: PLC0415
 
   source = tmp_path / 'vae.safetensors'
   save_safetensors(_ldm_state(random_model(seed=7, **VAE)), str(source))
@@ -70,7 +70,7 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'--config.first_stage.weights={out}' in proc.stdout
 
-  abstract = nnx.eval_shape(lambda: autoencoder.AutoencoderKL(**VAE, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(autoencoder.AutoencoderKL, **VAE)
   original = runs.flat(nnx.to_pure_dict(weights_lib.load_autoencoder_weights(source, abstract)))
   converted = runs.flat(nnx.to_pure_dict(weights_lib.load_autoencoder_weights(out, abstract)))
   assert original.keys() == converted.keys() and len(original) > 20
@@ -82,7 +82,7 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
   assert proc.returncode == 1 and 'is not empty' in proc.stderr.strip().splitlines()[-1]
   # A converted checkpoint of another autoencoder is refused with one line.
   other = dict(VAE, ch_mult=(1, 1))
-  abstract_other = nnx.eval_shape(lambda: autoencoder.AutoencoderKL(**other, rngs=nnx.Rngs(0)))
+  abstract_other = layers.abstract(autoencoder.AutoencoderKL, **other)
   with pytest.raises(UserError, match='shape mismatches|not a converted checkpoint'):
     weights_lib.load_autoencoder_weights(out, abstract_other)
 

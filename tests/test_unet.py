@@ -42,10 +42,27 @@ def perturbed_model():
   return model
 
 
+def test_param_keys_draw_the_parameters_of_nnx_rngs_in_and_out_of_jit():
+  """layers.ParamKeys (used to build networks inside jit and eval_shape) gives bitwise the weights
+  nnx.Rngs gives, so checkpoints and seeds mean the same whichever built the network."""
+  def params(rngs):
+    return jax.tree.leaves(nnx.state(unet_lib.UNet(**SMALL, rngs=rngs), nnx.Param))
+
+  key = jax.random.key(7)
+  reference = params(nnx.Rngs(key))
+  assert len(reference) == 166
+  eager = params(layers.ParamKeys(key))
+  jitted = jax.jit(lambda k: params(layers.ParamKeys(k)))(key)
+  for got in (eager, jitted):
+    assert all(np.array_equal(a, b) for a, b in zip(reference, got))
+  # Another key, other weights; an integer seed is the key it names.
+  assert not np.array_equal(reference[0], params(layers.ParamKeys(jax.random.key(8)))[0])
+  assert np.array_equal(params(nnx.Rngs(3))[0], params(layers.ParamKeys(3))[0])
+
+
 def test_reference_config_parameter_counts():
   config = default.get_config()
-  model = nnx.eval_shape(
-      lambda: unet_lib.UNet(in_channels=8, out_channels=4, **config.model, rngs=nnx.Rngs(0)))
+  model = layers.abstract(unet_lib.UNet, in_channels=8, out_channels=4, **config.model)
   assert unet_lib.count_params(model) == 305_806_340
   count = unet_lib.count_params
   assert count(model.time_dense1) + count(model.time_dense2) == 328_704
@@ -67,9 +84,9 @@ def test_reference_config_parameter_counts():
 
 
 def test_block_parameter_counts():
-  res = nnx.eval_shape(lambda: unet_lib.ResBlock(128, 128, 512, rngs=nnx.Rngs(0)))
+  res = layers.abstract(unet_lib.ResBlock, 128, 128, 512)
   assert unet_lib.count_params(res) == 427_008
-  attn = nnx.eval_shape(lambda: unet_lib.SpatialSelfAttention(1024, 4, 64, rngs=nnx.Rngs(0)))
+  attn = layers.abstract(unet_lib.SpatialSelfAttention, 1024, 4, 64)
   assert unet_lib.count_params(attn) == 1_052_416
 
 
@@ -154,8 +171,7 @@ def test_attention_matches_spatial_mhsa_reference():
 
 
 def test_bfloat16_compute(perturbed_model):
-  model_bf16 = nnx.eval_shape(
-      lambda: unet_lib.UNet(**SMALL, compute_dtype='bfloat16', rngs=nnx.Rngs(0)))
+  model_bf16 = layers.abstract(unet_lib.UNet, **SMALL, compute_dtype='bfloat16')
   nnx.update(model_bf16, nnx.state(perturbed_model, nnx.Param))
   for leaf in jax.tree.leaves(nnx.state(model_bf16, nnx.Param)):
     assert leaf.dtype == jnp.float32
@@ -177,8 +193,7 @@ def test_unet_from_config_keywords_small():
   config.model.num_heads = 2
   config.model.head_dim = 16
   config.model.compute_dtype = 'bfloat16'
-  model = nnx.eval_shape(
-      lambda: unet_lib.UNet(in_channels=6, out_channels=3, **config.model, rngs=nnx.Rngs(0)))
+  model = layers.abstract(unet_lib.UNet, in_channels=6, out_channels=3, **config.model)
   assert model.input_blocks[0].kernel.shape == (3, 3, 6, 32)
   assert model.out_conv.kernel.shape == (3, 3, 32, 3)
   assert model.dtype == jnp.bfloat16

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file as save_safetensors
 from fmboost_jax import weights
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import autoencoder as ae
+from fmboost_jax.models import layers
 from tests.test_autoencoder import SMALL, random_model
 
 
@@ -102,7 +103,7 @@ def _ldm_state(model) -> dict[str, np.ndarray]:
 
 
 def _abstract(**config):
-  return nnx.eval_shape(lambda: ae.AutoencoderKL(**config, rngs=nnx.Rngs(0)))
+  return layers.abstract(ae.AutoencoderKL, **config)
 
 
 @pytest.fixture(scope='module')

@@ -20,9 +20,8 @@ linear ramps across each overlap. Per-tile GroupNorm statistics, per-tile mid-bl
 zero padding at tile borders make the result differ from the untiled one (the tests state how much).
 
 Building the model with random weights runs ~100 separate initialisers (slow on CPU); to use real
-weights build it abstractly and load: `abstract = nnx.eval_shape(lambda: autoencoder_from_config(
-cfg, rngs=nnx.Rngs(0)))`, then `nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(
-path, abstract))`.
+weights build it abstractly and load: `abstract = layers.abstract(autoencoder_from_config, cfg)`,
+then `nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(path, abstract))`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Layers the SD autoencoder and the UNet share: PyTorch's default initialisers, convolutions as
-one matrix product, and the nearest x2 + conv3x3 Upsample computed as four 2x2 phase convolutions.
+one matrix product, the nearest x2 + conv3x3 Upsample computed as four 2x2 phase convolutions, and
+the parameter keys that networks are built with inside a trace.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +15,39 @@ from flax import nnx
 
 Array = jax.Array
 Dtype = Any
+M = TypeVar('M')
 
 # PyTorch's default weight init, kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 zeros_init = nnx.initializers.zeros_init()
+
+
+class ParamKeys:
+  """The parameter keys of `nnx.Rngs(key)` (the n-th draw is fold_in(key, n)), counted in Python:
+  pass it as `rngs=` to build a network inside jit or eval_shape.
+
+  nnx.Rngs keeps its count in an nnx Variable. Inside a trace, each draw replaces that count with a
+  tracer, and flax compares the shardings of the two; asking a tracer for its sharding makes JAX
+  search the whole trace for the tracer's origin. Building a network that way takes time quadratic
+  in its layers (UNet-base: 6.2 s instead of 1.2 s, the SD autoencoder and Inception-v3 likewise).
+  """
+
+  def __init__(self, key: jax.Array | int):
+    self._key = jax.random.key(key) if isinstance(key, int) else key
+    self._count = 0
+
+  def params(self) -> jax.Array:
+    key = jax.random.fold_in(self._key, self._count)
+    self._count += 1
+    return key
+
+  __call__ = params
+
+
+def abstract(build: Callable[..., M], /, *args, **kwargs) -> M:
+  """`build(*args, **kwargs, rngs=...)` under nnx.eval_shape: the network's structure and parameter
+  shapes and dtypes, no weights computed."""
+  return nnx.eval_shape(lambda: build(*args, **kwargs, rngs=ParamKeys(0)))
 
 
 def torch_bias_init(fan_in: int) -> nnx.Initializer:
