@@ -9,10 +9,10 @@ replaced and only size overrides appended (a tiny UNet, a few steps, no held-out
 training: step 4 evaluates): convert -> precompute in 2 processes -> train from the latents, killed
 with SIGKILL once and resumed -> evaluate -> sample 512 px images and a 64^2 latent to 1024 px -> a
 two-stage cascade, run on the workdir after it was moved to another place together with the
-autoencoder (`--config.first_stage.weights`). The cascade lifts a 32^2 latent (256 px) through 512 to
-1024 px rather than a 64^2 one to 2048 px: the same commands and code at a quarter of the pixels (at
-2048 px the slim autoencoder's untiled encoding, with attention over 256^2 latent positions, and the
-tiled decoding took 102 of the step's 171 s on 2 cores).
+autoencoder (`--config.first_stage.weights`). The cascade lifts a 32^2 latent (256 px) through 512
+to 1024 px rather than a 64^2 one to 2048 px: the same commands and code at a quarter of the
+pixels (at 2048 px the slim autoencoder's untiled encoding, with attention over 256^2 latent
+positions, and the tiled decoding took 102 of the step's 171 s on 2 cores).
 """
 
 import json
