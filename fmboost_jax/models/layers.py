@@ -29,7 +29,8 @@ class ParamKeys:
   nnx.Rngs keeps its count in an nnx Variable. Inside a trace, each draw replaces that count with a
   tracer, and flax compares the shardings of the two; asking a tracer for its sharding makes JAX
   search the whole trace for the tracer's origin. Building a network that way takes time quadratic
-  in its layers (UNet-base: 6.2 s instead of 1.2 s, the SD autoencoder and Inception-v3 likewise).
+  in its layers (under eval_shape UNet-base took 4.7 s instead of 0.7 s, the SD autoencoder 2.4 s
+  instead of 0.3 s: benchmarks/results.md item 16).
   """
 
   def __init__(self, key: jax.Array | int):
@@ -40,8 +41,6 @@ class ParamKeys:
     key = jax.random.fold_in(self._key, self._count)
     self._count += 1
     return key
-
-  __call__ = params
 
 
 def abstract(build: Callable[..., M], /, *args, **kwargs) -> M:
