@@ -2,11 +2,11 @@
 
   python main.py --config=configs/demo.py --workdir=workdirs/demo
 
-2x upsampling of 16 px to 32 px crops; 1500 steps take about 6 minutes on 2 CPU cores. The noise
+2x upsampling of 16 px to 32 px crops; 1500 steps take 6 to 10 minutes on 2 CPU cores. The noise
 augmentation is step 100 rather than the latent-space default 400: in pixel space and at this budget
-the smaller step converges much faster. Validation samples with Euler at 4 NFE (one of the paper's
-Fig. 5 settings); README "Demo results" has the full NFE sweep: more steps invent more detail,
-which costs PSNR.
+the smaller step converges much faster. Validation (and `--mode=sample`) uses Euler at 2 NFE, where
+the NFE sweep of docs/results.md peaks in PSNR and SSIM: more steps invent more detail, which costs
+PSNR.
 `--config=configs/demo.py:tiny` is the same setup shrunk to seconds, for tests and smoke runs.
 `:fm`, `:l1` and `:l2` are the paper's Table 2 baselines with the same network, data and budget:
 naive flow matching from N(0, I) (context still concatenated) and L1 / L2 regression.
@@ -46,7 +46,7 @@ def get_config(variant: str = ''):
   config.ema.start_step = 100
 
   config.flow.noising_step = 100
-  config.sample.nfe = 4
+  config.sample.nfe = 2
   config.eval.crop_size = 16
 
   config.train.num_steps = 1500
