@@ -1,4 +1,4 @@
-"""Two cooperating processes on this machine (4 fake CPU devices each, gloo collectives)."""
+"""Two cooperating processes on this machine (1 or 4 fake CPU devices each, gloo collectives)."""
 
 import os
 import re
@@ -16,11 +16,12 @@ from tests import runs
 
 
 def _launch(workdir, *flags, timeout=600):
+  """Two processes of one fake CPU device each (the cheapest runtime of two processes)."""
   env = runs.env()
   env['PYTHON'] = sys.executable
   env['PORT'] = str(runs.free_port())
   return subprocess.run(
-      ['bash', 'launch/local_multiprocess.sh', '2', '4', '--config=configs/demo.py:tiny',
+      ['bash', 'launch/local_multiprocess.sh', '2', '1', '--config=configs/demo.py:tiny',
        f'--workdir={workdir}', *flags],
       cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -41,9 +42,9 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
   workdir = tmp_path / 'mp'
   proc = _launch(workdir, '--config.train.num_steps=3')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # One runtime of 8 devices: each process logged the same global view.
+  # One runtime of 2 devices: each process logged the same global view.
   for p in (0, 1):
-    view = f'JAX process {p} of 2: backend cpu, device kind cpu, 4 local / 8 global devices'
+    view = f'JAX process {p} of 2: backend cpu, device kind cpu, 1 local / 2 global devices'
     assert proc.stderr.count(view) == 1
   # Orbax wrote one checkpoint, with both processes' data-iterator positions.
   assert runs.checkpoint_steps(workdir) == [3]
@@ -68,8 +69,8 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
   assert _relative_error(runs.flat(runs.restore_state(workdir, 3)),
                          runs.flat(runs.restore_state(warm, 3))) < 1e-6
 
-  # The two-process checkpoint resumes in one process of 8 devices, from the same data position.
-  proc = runs.run_main(workdir, '--config.train.num_steps=6', runs.NO_EVAL, devices=8)
+  # The two-process checkpoint resumes in one process of 4 devices, from the same data position.
+  proc = runs.run_main(workdir, '--config.train.num_steps=6', runs.NO_EVAL, devices=4)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 3' in proc.stderr
   resumed = runs.scalars(workdir, 'loss')
