@@ -12,7 +12,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tests' programs are tiny: XLA spends far longer compiling them than running them, so they are
 # compiled without LLVM's expensive optimisations (a third less time per tiny training run). Runs
-# that do real work (the demo's 1000 steps, the rehearsal at 1024 px) keep XLA's defaults.
+# that do real work (the demo's 700 steps, the rehearsal's encoding of 1024 px photographs) keep
+# XLA's defaults.
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 # Runs that test the loop (resume, meshes, signals, checkpoints) skip the held-out evaluation, a
 # quarter of a tiny run; the demo, the rehearsal and the tests of evaluation keep it.
