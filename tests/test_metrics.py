@@ -83,6 +83,13 @@ def test_fid_with_fewer_samples_than_dimensions_matches_regularised_sqrtm():
   reference = (np.sum((m1 - m2)**2) + np.trace(s1) + np.trace(s2) -
                2 * np.trace(np.real(scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset)))))
   np.testing.assert_allclose(metrics.fid(x, y), reference, rtol=1e-5)
+  # fid's route for few samples (singular values of an [N1, N2] product) against the
+  # eigendecompositions of the [D, D] covariances, with 12 samples on one side (their square roots
+  # of round-off where the eigenvalues are 0 differ by about 1e-8 relative).
+  y12 = np.concatenate([y, rng.normal(size=(2, 64))])
+  np.testing.assert_allclose(metrics.fid(x, y12), metrics.frechet_distance(
+      *metrics.feature_statistics(x), *metrics.feature_statistics(y12)), rtol=1e-7)
+  assert abs(metrics.fid(x, x)) < 1e-9
   with pytest.raises(ValueError, match='at least 2'):
     metrics.fid(x[:1], y)
 
