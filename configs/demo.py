@@ -2,7 +2,7 @@
 
   python main.py --config=configs/demo.py --workdir=workdirs/demo
 
-2x upsampling of 16 px to 32 px crops; 1500 steps take 6 to 10 minutes on 2 CPU cores. The noise
+2x upsampling of 16 px to 32 px crops; 1500 steps take 5 to 9 minutes on 2 CPU cores. The noise
 augmentation is step 100 rather than the latent-space default 400: in pixel space and at this budget
 the smaller step converges much faster. Validation (and `--mode=sample`) uses Euler at 2 NFE, where
 the NFE sweep of docs/results.md peaks in PSNR and SSIM: more steps invent more detail, which costs
@@ -29,10 +29,12 @@ def get_config(variant: str = ''):
   # per step, docs/benchmarks.md), and float32 keeps the CPU and accelerator runs comparable.
   config.model.conv_impl = 'xla'
   config.model.compute_dtype = 'float32'
-  # XLA's CPU backend runs these narrow convolutions (and their gradients) through YNNPACK by
-  # default; its own kernels are faster here: 0.34 against 0.54 s per step, a third less
-  # (benchmarks/results.md, 2026-12-03). UNet-base's matrix-product convolutions gain nothing.
-  config.train.cpu_compiler_options = (('xla_cpu_experimental_ynn_fusion_type', ''),)
+  # XLA's CPU backend hands convolutions (and their gradients) and reductions to YNNPACK by
+  # default. XLA's own kernels run these narrow convolutions faster, and YNNPACK's reductions (the
+  # gradients of the norms and biases) beat XLA's by far: with only the reductions left to YNNPACK
+  # a step costs a fifth less than with all or none (benchmarks/results.md items 15 and 17).
+  config.train.cpu_compiler_options = (
+      ('xla_cpu_experimental_ynn_fusion_type', 'LIBRARY_FUSION_TYPE_REDUCE'),)
 
   config.data.source = 'skimage'
   config.data.holdout = 'strips'  # 15 photographs: each lends its bottom strip to the held-out set.

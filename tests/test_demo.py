@@ -2,7 +2,8 @@
 model beats bilinear on held-out images, and the README's sample command and Python example work on
 its checkpoint.
 
-This is the slowest test (5 min 31 s alone on 2 CPU cores): it is the embedded default itself.
+This is the slowest test (3 min 32 s alone on 2 CPU cores, 2026-12-04; 5 min 31 s on a slower
+day): it is the embedded default itself.
 At 700 steps the demo measured 32.77 dB / 0.8768 against bilinear's 32.52 dB / 0.8476 (Euler at
 2 NFE; README has the figures at 1500).
 """

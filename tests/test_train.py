@@ -243,17 +243,25 @@ def test_a_negative_evaluation_interval_is_one_clear_line():
 
 def test_cpu_compiler_options_reach_the_train_step_on_cpus_only_and_bad_ones_are_one_line():
   options = demo.get_config().train.cpu_compiler_options
-  assert backends.compiler_options('cpu', options) == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert backends.compiler_options('cpu', options) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
   assert backends.compiler_options('gpu', options) is None
   tiny = demo.get_config('tiny').train.cpu_compiler_options
   assert backends.compiler_options('cpu', tiny) is None
-  # What the demo's option does: a convolution's gradient leaves YNNPACK for XLA's own kernels.
-  loss = lambda w, x: jnp.sum(jax.lax.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
-  lowered = jax.jit(jax.grad(loss)).lower(jnp.ones((3, 3, 32, 32)), jnp.ones((4, 16, 16, 32)))
-  assert lowered.compile().as_text().count('__ynn_fusion') == 2
-  assert lowered.compile(compiler_options=backends.compiler_options('cpu', options)).as_text(
-  ).count('__ynn_fusion') == 0
+  # What the demo's option does: a convolution and its gradients leave YNNPACK for XLA's own
+  # kernels, the reduction (the bias gradient) stays in YNNPACK.
+  loss = lambda w, b, x: jnp.sum((jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b) ** 2)
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+      jnp.ones((3, 3, 32, 32)), jnp.ones((32,)), jnp.ones((4, 16, 16, 32)))
+
+  def in_ynnpack(compiler_options) -> list[str]:
+    """The shapes of the compiled program's YNNPACK fusions."""
+    return sorted(re.findall(r'%ynn_fusion\S* = (\S+) fusion', lowered.compile(
+        compiler_options=compiler_options).as_text()))
+
+  assert in_ynnpack(None) == ['f32[32,3,3,32]{3,2,1,0}', 'f32[32]{0}', 'f32[4,16,16,32]{3,2,1,0}']
+  assert in_ynnpack(backends.compiler_options('cpu', options)) == ['f32[32]{0}']
 
   config = demo.get_config('tiny')
   config.train.cpu_compiler_options = (('xla_cpu_no_such_option', '1'),)
