@@ -92,6 +92,12 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int):
     """`keep` latest checkpoints are preserved; 0 keeps all."""
     directory = os.path.abspath(directory)
+    # Replicated arrays: in a multi-process run each process writes a part of them (Orbax's
+    # replica-parallel saving, its default); one process writes them whole, without the slicing
+    # programs that saving in parts compiles at the first save, one per array shape (184, 8 s, for
+    # the tiny demo on 8 CPU devices). Orbax's registered handler keeps its other settings.
+    if jax.process_count() == 1:
+      ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel = False
     policy = ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                            enable_async_checkpointing=True)
