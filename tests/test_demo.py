@@ -5,7 +5,8 @@ its checkpoint.
 This is the slowest test (3 min 32 s alone on 2 CPU cores, 2026-12-04; 5 min 31 s on a slower
 day): it is the embedded default itself.
 At 700 steps the demo measured 32.77 dB / 0.8768 against bilinear's 32.52 dB / 0.8476 (Euler at
-2 NFE; README has the figures at 1500).
+2 NFE, 2026-12-03, before benchmarks/results.md item 17's compiler option; README has the figures
+at 1500).
 """
 
 import json
