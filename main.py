@@ -16,7 +16,7 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, samples and results.')
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'sample', 'evaluate', 'precompute', 'convert', 'export'],
+                  ['train', 'sample', 'evaluate', 'precompute', 'convert', 'export', 'compile'],
                   'train: train and evaluate in --workdir (resuming from it). sample: boost '
                   '--inputs with the checkpoint in --workdir (or config.sample.stages) into '
                   '--outdir. evaluate: PSNR/SSIM/FID/p-FID/spectral tables, NFE sweep and '
@@ -26,7 +26,10 @@ flags.DEFINE_enum('mode', 'train',
                   'PyTorch autoencoder weights of --config.first_stage.weights into a Flax (Orbax) '
                   'checkpoint in --workdir. export: write the sampling weights and config of the '
                   'checkpoint in --workdir to --outdir (default WORKDIR/export), a model '
-                  'that sample, evaluate and trained_model.load take without the workdir.')
+                  'that sample, evaluate and trained_model.load take without the workdir. '
+                  'compile: compile the training programs of the config for '
+                  '--config.compile.target (a TPU slice or NVIDIA GPUs) on this machine and '
+                  'report their memory per device, FLOPs and collectives in WORKDIR/compile.')
 flags.DEFINE_list('inputs', [], '--mode=sample: image or .npy/.npz latent files or folders '
                   '(comma-separated), or skimage for the bundled photographs.')
 flags.DEFINE_string('outdir', None, 'Output folder of --mode=sample (default WORKDIR/boosted) '
@@ -186,6 +189,9 @@ def convert(config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.mode == 'compile':  # Before JAX loads libtpu: no metadata server, no TPU runtime.
+    from fmboost_jax import accelerators  # noqa: PLC0415
+    accelerators.isolate_from_cloud()
   import jax  # noqa: PLC0415  (after flags, so XLA_FLAGS from the environment apply)
 
   from fmboost_jax.errors import UserError  # noqa: PLC0415
@@ -209,7 +215,8 @@ def main(argv):
     peer_loss.install(jax.process_index(), jax.process_count(), FLAGS.heartbeat_timeout_seconds)
   try:
     from fmboost_jax import config_checks  # noqa: PLC0415
-    config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
+    if FLAGS.mode != 'compile':  # Compiling for a target runs anywhere.
+      config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
     outdir = output_directory(FLAGS.mode)
     ensure_writable(outdir)
     if FLAGS.mode == 'train':
@@ -238,6 +245,9 @@ def main(argv):
               f'--config.data.source=latents --config.data.path={FLAGS.workdir}')
     elif FLAGS.mode == 'convert':
       convert(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'compile':
+      from fmboost_jax import aot  # noqa: PLC0415
+      aot.compile_for_target(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     # The first line only: JAX appends a note on its traceback filtering to errors raised while
     # tracing.

@@ -164,5 +164,19 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: a profiler trace (TensorBoard / Perfetto) of this many steps, from the second step on,
   # in WORKDIR/profile.
   config.train.profile_steps = 0
+  # The peak FLOP/s of one device that the logged MFU is measured against; 0 takes the device
+  # kind's dense bfloat16 peak from fmboost_jax/accelerators.py (on CPUs and unknown kinds the log
+  # gives TFLOP/s without MFU unless this is set).
+  config.train.peak_flops_per_device = 0.0
+
+  # main.py --mode=compile (fmboost_jax/aot.py): compile this config's programs, on this machine,
+  # for a TPU slice or NVIDIA GPUs, and report per-device memory against HBM, FLOPs, collectives.
+  config.compile = ml_collections.ConfigDict()
+  # A libtpu topology (v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:8x8: the chip grid) or GPUs per host
+  # [x hosts] (h100:8, h200:8x4, a100:8); fmboost_jax/accelerators.py lists them.
+  config.compile.target = ''
+  config.compile.max_batch = False  # Also find the largest per-device batch that fits.
+  # > 0: the MFU this many training samples per second would need on the target.
+  config.compile.samples_per_second = 0.0
 
   return config

@@ -9,7 +9,6 @@ the modes' own sections (train, sample, eval, precompute) are written here.
 
 import os
 
-import jax
 import ml_collections
 from absl import logging
 
@@ -17,7 +16,7 @@ from fmboost_jax import flow, input_pipeline, sampling, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends, unet
 
-MODES = ('train', 'sample', 'evaluate', 'precompute', 'convert', 'export')
+MODES = ('train', 'sample', 'evaluate', 'precompute', 'convert', 'export', 'compile')
 PLATFORMS = ('any', 'cpu', 'gpu', 'tpu')
 
 
@@ -44,6 +43,9 @@ def check(config: ml_collections.ConfigDict, mode: str) -> None:
     if config.train.eval_every and config.data.num_val_images % config.data.batch_size:
       raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a '
                       f'multiple of config.data.batch_size={config.data.batch_size}.')
+  elif mode == 'compile':  # The train step's rules, on the target's platform; no data is read.
+    _check_method(config)
+    _check_train(config)
   elif mode == 'sample':
     _check_sampler(config.sample)
     _check_sample_mode(config.sample)
@@ -76,7 +78,7 @@ def _check_method(config: ml_collections.ConfigDict) -> None:
     unet.check_arguments(**config.model)
   except (ValueError, TypeError) as e:
     raise UserError(f'config.model.{e}') from None
-  logging.info(backends.check_backend(jax.default_backend(), **config.model))
+  logging.info(backends.check_backend(backends.platform(), **config.model))
   upsampling.check_mode(config.flow.upsampling_mode)
 
 
@@ -87,7 +89,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
   if config.train.eval_every < 0:
     raise UserError(f'config.train.eval_every={config.train.eval_every} must be 0 (no held-out '
                     'evaluation while training) or at least 1.')
-  backends.check_compiler_options(jax.default_backend(), config.train.cpu_compiler_options)
+  backends.check_compiler_options(backends.platform(), config.train.cpu_compiler_options)
 
 
 def _check_precompute(config: ml_collections.ConfigDict) -> None:

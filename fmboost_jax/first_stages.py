@@ -50,21 +50,25 @@ class IdentityFirstStage(nnx.Module):
     return latents
 
 
-def first_stage_from_config(config) -> FirstStage:
+def first_stage_from_config(config, *, weights_loaded: bool = True) -> FirstStage:
   """The first stage named by config.first_stage.name, an nnx.Module with its weights loaded.
 
   'identity' has no parameters; 'sd_vae' is the SD KL-f8 autoencoder with the weights of
-  config.first_stage.weights (built abstractly, so random initialisation never runs).
+  config.first_stage.weights (built abstractly, so random initialisation never runs). With
+  `weights_loaded=False` its parameters stay abstract (shapes and dtypes, no file read): enough to
+  compile the programs that take them as inputs.
   """
   c = config.first_stage
   if c.name == 'identity':
     return IdentityFirstStage()
   if c.name != 'sd_vae':
     raise UserError(f"config.first_stage.name={c.name!r} is unknown; use 'sd_vae' or 'identity'.")
-  if not c.weights:
+  if weights_loaded and not c.weights:
     raise UserError(
         'config.first_stage.weights is not set; point it at the SD v1 autoencoder: sd_ae.ckpt from '
         "the official FMBoost README, an SD v1 checkpoint, or stabilityai/sd-vae-ft-mse's "
         'diffusion_pytorch_model.safetensors (or its folder).')
   abstract = layers.abstract(autoencoder.autoencoder_from_config, c)
+  if not weights_loaded:
+    return abstract
   return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))

@@ -128,12 +128,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # Public creators.
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shape and dtype of each entry of a GLOBAL training batch."""
+def batch_spec(config: ml_collections.ConfigDict,
+               latent_shape: tuple[int, ...] | None = None) -> dict[str, tuple[tuple, Any]]:
+  """Shape and dtype of each entry of a GLOBAL training batch. Precomputed latents have the
+  shape their metadata records, or `latent_shape` [h, w, C] when given (compiling, no data)."""
   b, s = config.data.batch_size, config.data.high_res_size
   if config.data.source != 'latents':
     return {'image': ((b, s, s, 3), np.float32)}
-  shape = tuple(latents_metadata(config)['latent_shape'])
+  shape = tuple(latent_shape or latents_metadata(config)['latent_shape'])
   return {'x1': ((b, *shape), np.float32), 'x_up': ((b, *shape), np.float32)}
 
 

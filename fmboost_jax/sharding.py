@@ -21,9 +21,10 @@ FSDP_AXIS = 'fsdp'
 AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-  """The (data, fsdp) mesh of config.mesh over all devices; one of the two may be -1 (fills)."""
-  n = jax.device_count()
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None, target: str = '') -> Mesh:
+  """The (data, fsdp) mesh of config.mesh over `devices` (default: all of JAX's; those of the
+  compile target named `target`); one of the two axes may be -1 (fills)."""
+  n = len(devices) if devices is not None else jax.device_count()
   sizes = {axis: mesh_config.get(axis, 1) for axis in AXES}
   described = ' x '.join(f'config.mesh.{a}={v}' for a, v in sizes.items())
   if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
@@ -34,10 +35,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
     if v == -1:
       sizes[axis] = n // fixed if n % fixed == 0 else 0
   if math.prod(sizes.values()) != n:
-    raise UserError(f'{described} does not match the {n} devices; make the product of the axes '
+    of = f' of the target {target}' if target else ''
+    raise UserError(f'{described} does not match the {n} devices{of}; make the product of the axes '
                     f'{n} (or set one axis to -1).')
   # Auto axes: the compiler propagates shardings from the step's in/out shardings.
-  return jax.make_mesh(tuple(sizes.values()), AXES,
+  return jax.make_mesh(tuple(sizes.values()), AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 

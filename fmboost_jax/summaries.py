@@ -112,3 +112,59 @@ class Progress:
       yield
     finally:
       self._paused_secs += time.perf_counter() - t0
+
+
+class Throughput:
+  """Samples/s, TFLOP/s per device, MFU and device memory over the training steps between two
+  calls (time inside `paused()`, evaluation and checkpointing, excluded), as scalars to log.
+
+  `flops_per_step` is the compiled step's FLOPs over the global batch; `peak_flops` one device's
+  peak rate (None: the device kind has none known, and MFU is not reported).
+  """
+
+  def __init__(self, *, samples_per_step: int, flops_per_step: float, num_devices: int,
+               peak_flops: float | None, devices=()):
+    self._samples, self._flops = samples_per_step, flops_per_step
+    self._num_devices, self._peak, self._devices = num_devices, peak_flops, tuple(devices)
+    self._start: tuple[int, float] | None = None
+    self._paused_secs = 0.0
+
+  def __call__(self, step: int) -> dict[str, float]:
+    """The figures since the previous call (none at the first: it only starts the clock)."""
+    now = time.perf_counter()
+    start, self._start = self._start, (step, now)
+    paused, self._paused_secs = self._paused_secs, 0.0
+    if start is None or step <= start[0]:
+      return {}
+    seconds = now - start[1] - paused
+    steps_per_sec = (step - start[0]) / seconds
+    out = {'perf/samples_per_sec': steps_per_sec * self._samples}
+    if self._flops > 0:
+      per_device = steps_per_sec * self._flops / self._num_devices
+      out['perf/tflops_per_device'] = per_device / 1e12
+      if self._peak:
+        out['perf/mfu'] = per_device / self._peak
+    out.update(device_memory(self._devices))
+    return out
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused_secs += time.perf_counter() - t0
+
+
+def device_memory(devices) -> dict[str, float]:
+  """GiB in use and at peak on the most loaded of `devices`, where the backend reports them
+  (GPUs and TPUs; CPUs do not)."""
+  stats = [s for s in (d.memory_stats() for d in devices) if s]
+  out = {}
+  for key, name in (('bytes_in_use', 'perf/memory_in_use_gib'),
+                    ('peak_bytes_in_use', 'perf/memory_peak_gib')):
+    values = [s[key] for s in stats if key in s]
+    if values:
+      out[name] = max(values) / 2**30
+  return out
+

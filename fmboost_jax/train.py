@@ -4,6 +4,7 @@ The loop knows a loss, a sampler and a first stage; what they compute lives in f
 sampling.py, upsampling.py and models/.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,8 +22,10 @@ from flax import nnx
 from PIL import Image
 
 from fmboost_jax import (
+  accelerators,
   checkpointing,
   config_checks,
+  costs,
   first_stages,
   flow,
   input_pipeline,
@@ -147,6 +150,71 @@ def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax
   return scores, outputs
 
 
+# ----------------------------------------------------------------------------- the programs
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPrograms:
+  """The programs a training run executes on a mesh, jitted with explicit shardings, and the
+  abstract arguments (shapes, dtypes, shardings) they are lowered for: `--mode=train` runs them,
+  `--mode=compile` compiles the same ones for a target's devices.
+
+  The state is created directly on the mesh, laid out by the rule of `sharding.array_sharding`
+  (never materialised whole on one device); the first stage's parameters are replicated inputs.
+  """
+  init: Any  # key -> TrainState, on the mesh.
+  train: Any  # (state, batch, first_stage_params) -> (state, measurements); the state donated.
+  evaluate: Any  # (params, images, first_stage_params, key) -> (scores, outputs).
+  state: TrainState  # ShapeDtypeStructs with shardings, as are the two below.
+  batch: dict[str, jax.ShapeDtypeStruct]
+  first_stage_params: Any
+
+  def lower_train(self) -> jax.stages.Lowered:
+    return self.train.lower(self.state, self.batch, self.first_stage_params)
+
+  def lower_evaluate(self, config: ml_collections.ConfigDict) -> jax.stages.Lowered:
+    """The held-out evaluation of one batch of config.data.batch_size images."""
+    b, s = config.data.batch_size, config.data.high_res_size
+    sharded = next(iter(self.batch.values())).sharding
+    images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=sharded)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=sharding.replicated(sharded.mesh))
+    return self.evaluate.lower(self.state.ema_params, images, self.first_stage_params, key)
+
+
+def step_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  first_stage_graphdef: nnx.GraphDef, first_stage_params, channels: int,
+                  tx: optax.GradientTransformation, init_key: jax.Array,
+                  train_key: jax.Array, batch_spec=None) -> StepPrograms:
+  """The StepPrograms of `config` on `mesh`; `first_stage_params` may be arrays or
+  ShapeDtypeStructs, `batch_spec` (default: input_pipeline.batch_spec) the global batch's
+  {name: (shape, dtype)}."""
+  replicated = sharding.replicated(mesh)
+  make_state = lambda k: init_state(config, channels, tx, k)
+  abstract_state = jax.eval_shape(make_state, init_key)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  first_stage_sharding = jax.tree.map(lambda _: replicated, first_stage_params)
+  batch_sharding = sharding.batch_sharded(mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+           for k, (shape, dtype) in (batch_spec or input_pipeline.batch_spec(config)).items()}
+  graphdef = trained_model.model_graphdef(config, channels)
+  train = jax.jit(
+      lambda s, b, f: train_step(s, b, f, train_key, graphdef=graphdef,
+                                 first_stage_graphdef=first_stage_graphdef, tx=tx, config=config),
+      in_shardings=(state_sharding, {k: batch_sharding for k in batch}, first_stage_sharding),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  evaluate = jax.jit(
+      lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
+                                   first_stage_graphdef=first_stage_graphdef, config=config),
+      in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
+      out_shardings=replicated)
+  return StepPrograms(
+      init=jax.jit(make_state, out_shardings=state_sharding), train=train, evaluate=evaluate,
+      state=jax.tree.map(with_sharding, abstract_state, state_sharding), batch=batch,
+      first_stage_params=jax.tree.map(with_sharding, first_stage_params, first_stage_sharding))
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -192,6 +260,24 @@ class _StopFlag:
     return previous is not None and bool(jax.device_get(previous))
 
 
+def throughput_meter(config: ml_collections.ConfigDict,
+                     flops_per_step: float) -> summaries.Throughput:
+  """The training log's throughput figures for this run's devices: MFU against
+  config.train.peak_flops_per_device, else the device kind's peak bf16 rate (none on CPUs)."""
+  device = jax.local_devices()[0]
+  kind = accelerators.device_kind(device.device_kind)
+  peak = config.train.peak_flops_per_device or (kind.peak_bf16_flops if kind else None)
+  logging.info(
+      'Throughput in the log (perf/*): the train step is %.4g TFLOP over the global batch; %s.',
+      flops_per_step / 1e12,
+      f'MFU against {peak / 1e12:.4g} TFLOP/s per device' if peak else
+      f'no MFU: no peak rate is known for device kind {device.device_kind!r} (set '
+      'config.train.peak_flops_per_device)')
+  return summaries.Throughput(samples_per_step=config.data.batch_size,
+                              flops_per_step=flops_per_step, num_devices=jax.device_count(),
+                              peak_flops=peak, devices=jax.local_devices())
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -223,57 +309,39 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first_stage = first_stages.first_stage_from_config(config)
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
-  graphdef = trained_model.model_graphdef(config, first_stage.channels)
   init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
 
   train_iter = input_pipeline.create_train_iterator(config)
   evaluates = config.train.eval_every > 0
   val_images = input_pipeline.validation_images(config) if evaluates else None
 
-  # The state is created directly on the mesh, laid out by the rule of sharding.array_sharding
-  # (never materialised whole on one device).
-  replicated = sharding.replicated(mesh)
-  abstract_state = jax.eval_shape(lambda k: init_state(config, first_stage.channels, tx, k),
-                                  init_key)
-  state_sharding = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      state_sharding)
-
+  programs = step_programs(config, mesh, first_stage_graphdef, first_stage_params,
+                           first_stage.channels, tx, init_key, train_key)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                             keep=config.train.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
     logging.info('Resuming from the checkpoint at step %d in %s.', latest, checkpointer.directory)
-    state = checkpointer.restore(latest, abstract_state, train_iter)
+    state = checkpointer.restore(latest, programs.state, train_iter)
   else:
-    state = jax.jit(lambda k: init_state(config, first_stage.channels, tx, k),
-                    out_shardings=state_sharding)(init_key)
+    state = programs.init(init_key)
   step = int(jax.device_get(state.step))
   if is_main:
     parameter_overview.log_parameter_overview(state.params)
 
   # One compiled step, ahead of the loop, with explicit shardings and the state donated.
-  first_stage_sharding = jax.tree.map(lambda _: replicated, first_stage_params)
-  first_stage_params = jax.device_put(first_stage_params, first_stage_sharding)
+  first_stage_params = jax.device_put(first_stage_params,
+                                      jax.tree.map(lambda x: x.sharding,
+                                                   programs.first_stage_params))
   batch_sharding = sharding.batch_sharded(mesh)
-  per_step_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                    for k, (shape, dtype) in input_pipeline.batch_spec(config).items()}
   t0 = time.perf_counter()
   cache_hits = []
   count_hits = lambda event, **_: cache_hits.append(1) if event == _CACHE_HIT_EVENT else None
   jax.monitoring.register_event_listener(count_hits)
   try:
-    compiled_step = jax.jit(
-        lambda s, b, f: train_step(s, b, f, train_key, graphdef=graphdef,
-                                   first_stage_graphdef=first_stage_graphdef, tx=tx,
-                                   config=config),
-        in_shardings=(state_sharding, {k: batch_sharding for k in per_step_batch},
-                      first_stage_sharding),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=0).lower(abstract_state, per_step_batch, first_stage_params).compile(
-            compiler_options=backends.compiler_options(jax.default_backend(),
-                                                       config.train.cpu_compiler_options))
+    lowered_step = programs.lower_train()
+    compiled_step = lowered_step.compile(compiler_options=backends.compiler_options(
+        backends.platform(), config.train.cpu_compiler_options))
   finally:
     jax.monitoring.unregister_event_listener(count_hits)
   logging.info('Compiled the train step in %.1f s%s.', time.perf_counter() - t0,
@@ -281,23 +349,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Processes compile at different speeds (one from a warm compilation cache, one not): the first
   # step's collectives start only when all have compiled.
   sharding.wait_for_all_processes('train step compiled', STARTUP_BARRIER_SECONDS)
-  jitted_eval = jax.jit(
-      lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
-                                   first_stage_graphdef=first_stage_graphdef, config=config),
-      in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
-      out_shardings=replicated)
+  jitted_eval = programs.evaluate
 
   writer = summaries.SummaryWriter(workdir, enabled=is_main)
   report_progress = summaries.Progress(writer, config.train.num_steps)
+  throughput = throughput_meter(config, costs.flops(lowered_step))
   pending: list[dict[str, jax.Array]] = []
   last_saved = step if latest is not None else None
   last_scores: dict[str, float] = {}
 
-  def flush_measurements():
-    """Checks every pending step's measurements and writes their mean; stops loudly on NaN."""
+  def flush_measurements(with_throughput: bool = False):
+    """Checks every pending step's measurements and writes their mean (and the throughput since
+    the last such write); stops loudly on NaN."""
     if not pending:
       return
-    values = jax.device_get(pending)
+    values = jax.device_get(pending)  # Waits for the steps to finish.
     first = step - len(values) + 1
     for i, m in enumerate(values):
       if not all(np.isfinite(v) for v in m.values()):
@@ -305,7 +371,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'training diverged at step {first + i}: {m}; the last good checkpoint '
             f'(step {last_saved}) in {checkpointer.directory} is intact; lower '
             'config.optim.learning_rate or set config.optim.grad_clip_norm.')
-    writer.write_scalars(step, {k: float(np.mean([m[k] for m in values])) for k in values[0]})
+    scalars = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+    writer.write_scalars(step, {**scalars, **(throughput(step) if with_throughput else {})})
     pending.clear()
 
   def evaluate():
@@ -366,16 +433,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info('Wrote a profiler trace of steps %d-%d to %s.', profile_start + 1, step,
                      os.path.join(workdir, 'profile'))
       pending.append(measurements)
+      if step == profile_start:  # The throughput clock starts once the first step has run.
+        jax.block_until_ready(measurements)
+        throughput(step)
       report_progress(step)
       checkpointer.check()  # A save that failed in the background stops training here.
       if step % config.train.log_every == 0:
-        flush_measurements()
+        flush_measurements(with_throughput=True)
       if evaluates and (step % config.train.eval_every == 0 or step == config.train.num_steps):
         flush_measurements()
-        with report_progress.paused():
+        with report_progress.paused(), throughput.paused():
           last_scores = evaluate()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-        save()
+        with throughput.paused():
+          save()
       if stop.agreed(mesh):
         stopped = True
         logging.info('Received a stop signal (here or on another process): saving at step %d and '

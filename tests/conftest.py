@@ -11,6 +11,9 @@ import tempfile
 from tests import runs  # Standard library and NumPy only: JAX is not imported yet.
 
 os.environ['XLA_FLAGS'] = runs.xla_flags(8)
+# The tests run on CPUs. requirements-dev.txt installs libtpu and the CUDA plugin for compiling
+# for TPUs and GPUs (--mode=compile); without this JAX would try to start them here.
+os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='fmboost_jax_test_compilation_cache_')

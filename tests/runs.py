@@ -120,3 +120,19 @@ def train_tiny(workdir, **overrides) -> str:
     config[section][field] = value
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)
+
+
+def forward_flops(config, size: int, channels: int = 3) -> float:
+  """XLA's FLOPs of one forward pass of `config`'s network on one [size, size] input, lowered on
+  its own (to compare a step's FLOPs with: forward and backward are about 3 forward passes)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from fmboost_jax import trained_model  # noqa: PLC0415
+  from fmboost_jax.models import layers  # noqa: PLC0415
+
+  graphdef, params = nnx.split(layers.abstract(trained_model.network, config, channels))
+  return jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t)).lower(
+      params, jax.ShapeDtypeStruct((1, size, size, 2 * channels), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32)).cost_analysis()['flops']

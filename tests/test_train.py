@@ -18,14 +18,36 @@ from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends
 from tests import runs
 
+# MFU in the log against a made-up peak of 100 GFLOP/s per device.
+THROUGHPUT_LOG = '--config.train.peak_flops_per_device=1e11'
+
 
 @pytest.fixture(scope='module')
 def one_device_run(tmp_path_factory):
   """4 steps of the tiny demo on one device, checkpointed after 3 and 4."""
   workdir = tmp_path_factory.mktemp('one_device')
-  proc = runs.run_main(workdir, '--config.train.num_steps=4', runs.NO_EVAL, devices=1)
+  proc = runs.run_main(workdir, '--config.train.num_steps=4', runs.NO_EVAL, THROUGHPUT_LOG,
+                       devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
+
+
+def test_the_log_reports_samples_per_second_tflops_and_mfu(one_device_run):
+  """perf/* at every logged step from step 2 on (the clock starts after step 1; demo:tiny logs
+  every step): TFLOP/s per device is samples/s
+  times the step's FLOPs per sample (about 3 forward passes of the network, counted separately),
+  MFU is that over the configured peak; CPUs report no device memory."""
+  sps = runs.scalars(one_device_run, 'perf/samples_per_sec')
+  tflops = runs.scalars(one_device_run, 'perf/tflops_per_device')
+  mfu = runs.scalars(one_device_run, 'perf/mfu')
+  assert sorted(sps) == sorted(tflops) == sorted(mfu) == [2, 3, 4]
+  forward = runs.forward_flops(demo.get_config('tiny'), 16)
+  for step in (2, 3, 4):
+    assert sps[step] > 0
+    flops_per_sample = tflops[step] * 1e12 / sps[step]  # One device.
+    assert 2.7 * forward < flops_per_sample < 3.6 * forward, (flops_per_sample, forward)
+    assert mfu[step] == pytest.approx(tflops[step] * 1e12 / 1e11, rel=1e-5)
+  assert not runs.scalars(one_device_run, 'perf/memory_in_use_gib')
 
 
 def _relative_error(state, reference, part):

@@ -4,6 +4,10 @@ implementations, and the `auto` setting that picks the measured fastest one per 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -20,6 +24,24 @@ CONV_IMPLS = {'xla': jax.lax.conv_general_dilated, 'matmul': conv_as_matmul}
 # XLA's.
 AUTO = 'auto'
 KNOWN_BACKENDS = ('cpu', 'gpu', 'tpu')
+_TARGET = contextvars.ContextVar('fmboost_jax_target_platform', default=None)
+
+
+def platform() -> str:
+  """The backend the programs being built will run on: JAX's default backend, or inside
+  `compiling_for(p)` the platform of the devices they are compiled for (`--mode=compile`)."""
+  return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(target_platform: str) -> Iterator[None]:
+  """Networks built and programs compiled inside make the choices of `target_platform` ('tpu',
+  'gpu'), whatever the machine that compiles them runs on."""
+  token = _TARGET.set(target_platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
 
 
 def backend_settings(backend: str, *, compute_dtype: str, conv_impl: str, attention_impl: str,

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fmboost_jax.models.backends import AUTO, CONV_IMPLS, DTYPES, attention, backend_settings
+from fmboost_jax.models.backends import (
+  AUTO,
+  CONV_IMPLS,
+  DTYPES,
+  attention,
+  backend_settings,
+  platform,
+)
 from fmboost_jax.models.layers import Upsample, conv, torch_bias_init, torch_kernel_init, zeros_init
 
 Array = jax.Array
@@ -271,7 +278,7 @@ class UNet(nnx.Module):
                     attention_levels=attention_levels, head_dim=head_dim,
                     compute_dtype=compute_dtype, conv_impl=conv_impl,
                     attention_impl=attention_impl, remat=remat)
-    settings = backend_settings(jax.default_backend(), compute_dtype=compute_dtype,
+    settings = backend_settings(platform(), compute_dtype=compute_dtype,
                                 conv_impl=conv_impl, attention_impl=attention_impl,
                                 head_dim=head_dim)
     channel_mult = tuple(channel_mult)

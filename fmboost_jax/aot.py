@@ -1,0 +1,333 @@
+"""`--mode=compile`: the programs of a training run, compiled on this machine for a TPU slice or
+NVIDIA GPUs (`config.compile.target`), with what they need per device against its memory.
+
+  python main.py --mode=compile --config=configs/default.py --workdir=runs/plan \
+      --config.compile.target=v5e:4x4 --config.first_stage.weights=
+
+The programs are the ones `--mode=train` builds (`train.step_programs`, not a copy), with the
+config's mesh, global batch, dtype and remat, the backend choices made for the target's platform
+(`backends.compiling_for`), and the first stage's parameters as inputs of known shape (no weight
+file is read). For each program the report gives per device: the state (parameters, Adam moments,
+EMA) and the batch by the arithmetic of their shardings, XLA's arguments, temporaries and total
+against the device's HBM; FLOPs per step and per sample; the step time at the device's peak bf16
+rate (a lower bound) and the MFU a given throughput needs; the collectives by kind and bytes; the
+compile time. It is printed and written to WORKDIR/compile/<target>.json and .md. A program that
+does not fit is one UserError naming the shortfall and settings that would fit.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from fmboost_jax import accelerators, config_checks, costs, first_stages, sharding, train
+from fmboost_jax.errors import UserError
+from fmboost_jax.models import backends
+
+GiB = accelerators.GiB
+# The largest per-device batch `max_batch` tries (a bound on the search, not a limit of the model).
+MAX_PER_DEVICE_BATCH = 4096
+
+
+@dataclasses.dataclass
+class ProgramReport:
+  """One compiled program's figures, per device unless named otherwise."""
+  name: str
+  compile_seconds: float
+  memory: costs.Memory
+  flops: float  # The whole program over the global batch.
+  collectives: dict[str, dict[str, int]]
+  state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # Train step only.
+  batch_bytes: int = 0
+
+
+class DoesNotFit(Exception):
+  """XLA refused the program for the device's memory (RESOURCE_EXHAUSTED)."""
+
+
+def _compile(name: str, lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, float]:
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile(
+        compiler_options=accelerators.DEVICELESS_COMPILER_OPTIONS[backends.platform()])
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' in str(e):
+      raise DoesNotFit(str(e).strip().splitlines()[0].removeprefix('RESOURCE_EXHAUSTED: ')) \
+          from None
+    raise
+  seconds = time.perf_counter() - t0
+  logging.info('Compiled the %s in %.1f s.', name, seconds)
+  return compiled, seconds
+
+
+def _report(name: str, lowered: jax.stages.Lowered, flops: float) -> ProgramReport:
+  compiled, seconds = _compile(name, lowered)
+  return ProgramReport(name=name, compile_seconds=seconds, memory=costs.memory(compiled),
+                       flops=flops, collectives=costs.collectives(compiled.as_text()))
+
+
+def _global_flops(config: ml_collections.ConfigDict, lower) -> float:
+  """The FLOPs of a program over the global batch, counted by XLA on the same program lowered
+  for one CPU device (the compile-only clients of TPUs and GPUs do not count them), with XLA's
+  attention in place of cuDNN's (which has no CPU lowering; the same products); `lower` maps
+  StepPrograms to a Lowered."""
+  one_device = ml_collections.ConfigDict(config.to_dict())
+  one_device.mesh.data, one_device.mesh.fsdp = 1, 1
+  one_device.model.attention_impl = 'xla'
+  _, programs = _programs(one_device, jax.devices('cpu')[:1], 'cpu')
+  return costs.flops(lower(programs))
+
+
+def _programs(config: ml_collections.ConfigDict, devices: list, target: str):
+  """train.step_programs of `config` on a mesh of `devices`, the first stage abstract."""
+  mesh = sharding.make_mesh(config.mesh, devices, target)
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
+  graphdef, params = nnx.split(first_stage)
+  size = config.data.high_res_size // first_stage.factor
+  batch_spec = train.input_pipeline.batch_spec(config, (size, size, first_stage.channels))
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  return mesh, train.step_programs(config, mesh, graphdef, params, first_stage.channels,
+                                   train.make_optimizer(config.optim), init_key, train_key,
+                                   batch_spec)
+
+
+def _train_step_report(config: ml_collections.ConfigDict, devices: list,
+                       target: str) -> ProgramReport:
+  """The train step's report; DoesNotFit carries the state and batch bytes when XLA refuses."""
+  _, programs = _programs(config, devices, target)
+  state = programs.state
+  state_bytes = {
+      'parameters': costs.bytes_per_device(state.params),
+      'adam_moments': costs.bytes_per_device(state.opt_state),
+      'ema': costs.bytes_per_device(state.ema_params),
+  }
+  batch_bytes = costs.bytes_per_device(programs.batch)
+  try:
+    report = _report('train step', programs.lower_train(),
+                     _global_flops(config, lambda p: p.lower_train()))
+  except DoesNotFit as e:
+    e.state_bytes, e.batch_bytes = sum(state_bytes.values()), batch_bytes
+    raise
+  report.state_bytes, report.batch_bytes = state_bytes, batch_bytes
+  return report
+
+
+def _with_batch(config: ml_collections.ConfigDict, per_device: int, num_devices: int):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.batch_size = per_device * num_devices
+  return config
+
+
+def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Compiles the programs of `config` for config.compile.target, writes the reports to
+  WORKDIR/compile and returns the JSON report; UserError when a program does not fit."""
+  target = accelerators.parse_target(config.compile.target)
+  kind = target.kind
+  devices = accelerators.target_devices(target)
+  with backends.compiling_for(kind.platform):
+    config_checks.check(config, 'compile')
+    try:
+      step = _train_step_report(config, devices, target.name)
+    except DoesNotFit as e:  # XLA's TPU compiler checks the HBM itself.
+      temporaries = re.search(r'HLO temporaries \(([\d.]+)([KMGT])\)', str(e))
+      raise UserError(_does_not_fit_line(
+          config, target, state=e.state_bytes, batch=e.batch_bytes, code=0,
+          temporaries=float(temporaries[1]) * 2**(10 * ' KMGT'.index(temporaries[2]))
+          if temporaries else None,
+          refusal=str(e))) from None
+    if step.memory.total > kind.hbm_bytes:  # XLA's GPU compiler does not.
+      raise UserError(_does_not_fit_line(
+          config, target, state=sum(step.state_bytes.values()), batch=step.batch_bytes,
+          code=step.memory.code, temporaries=step.memory.temporaries))
+    programs = [step]
+    if config.train.eval_every > 0:
+      _, step_programs = _programs(config, devices, target.name)
+      try:
+        programs.append(_report(
+            'held-out evaluation', step_programs.lower_evaluate(config),
+            _global_flops(config, lambda p: p.lower_evaluate(config))))
+      except DoesNotFit as e:
+        raise UserError(f'the held-out evaluation of config.data.batch_size='
+                        f'{config.data.batch_size} images does not fit a {kind.device_kind} '
+                        f'({e}); lower config.data.batch_size or set '
+                        '--config.train.eval_every=0.') from None
+    max_batch = _max_batch(config, target, devices, step) if config.compile.max_batch else None
+  report = _json_report(config, target, programs, max_batch)
+  table = markdown(report)
+  if jax.process_index() == 0:
+    directory = os.path.join(workdir, 'compile')
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f'{target.file_name}.json'), 'w') as f:
+      json.dump(report, f, indent=2)
+    with open(os.path.join(directory, f'{target.file_name}.md'), 'w') as f:
+      f.write(table + '\n')
+    print(table)
+  return report
+
+
+def _fits(config, target, devices, per_device: int) -> tuple[bool, ProgramReport | None]:
+  try:
+    report = _train_step_report(_with_batch(config, per_device, target.num_devices), devices,
+                                target.name)
+  except DoesNotFit:
+    return False, None
+  return report.memory.total <= target.kind.hbm_bytes, report
+
+
+def _max_batch(config, target, devices, step: ProgramReport) -> dict:
+  """The largest per-device batch whose train step fits: a line through the totals of the
+  config's batch and twice it, then compiles that confirm the estimate (or step down from it)."""
+  per_device = config.data.batch_size // target.num_devices
+  fits, double = _fits(config, target, devices, 2 * per_device)
+  compiles = 1
+  if double is None:  # Twice the batch was refused outright: search below it.
+    slope = step.memory.total / per_device
+  else:
+    slope = max((double.memory.total - step.memory.total) / per_device, 1.0)
+  estimate = per_device + int((target.kind.hbm_bytes - step.memory.total) // slope)
+  estimate = max(per_device, min(estimate, MAX_PER_DEVICE_BATCH))
+  best = 2 * per_device if fits else per_device
+  candidate = estimate
+  while candidate > best:
+    compiles += 1
+    ok, report = _fits(config, target, devices, candidate)
+    if ok:
+      best = candidate
+      break
+    candidate = best + (candidate - best) * 3 // 4  # Step down towards what is known to fit.
+  return {'per_device_batch': best, 'estimate': estimate, 'compiles': compiles,
+          'bytes_per_sample': int(slope)}
+
+
+def _does_not_fit_line(config, target, *, state: int, batch: int, code: int,
+                       temporaries: float | None, refusal: str = '') -> str:
+  """One sentence: what the train step needs per device (state and batch by arithmetic, XLA's
+  temporaries) against the HBM, and settings that would fit."""
+  kind, n = target.kind, target.num_devices
+  per_device = config.data.batch_size // n
+  if temporaries is not None:
+    need = (f'the train step needs {(state + batch + temporaries + code) / GiB:.2f} GiB per '
+            f'device (state {state / GiB:.2f}, batch {batch / GiB:.2f}, temporaries '
+            f'{temporaries / GiB:.2f} GiB)')
+    # Temporaries (activations) and the batch grow with the per-device batch; the state does not.
+    room = kind.hbm_bytes - state - code
+    fitting = int(room // ((temporaries + batch) / per_device)) if room > 0 else 0
+  else:
+    need = f'XLA refused the train step ({refusal})'
+    fitting = 0
+  fixes = []
+  if config.mesh.fsdp < n and state > kind.hbm_bytes / 10:
+    fixes.append(f'--config.mesh.fsdp={n} --config.mesh.data=1 (parameters, Adam moments and EMA '
+                 f'split {n} ways: {state / GiB:.2f} GiB now)')
+  if config.model.remat == 'none':
+    fixes.append('--config.model.remat=dots (activations recomputed in the backward pass)')
+  if 0 < fitting < per_device:
+    fixes.append(f'a per-device batch of at most about {fitting} '
+                 f'(--config.data.batch_size={fitting * n}, estimated from the temporaries per '
+                 'sample)')
+  elif per_device > 1:
+    fixes.append(f'a per-device batch below {per_device}')
+  return (f'{need} on {target.name}, but a {kind.device_kind} has '
+          f'{kind.hbm_bytes / GiB:.1f} GiB; try ' + ', or '.join(fixes) + '.')
+
+
+def _json_report(config, target, programs: list[ProgramReport], max_batch) -> dict:
+  kind, n = target.kind, target.num_devices
+  batch = config.data.batch_size
+  out = {
+      'target': target.name, 'device_kind': kind.device_kind, 'num_devices': n,
+      'num_hosts': _num_hosts(target), 'hbm_bytes': kind.hbm_bytes,
+      'peak_bf16_flops': kind.peak_bf16_flops, 'peak_source': kind.source,
+      'mesh': {'data': config.mesh.data, 'fsdp': config.mesh.fsdp},
+      'global_batch': batch, 'per_device_batch': batch // n,
+      'model': {k: config.model[k] for k in ('compute_dtype', 'conv_impl', 'attention_impl',
+                                              'remat')},
+      'backend_settings': backends.backend_settings(
+          kind.platform, compute_dtype=config.model.compute_dtype,
+          conv_impl=config.model.conv_impl, attention_impl=config.model.attention_impl,
+          head_dim=config.model.head_dim),
+      'programs': [],
+  }
+  for p in programs:
+    per_device_flops = p.flops / n
+    entry = {
+        'name': p.name, 'compile_seconds': round(p.compile_seconds, 2),
+        'memory': {**dataclasses.asdict(p.memory), 'total': p.memory.total,
+                   'fits': p.memory.total <= kind.hbm_bytes},
+        'flops': p.flops, 'flops_per_device': per_device_flops, 'flops_per_sample': p.flops / batch,
+        # The step at the device's peak rate: a lower bound, reached only at 100% MFU.
+        'step_seconds_at_peak': per_device_flops / kind.peak_bf16_flops,
+        'collectives': p.collectives,
+    }
+    if p.state_bytes:
+      entry['state_bytes'] = p.state_bytes
+      entry['batch_bytes'] = p.batch_bytes
+      if config.compile.samples_per_second > 0:
+        entry['mfu_for_samples_per_second'] = {
+            'samples_per_second': config.compile.samples_per_second,
+            'mfu': config.compile.samples_per_second * p.flops / batch / (
+                n * kind.peak_bf16_flops)}
+    out['programs'].append(entry)
+  if max_batch:
+    out['max_batch'] = max_batch
+  return out
+
+
+def _num_hosts(target) -> int:
+  return target.shape[1] if target.kind.platform == 'gpu' else 0
+
+
+def markdown(report: dict) -> str:
+  """The report as a markdown table a person reads: one column per program."""
+  g = lambda b: f'{b / GiB:.2f} GiB' if b >= GiB / 10 else f'{b / 2**20:.1f} MiB'
+  programs = report['programs']
+  head = (f"{report['target']}: {report['num_devices']} x {report['device_kind']} "
+          f"({report['hbm_bytes'] / GiB:.1f} GiB HBM, {report['peak_bf16_flops'] / 1e12:.0f} "
+          f"TFLOP/s bf16 peak each); mesh data={report['mesh']['data']} "
+          f"fsdp={report['mesh']['fsdp']}, global batch {report['global_batch']} "
+          f"({report['per_device_batch']} per device); "
+          + ', '.join(f'{k} {v}' for k, v in report['backend_settings'].items())
+          + f", remat {report['model']['remat']}.")
+  rows = [('| per device | ' + ' | '.join(p['name'] for p in programs) + ' |'),
+          '|---|' + '---|' * len(programs)]
+
+  def row(label, fn):
+    rows.append(f'| {label} | ' + ' | '.join(fn(p) for p in programs) + ' |')
+
+  state = lambda p, k: g(p['state_bytes'][k]) if 'state_bytes' in p else ''
+  row('parameters (f32)', lambda p: state(p, 'parameters'))
+  row('Adam moments', lambda p: state(p, 'adam_moments'))
+  row('EMA', lambda p: state(p, 'ema'))
+  row('batch', lambda p: g(p['batch_bytes']) if 'batch_bytes' in p else '')
+  row('arguments (XLA)', lambda p: g(p['memory']['arguments']))
+  row('temporaries (XLA)', lambda p: g(p['memory']['temporaries']))
+  row('total / HBM', lambda p: f"{g(p['memory']['total'])} / {report['hbm_bytes'] / GiB:.1f} "
+      f"GiB ({100 * p['memory']['total'] / report['hbm_bytes']:.0f}%)")
+  row('fits', lambda p: 'yes' if p['memory']['fits'] else '**no**')
+  row('TFLOP per step', lambda p: f"{p['flops_per_device'] / 1e12:.4g}")
+  row('GFLOP per sample (all devices)', lambda p: f"{p['flops_per_sample'] / 1e9:.4g}")
+  row('step time at peak (lower bound)', lambda p: f"{1e3 * p['step_seconds_at_peak']:.3g} ms")
+  row('collectives', lambda p: ', '.join(
+      f"{v['count']} {k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in p['collectives'].items())
+      or 'none')
+  row('compile time', lambda p: f"{p['compile_seconds']:.1f} s")
+  lines = [head, '', *rows]
+  train_step = programs[0]
+  if 'mfu_for_samples_per_second' in train_step:
+    m = train_step['mfu_for_samples_per_second']
+    lines += ['', f"{m['samples_per_second']:g} training samples/s need "
+              f"{100 * m['mfu']:.1f}% MFU on {report['target']}."]
+  if 'max_batch' in report:
+    b = report['max_batch']
+    lines += ['', f"Largest per-device batch whose train step fits: {b['per_device_batch']} "
+              f"(estimated {b['estimate']} from {g(b['bytes_per_sample'])} per sample; "
+              f"{b['compiles']} compiles)."]
+  return '\n'.join(lines)
+

@@ -1,0 +1,231 @@
+"""`--mode=compile`: the training programs compiled on this CPU machine by XLA's real TPU and GPU
+compilers (libtpu's topology descriptions; deviceless CUDA targets), with memory figures a reader
+can redo from the parameter count, and one `error:` line for every target or config that cannot
+be compiled or does not fit."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests import runs
+
+# 128 channels wide, so that TPU tiles (8 x 128) pad no parameter array: XLA's argument bytes are
+# then the state arithmetic's, give or take the scalars.
+WIDE = ('--config.model.model_channels=128', '--config.model.channel_mult=(1,2)',
+        '--config.model.num_heads=2', '--config.model.head_dim=64')
+
+
+def compile_main(workdir, target, *overrides, prelude: str = '') -> subprocess.CompletedProcess:
+  """main.py --mode=compile of configs/demo.py:tiny (no held-out evaluation unless overridden);
+  `prelude` runs first in the same interpreter (e.g. to hide a module)."""
+  argv = runs.command(workdir, f'--config.compile.target={target}', runs.NO_EVAL, *overrides,
+                      mode='compile')
+  if prelude:
+    argv = [sys.executable, '-c', f'{prelude}; import runpy, sys; sys.argv = {argv[1:]!r}; '
+            "runpy.run_path('main.py', run_name='__main__')"]
+  return subprocess.run(argv, cwd=runs.ROOT, env=runs.env(1), capture_output=True, text=True,
+                        timeout=600)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+  """The run's one `error:` line (exit status 1, no traceback)."""
+  lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  return lines[0]
+
+
+def parameter_shapes(*overrides) -> list[tuple[int, ...]]:
+  """The UNet's parameter shapes for demo:tiny with `overrides` (field=value), built abstractly."""
+  import jax
+
+  from configs import demo
+  from fmboost_jax import trained_model
+  from fmboost_jax.models import layers
+
+  config = demo.get_config('tiny')
+  for o in overrides:
+    key, value = o.removeprefix('--config.').split('=')
+    section, field = key.split('.')
+    config[section][field] = eval(value)  # noqa: S307  (the literals above)
+  params = layers.abstract(trained_model.network, config, 3)
+  from flax import nnx
+  return [tuple(x.shape) for x in jax.tree.leaves(nnx.state(params, nnx.Param))]
+
+
+@pytest.fixture(scope='module')
+def tpu_reports(tmp_path_factory):
+  """The wide tiny config compiled for v5e:2x4 (8 chips) under data=8 and fsdp=8 meshes."""
+  reports = {}
+  for name, mesh in (('data', ('--config.mesh.data=8', '--config.mesh.fsdp=1')),
+                     ('fsdp', ('--config.mesh.data=1', '--config.mesh.fsdp=8',
+                               '--config.mesh.fsdp_min_size=4096'))):
+    workdir = tmp_path_factory.mktemp(name)
+    result = compile_main(workdir, 'v5e:2x4', *WIDE, *mesh, '--config.data.batch_size=16')
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, 'compile', 'v5e_2x4.json')) as f:
+      reports[name] = json.load(f)
+    with open(os.path.join(workdir, 'compile', 'v5e_2x4.md')) as f:
+      reports[name]['markdown'] = f.read()
+    assert reports[name]['markdown'].strip() in result.stdout
+  return reports
+
+
+def test_tpu_state_memory_is_the_parameter_arithmetic(tpu_reports):
+  shapes = parameter_shapes(*WIDE)
+  sizes = [math.prod(s) for s in shapes]
+  n = sum(sizes)
+  # Parameters, the two Adam moments and the EMA: 4 float32 copies of every parameter; fsdp=8
+  # splits the arrays of at least 4096 elements that have a dimension divisible by 8.
+  split = sum(s for s, shape in zip(sizes, shapes) if s >= 4096 and any(d % 8 == 0 for d in shape))
+  expected = {'data': 4 * 4 * n, 'fsdp': 4 * 4 * (n - split) + 4 * 4 * split // 8}
+  assert split > 0.9 * n  # The test means something: most of the network is split.
+  for name, report in tpu_reports.items():
+    (step,) = report['programs']
+    assert report['num_devices'] == 8 and report['device_kind'] == 'TPU v5 lite'
+    assert step['state_bytes']['parameters'] == step['state_bytes']['ema']
+    # Adam's moments: 2 copies, plus the int32 step counts of Adam and of the learning-rate
+    # schedule.
+    assert step['state_bytes']['adam_moments'] == 2 * step['state_bytes']['parameters'] + 8
+    state = sum(step['state_bytes'].values())
+    assert state == expected[name] + 8, name
+    # XLA's own figure: the state, the batch (16 images of 16 px over 8 chips) and the int32 step
+    # counter, within the padding of its tiles.
+    batch = 16 * 16 * 16 * 3 * 4 // 8
+    assert step['batch_bytes'] == batch
+    assert state + batch <= step['memory']['arguments'] <= 1.1 * (state + batch) + 2**16, name
+    assert step['memory']['fits'] and step['memory']['total'] < 16 * 2**30
+
+
+def test_tpu_collectives_follow_the_mesh(tpu_reports):
+  data = tpu_reports['data']['programs'][0]['collectives']
+  fsdp = tpu_reports['fsdp']['programs'][0]['collectives']
+  # Data parallelism reduces the gradients; fsdp gathers the split weights and scatters gradients.
+  assert set(data) == {'all-reduce'}, data
+  assert fsdp.get('all-gather', {}).get('count', 0) > 0, fsdp
+  # The gradient all-reduce carries at least one float32 gradient per parameter (XLA may
+  # combine it with the measurements).
+  n = tpu_reports['data']['programs'][0]['state_bytes']['parameters']
+  assert data['all-reduce']['bytes'] >= n
+
+
+def test_tpu_flops_are_three_forward_passes(tpu_reports):
+  """The train step's FLOPs per sample: forward, and a backward of about twice the forward,
+  against the forward pass counted on its own."""
+  from configs import demo
+
+  config = demo.get_config('tiny')
+  config.model.update(model_channels=128, channel_mult=(1, 2), num_heads=2, head_dim=64)
+  forward = runs.forward_flops(config, 16)
+  step = tpu_reports['data']['programs'][0]
+  assert 2.7 * forward < step['flops_per_sample'] < 3.6 * forward, (step['flops_per_sample'],
+                                                                      forward)
+  assert step['flops_per_device'] == pytest.approx(16 * step['flops_per_sample'] / 8)
+  peak = 197e12  # TPU v5e's bf16 peak (cloud.google.com/tpu/docs/v5e).
+  assert step['step_seconds_at_peak'] == pytest.approx(step['flops_per_device'] / peak)
+
+
+def test_collectives_are_read_from_the_compiled_program():
+  """A hand-written HLO excerpt: a tuple all-reduce whose shape carries /*index=N*/ comments, an
+  async all-gather (start counted once, with its result), a reduce-scatter; other ops ignored."""
+  from fmboost_jax import costs
+
+  hlo = """
+  %all-reduce.1 = (f32[128]{0:T(128)}, /*index=1*/bf16[4,8]{1,0}) all-reduce(%a, %b), to_apply=%add
+  %all-gather-start = (f32[2,64]{1,0}, f32[16,64]{1,0}) all-gather-start(%c), dimensions={0}
+  %all-gather-done = f32[16,64]{1,0} all-gather-done(%all-gather-start)
+  %reduce-scatter.3 = f32[8]{0} reduce-scatter(%d), dimensions={0}
+  %add.4 = f32[128]{0} add(%all-reduce.1, %e)
+  """
+  assert costs.collectives(hlo) == {
+      'all-reduce': {'count': 1, 'bytes': 128 * 4 + 32 * 2},
+      'all-gather': {'count': 1, 'bytes': 16 * 64 * 4},
+      'reduce-scatter': {'count': 1, 'bytes': 8 * 4},
+  }
+
+
+def test_bad_targets_are_one_line(tmp_path):
+  line = error_line(compile_main(tmp_path / 'a', 'v9z:2x2'))
+  assert "config.compile.target='v9z:2x2' is not a known target" in line
+  assert all(k in line for k in ('v5e', 'v5p', 'v6e', 'h100', 'h200', 'a100'))
+  line = error_line(compile_main(tmp_path / 'b', 'v5e:2x4', '--config.mesh.data=3'))
+  assert 'does not match the 8 devices of the target v5e:2x4' in line
+  assert not os.path.exists(tmp_path / 'b' / 'compile')
+
+
+def test_missing_libtpu_names_the_install(tmp_path):
+  line = error_line(compile_main(tmp_path, 'v5e:2x2',
+                                 prelude="import os, sys; sys.modules['libtpu'] = None; "
+                                 "os.environ.pop('TPU_LIBRARY_PATH', None)"))
+  assert 'needs libtpu' in line and 'pip install libtpu==' in line
+
+
+def test_a_config_that_does_not_fit_is_refused_with_settings_that_would(tmp_path):
+  """demo:tiny on 256 px images, 64 per chip (attention over 128^2 positions at its second
+  level): XLA's TPU compiler finds the temporaries larger than a v5e's 16 GiB; the line says how
+  much and what would fit."""
+  line = error_line(compile_main(
+      tmp_path, 'v5e:2x2', '--config.data.high_res_size=256', '--config.data.low_res_size=128',
+      '--config.data.batch_size=256'))
+  assert 'on v5e:2x2, but a TPU v5 lite has 16.0 GiB' in line, line
+  # The state of this network is a few MiB: splitting it would not help, fewer images would.
+  assert 'fsdp' not in line and '--config.model.remat=dots' in line
+  assert 'per-device batch of at most about 3 (--config.data.batch_size=12' in line
+
+
+@pytest.mark.skipif(shutil.which('unshare') is None or shutil.which('strace') is None,
+                    reason='needs unshare and strace')
+def test_compiling_for_a_tpu_connects_nowhere_but_loopback(tmp_path):
+  """In a network namespace with only loopback, every connect() of the compile (libtpu included)
+  goes to 127.0.0.1 or a local socket, and the compile succeeds there."""
+  trace = tmp_path / 'connects.txt'
+  argv = runs.command(tmp_path / 'w', '--config.compile.target=v5e:2x2', runs.NO_EVAL,
+                      mode='compile')
+  script = ('ip link set lo up && exec strace -f -qq -e trace=connect -o '
+            f"{trace} {' '.join(argv)}")
+  result = subprocess.run(['unshare', '-n', 'sh', '-c', script], cwd=runs.ROOT, env=runs.env(1),
+                          capture_output=True, text=True, timeout=600)
+  if result.returncode and 'Operation not permitted' in result.stderr:
+    pytest.skip(f'network namespaces or ptrace not permitted here: {result.stderr[-200:]}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  connects = [line for line in trace.read_text().splitlines() if 'connect(' in line]
+  outside = [c for c in connects if 'AF_INET' in c and '127.0.0.1' not in c
+             or 'AF_INET6' in c and '::1' not in c]
+  assert not outside, outside
+
+
+CUDA = pytest.mark.skipif(
+    importlib.util.find_spec('jax_plugins.xla_cuda13') is None,
+    reason='needs the CUDA plugin (pip install "jax[cuda13]==0.10.2", in requirements-dev.txt)')
+
+
+@CUDA
+def test_gpu_target_compiles_with_cudnn_attention(tmp_path):
+  """The tiny config in bfloat16 for one host of 8 H100s: XLA's GPU compiler, cuDNN's fused
+  attention (`auto` on GPUs), the gradient all-reduce; its memory against the H100's 80 GB."""
+  result = compile_main(tmp_path, 'h100:8', '--config.model.compute_dtype=auto',
+                        '--config.model.attention_impl=auto', '--config.data.batch_size=16')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'compile' / 'h100_8.json') as f:
+    report = json.load(f)
+  assert report['device_kind'] == 'NVIDIA H100 80GB HBM3' and report['num_devices'] == 8
+  assert report['backend_settings'] == {'compute_dtype': 'bfloat16', 'conv_impl': 'xla',
+                                        'attention_impl': 'cudnn_or_xla'}
+  (step,) = report['programs']
+  assert 'all-reduce' in step['collectives']
+  assert step['flops_per_sample'] > 0 and step['memory']['fits']
+  assert report['hbm_bytes'] == 80 * 10**9
+
+
+def test_missing_cuda_plugin_names_the_install(tmp_path):
+  """Where the plugin is installed, it is hidden from the run."""
+  line = error_line(compile_main(
+      tmp_path, 'h200:8x4',
+      prelude="import sys; sys.modules['jax_plugins.xla_cuda13'] = None"))
+  assert 'needs the CUDA plugin' in line and 'jax[cuda13]==' in line
