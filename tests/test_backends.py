@@ -75,8 +75,8 @@ def test_cudnn_or_xla_falls_back_to_xla_attention_with_a_log_line(monkeypatch):
   xla = jax.jit(lambda x: _attention_block('xla')(x))(x)
   assert float(jnp.abs(xla.astype(jnp.float32) - x.astype(jnp.float32)).max()) > 0.1
   np.testing.assert_array_equal(np.asarray(fallback, np.float32), np.asarray(xla, np.float32))
-  assert warnings == ['cuDNN attention cannot run here (cuDNN is not detected.); using XLA '
-                      'attention.']
+  assert warnings == ['cuDNN attention cannot run here (the program is compiled for cpu, not an '
+                      'NVIDIA GPU); using XLA attention.']
 
 
 def test_cudnn_attention_that_cannot_run_fails_while_tracing_with_one_line():
@@ -84,8 +84,8 @@ def test_cudnn_attention_that_cannot_run_fails_while_tracing_with_one_line():
   with pytest.raises(UserError) as error:
     jax.jit(lambda x: _attention_block('cudnn')(x)).lower(x)
   assert str(error.value).splitlines()[0] == (  # main.py prints the first line.
-      "config.model.attention_impl='cudnn' cannot run here (cuDNN is not detected.); set "
-      '--config.model.attention_impl=auto or xla.')
+      "config.model.attention_impl='cudnn' cannot run here (the program is compiled for cpu, not "
+      "an NVIDIA GPU); set --config.model.attention_impl=auto or xla.")
 
 
 def test_the_default_unet_builds_with_auto_settings_on_this_backend():

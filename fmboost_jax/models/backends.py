@@ -117,6 +117,8 @@ def attention(q: Array, k: Array, v: Array, scale: float, implementation: str) -
   attention (logged), 'cudnn' raises one UserError, both before the step runs."""
   if implementation in ('cudnn', 'cudnn_or_xla'):
     try:
+      if platform() != 'gpu':  # JAX checks the installed cuDNN, not the devices compiled for.
+        raise RuntimeError(f'the program is compiled for {platform()}, not an NVIDIA GPU')
       return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
     except (RuntimeError, ValueError, NotImplementedError) as e:
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
