@@ -33,7 +33,7 @@ ROWS = (
 )
 
 
-def compile_row(row: str) -> dict:
+def compile_row(row: str, overrides: list[str]) -> dict:
   target, per_device, fsdp, remat = row.split('/')
   num_devices = 1
   for d in re.findall(r'\d+', target.split(':')[1]):
@@ -45,7 +45,7 @@ def compile_row(row: str) -> dict:
         '--config.data.source=latents', '--config.train.eval_every=0',
         f'--config.data.batch_size={int(per_device) * num_devices}',
         f'--config.mesh.fsdp={fsdp}', '--config.mesh.data=-1', f'--config.model.remat={remat}',
-        '--config.compile.samples_per_second=150']
+        '--config.compile.samples_per_second=150', *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
@@ -109,10 +109,13 @@ def largest_batches(rows: list[dict]) -> list[str]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--rows', nargs='+', default=list(ROWS))
+  parser.add_argument('--override', action='append', default=[],
+                      help='A config flag added to every row, e.g. '
+                      '--override=--config.model.model_channels=32 (the tests shrink the model).')
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
   t0 = time.perf_counter()
-  rows = [compile_row(r) for r in args.rows]
+  rows = [compile_row(r, args.override) for r in args.rows]
   results = {'machine': machine(), 'minutes': (time.perf_counter() - t0) / 60, 'rows': rows,
              'table': table(rows), 'largest_batches': largest_batches(rows)}
   print('\n'.join(results['table'] + [''] + results['largest_batches']))

@@ -1,15 +1,15 @@
 """Runs every benchmark and writes the tables into benchmarks/results.md and docs/benchmarks.md.
 
-  .venv/bin/python benchmarks/run.py                  # everything, about 45 minutes on 2 cores
+  .venv/bin/python benchmarks/run.py                  # everything, about 2 hours on 2 cores
   .venv/bin/python benchmarks/run.py --only train     # some parts: train torch_reference solver
                                                       #   demo_sampling autoencoder convolution
-                                                      #   input_pipeline
+                                                      #   input_pipeline compile_targets
 
 Each measurement runs in its own process (train_step.py, torch_unet_step.py, solver.py,
-sampling.py, autoencoder.py, convolution.py, input_pipeline.py; see their docstrings), one after
-the other: run it on a quiet machine, nothing else using the cores. The text between the
-`benchmarks/run.py` markers in results.md and docs/benchmarks.md is replaced; everything outside
-them (the optimisation log, the analysis) is left as it is. With --only, the parts not run keep
+sampling.py, autoencoder.py, convolution.py, input_pipeline.py, compile_targets.py; see their
+docstrings), one after the other: run it on a quiet machine, nothing else using the cores. The
+text between the `benchmarks/run.py` markers in results.md and docs/benchmarks.md is replaced;
+everything outside them (the optimisation log, the analysis) is left as it is. With --only, the parts not run keep
 the numbers of the previous run (kept in benchmarks/results.json); --render rewrites the tables
 from that file without measuring. The demo sampling rows need the README demo's checkpoint in
 --demo_workdir; without one the demo is trained first (about 6 minutes).
@@ -65,7 +65,7 @@ SOLVER = [
 AUTOENCODER_REPEATS = 3
 AUTOENCODER = [['--sizes', size, '--repeats', str(AUTOENCODER_REPEATS)] for size in ('512', '1024')]
 PARTS = ('train', 'torch_reference', 'solver', 'demo_sampling', 'autoencoder', 'convolution',
-         'input_pipeline')
+         'input_pipeline', 'compile_targets')
 
 
 def _run(script: str, args: list[str]) -> dict | list:
@@ -111,6 +111,8 @@ def measure(parts: list[str], demo_workdir: str) -> dict:
     results['convolution'] = _run('convolution.py', [])
   if 'input_pipeline' in parts:
     results['input_pipeline'] = _run('input_pipeline.py', [])
+  if 'compile_targets' in parts:
+    results['compile_targets'] = _run('compile_targets.py', [])
   return results
 
 
@@ -326,6 +328,22 @@ def render(results: dict) -> tuple[str, str]:
              f"PNG (`{pipeline['command']}`, {pipeline['minutes']:.1f} minutes, load average "
              f"{pipeline['loadavg_start'][0]:.2f} at the start).", '',
              *input_pipeline_tables(pipeline).splitlines(), '']
+  if 'compile_targets' in results:
+    targets = results['compile_targets']
+    section = ['### What fits where: UNet-base compiled for TPUs and GPUs', '',
+               '`benchmarks/compile_targets.py`: `main.py --mode=compile` of configs/default.py '
+               'training from precomputed 128²×4 latents (no held-out evaluation), `auto` settings '
+               '(bfloat16 compute, float32 state), compiled on this CPU machine by XLA\'s TPU '
+               'compiler (libtpu 0.0.42.1) and GPU compiler (jax-cuda13-plugin 0.10.2, deviceless, '
+               f"the target configs in fmboost_jax/gpu_targets) ({targets['minutes']:.0f} "
+               'minutes). Per device: state = parameters, Adam moments and EMA by the arithmetic '
+               'of their shardings; temporaries and total (arguments + outputs not aliased + '
+               'temporaries + code) from `memory_analysis()`; step at peak = the step\'s FLOPs '
+               'per device at the dense bf16 peak (a lower bound); MFU for 150 samples/s = what '
+               '150 training samples per second per device would need.', '', *targets['table'],
+               '', *targets['largest_batches'], '']
+    full += section
+    short += section
   only = '' if set(results['parts']) == set(PARTS) else f" --only {' '.join(results['parts'])}"
   when = ', '.join(f'{part} {stamp}' for part, stamp in results['measured'].items())
   head = [f"Command: `.venv/bin/python benchmarks/run.py{only}` ({results['minutes']:.0f} minutes)."
