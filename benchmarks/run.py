@@ -5,13 +5,13 @@
                                                       #   demo_sampling autoencoder convolution
                                                       #   input_pipeline compile_targets
 
-Each measurement runs in its own process (train_step.py, torch_unet_step.py, solver.py,
-sampling.py, autoencoder.py, convolution.py, input_pipeline.py, compile_targets.py; see their
-docstrings), one after the other: run it on a quiet machine, nothing else using the cores. The
-text between the `benchmarks/run.py` markers in results.md and docs/benchmarks.md is replaced;
-everything outside them (the optimisation log, the analysis) is left as it is. With --only, the parts not run keep
-the numbers of the previous run (kept in benchmarks/results.json); --render rewrites the tables
-from that file without measuring. The demo sampling rows need the README demo's checkpoint in
+Each measurement runs in its own process (train_step.py, torch_unet_step.py, solver.py, sampling.py,
+autoencoder.py, convolution.py, input_pipeline.py, compile_targets.py; see their docstrings), one
+after the other: run it on a quiet machine, nothing else using the cores. The text between the
+`benchmarks/run.py` markers in results.md and docs/benchmarks.md is replaced; everything outside
+them (the optimisation log, the analysis) is left as it is. With --only, the parts not run keep the
+numbers of the previous run (kept in benchmarks/results.json); --render rewrites the tables from
+that file without measuring. The demo sampling rows need the README demo's checkpoint in
 --demo_workdir; without one the demo is trained first (about 6 minutes).
 """
 
