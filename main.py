@@ -191,7 +191,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.mode == 'compile':  # Before JAX loads libtpu: no metadata server, no TPU runtime.
     from fmboost_jax import accelerators  # noqa: PLC0415
-    accelerators.isolate_from_cloud()
+    accelerators.prepare_compile_environment()
   import jax  # noqa: PLC0415  (after flags, so XLA_FLAGS from the environment apply)
 
   from fmboost_jax.errors import UserError  # noqa: PLC0415

@@ -109,12 +109,15 @@ def parse_target(name: str) -> Target:
   return Target(name=name.strip().lower(), kind=kind, shape=shape)
 
 
-def isolate_from_cloud() -> None:
-  """Environment for compiling for a target on a machine without it, set before libtpu loads:
-  JAX keeps its CPU backend, libtpu never asks a metadata server what it runs on (nor warns that
-  it cannot), and compiles run beside each other (or beside a job using the chips: compiling
-  touches no chip) without libtpu's one-process lock file."""
+def prepare_compile_environment() -> None:
+  """Environment for compiling for a target on a machine without it, set before JAX, libtpu and
+  equinox load: JAX keeps its CPU backend; libtpu never asks a metadata server what it runs on
+  (nor warns that it cannot); compiles run beside each other (or beside a job using the chips:
+  compiling touches no chip) without libtpu's one-process lock file; equinox's run-time checks
+  (in diffrax's solves) turn into NaNs instead of host callbacks, which a GPU program compiled
+  without its GPU cannot lower."""
   for name, value in (('JAX_PLATFORMS', 'cpu'), ('TPU_SKIP_MDS_QUERY', '1'),
+                      ('EQX_ON_ERROR', 'nan'),
                       ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'),
                       ('TPU_ACCELERATOR_TYPE', 'v5litepod-4'),
                       ('TPU_WORKER_HOSTNAMES', 'localhost'),
@@ -126,7 +129,7 @@ def target_devices(target: Target) -> list:
   """The target's devices as `jax.experimental.topologies` describes them (no hardware needed),
   ordered by process then id; a missing libtpu or CUDA plugin is one UserError naming the install.
   """
-  import jax  # noqa: PLC0415  (after isolate_from_cloud)
+  import jax  # noqa: PLC0415  (after prepare_compile_environment)
   from jax.experimental import topologies  # noqa: PLC0415
 
   try:

@@ -311,7 +311,7 @@ def markdown(report: dict) -> str:
   row('total / HBM', lambda p: f"{g(p['memory']['total'])} / {report['hbm_bytes'] / GiB:.1f} "
       f"GiB ({100 * p['memory']['total'] / report['hbm_bytes']:.0f}%)")
   row('fits', lambda p: 'yes' if p['memory']['fits'] else '**no**')
-  row('TFLOP per step', lambda p: f"{p['flops_per_device'] / 1e12:.4g}")
+  row('TFLOP per step (per device)', lambda p: f"{p['flops_per_device'] / 1e12:.4g}")
   row('GFLOP per sample (all devices)', lambda p: f"{p['flops_per_sample'] / 1e9:.4g}")
   row('step time at peak (lower bound)', lambda p: f"{1e3 * p['step_seconds_at_peak']:.3g} ms")
   row('collectives', lambda p: ', '.join(

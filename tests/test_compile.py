@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,11 +22,12 @@ WIDE = ('--config.model.model_channels=128', '--config.model.channel_mult=(1,2)'
         '--config.model.num_heads=2', '--config.model.head_dim=64')
 
 
-def compile_main(workdir, target, *overrides, prelude: str = '') -> subprocess.CompletedProcess:
-  """main.py --mode=compile of configs/demo.py:tiny (no held-out evaluation unless overridden);
-  `prelude` runs first in the same interpreter (e.g. to hide a module)."""
-  argv = runs.command(workdir, f'--config.compile.target={target}', runs.NO_EVAL, *overrides,
-                      mode='compile')
+def compile_main(workdir, target, *overrides, prelude: str = '',
+                 evaluate: bool = False) -> subprocess.CompletedProcess:
+  """main.py --mode=compile of configs/demo.py:tiny (the held-out evaluation's program too only
+  when `evaluate`); `prelude` runs first in the same interpreter (e.g. to hide a module)."""
+  argv = runs.command(workdir, f'--config.compile.target={target}',
+                      *(() if evaluate else (runs.NO_EVAL,)), *overrides, mode='compile')
   if prelude:
     argv = [sys.executable, '-c', f'{prelude}; import runpy, sys; sys.argv = {argv[1:]!r}; '
             "runpy.run_path('main.py', run_name='__main__')"]
@@ -208,18 +210,21 @@ CUDA = pytest.mark.skipif(
 @CUDA
 def test_gpu_target_compiles_with_cudnn_attention(tmp_path):
   """The tiny config in bfloat16 for one host of 8 H100s: XLA's GPU compiler, cuDNN's fused
-  attention (`auto` on GPUs), the gradient all-reduce; its memory against the H100's 80 GB."""
+  attention (`auto` on GPUs), the gradient all-reduce; its memory against the H100's 80 GB; the
+  held-out evaluation (a diffrax solve) too."""
   result = compile_main(tmp_path, 'h100:8', '--config.model.compute_dtype=auto',
-                        '--config.model.attention_impl=auto', '--config.data.batch_size=16')
+                        '--config.model.attention_impl=auto', '--config.data.batch_size=16',
+                        '--config.data.num_val_images=16', evaluate=True)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / 'compile' / 'h100_8.json') as f:
     report = json.load(f)
   assert report['device_kind'] == 'NVIDIA H100 80GB HBM3' and report['num_devices'] == 8
   assert report['backend_settings'] == {'compute_dtype': 'bfloat16', 'conv_impl': 'xla',
                                         'attention_impl': 'cudnn_or_xla'}
-  (step,) = report['programs']
+  step, evaluation = report['programs']
+  assert (step['name'], evaluation['name']) == ('train step', 'held-out evaluation')
   assert 'all-reduce' in step['collectives']
-  assert step['flops_per_sample'] > 0 and step['memory']['fits']
+  assert step['flops_per_sample'] > 0 and step['memory']['fits'] and evaluation['memory']['fits']
   assert report['hbm_bytes'] == 80 * 10**9
 
 
@@ -229,3 +234,34 @@ def test_missing_cuda_plugin_names_the_install(tmp_path):
       tmp_path, 'h200:8x4',
       prelude="import sys; sys.modules['jax_plugins.xla_cuda13'] = None"))
   assert 'needs the CUDA plugin' in line and 'jax[cuda13]==' in line
+
+
+def readme_compile_commands() -> list[list[str]]:
+  with open(os.path.join(runs.ROOT, 'README.md')) as f:
+    text = f.read()
+  block = text.split('<!-- compile: begin -->')[1].split('<!-- compile: end -->')[0]
+  lines = [line for line in block.replace('\\\n', ' ').splitlines()
+           if line.strip() and not line.startswith(('#', '```'))]
+  return [shlex.split(line) for line in lines]
+
+
+@CUDA
+def test_the_readmes_compile_commands(tmp_path):
+  """README's commands, with the UNet shrunk to seconds of compiling (appended overrides): both
+  targets compile and report, the TPU one for 8 chips, the GPU one for 8 H200s."""
+  commands = readme_compile_commands()
+  assert [c[:3] for c in commands] == [['.venv/bin/python', 'main.py', '--mode=compile']] * 2
+  shrink = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2)',
+            '--config.model.attention_levels=(1,)', '--config.model.num_res_blocks=1',
+            '--config.model.head_dim=16']
+  for command, name, kind in zip(commands, ('v5e_2x4', 'h200_8'), ('TPU v5 lite', 'NVIDIA H200')):
+    argv = [sys.executable, *[a.replace('workdirs/plan', str(tmp_path)) for a in command[1:]],
+            *shrink]
+    result = subprocess.run(argv, cwd=runs.ROOT, env=runs.env(1), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / 'compile' / f'{name}.json') as f:
+      report = json.load(f)
+    assert report['device_kind'] == kind and report['num_devices'] == 8
+    (step,) = report['programs']
+    assert step['memory']['fits'] and 0 < step['mfu_for_samples_per_second']['mfu'] < 1
