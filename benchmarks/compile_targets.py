@@ -99,6 +99,10 @@ def largest_batches(rows: list[dict]) -> list[str]:
     a, b = sorted(rs, key=lambda r: r['per_device_batch'])[:2]
     ta, tb = (r['report']['programs'][0]['memory']['total'] for r in (a, b))
     slope = (tb - ta) / (b['per_device_batch'] - a['per_device_batch'])
+    if slope <= 0:
+      lines.append(f"- {target}, fsdp={fsdp}, remat={remat}: no estimate (the total did not grow "
+                   f"from {a['per_device_batch']} to {b['per_device_batch']} per device).")
+      continue
     hbm = a['report']['hbm_bytes']
     estimate = a['per_device_batch'] + int((hbm - ta) // slope)
     lines.append(f'- {target}, fsdp={fsdp}, remat={remat}: {slope / GiB:.2f} GiB per sample; '

@@ -40,22 +40,24 @@ def test_solver_benchmark_takes_the_samplers_config(tmp_path):
 
 
 def test_compile_targets_benchmark_tables_what_fits(tmp_path):
-  """Two rows of a shrunken UNet (width 32, two levels) on a v5e slice of 4 chips at 128^2 latents:
+  """Two rows of a shrunken UNet (width 32, two levels) on a v5e slice of 4 chips at 32^2 latents:
   the second row's per-device batch is twice the first's, so the line through their totals gives
   the largest per-device batch; the table has a row for each."""
   shrink = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2)',
             '--config.model.attention_levels=(1,)', '--config.model.num_res_blocks=1',
-            '--config.model.head_dim=16']
-  r = _run('compile_targets.py', '--rows', 'v5e:2x2/1/1/none', 'v5e:2x2/2/1/none',
+            '--config.model.head_dim=16', '--config.data.high_res_size=256',
+            '--config.data.low_res_size=128']
+  r = _run('compile_targets.py', '--rows', 'v5e:2x2/4/1/none', 'v5e:2x2/8/1/none',
            *[f'--override={o}' for o in shrink], tmp_path=tmp_path)
   first, second = (row['report']['programs'][0] for row in r['rows'])
-  assert [row['per_device_batch'] for row in r['rows']] == [1, 2]
+  assert [row['per_device_batch'] for row in r['rows']] == [4, 8]
   assert first['state_bytes'] == second['state_bytes']  # The state does not grow with the batch.
   assert second['memory']['temporaries'] > first['memory']['temporaries']
   assert second['flops_per_sample'] == pytest.approx(first['flops_per_sample'], rel=1e-3)
   assert len(r['table']) == 4 and all('| v5e:2x2 |' in line for line in r['table'][2:])
   slope = second['memory']['total'] - first['memory']['total']
-  estimate = 1 + int((16 * 2**30 - first['memory']['total']) // slope)
+  slope /= 4  # Per sample.
+  estimate = 4 + int((16 * 2**30 - first['memory']['total']) // slope)
   assert r['largest_batches'] == [
       f'- v5e:2x2, fsdp=1, remat=none: {slope / 2**30:.2f} GiB per sample; at most about '
       f'{estimate} per device fit.']

@@ -16,10 +16,14 @@ import pytest
 
 from tests import runs
 
-# 128 channels wide, so that TPU tiles (8 x 128) pad no parameter array: XLA's argument bytes are
-# then the state arithmetic's, give or take the scalars.
-WIDE = ('--config.model.model_channels=128', '--config.model.channel_mult=(1,2)',
-        '--config.model.num_heads=2', '--config.model.head_dim=64')
+# README's compile commands (UNet-base on 128^2 latents) shrunk to seconds of compiling: 16^2
+# latents, a 2-level UNet 128 channels wide, so that TPU tiles (8 x 128) pad no parameter array
+# and XLA's argument bytes are the state arithmetic's, give or take the scalars.
+SHRINK = ('--config.data.high_res_size=128', '--config.data.low_res_size=64',
+          '--config.model.model_channels=128', '--config.model.channel_mult=(1,2)',
+          '--config.model.attention_levels=(1,)', '--config.model.num_res_blocks=1',
+          '--config.model.num_heads=2', '--config.model.head_dim=64')
+NAMESPACES = shutil.which('unshare') is not None and shutil.which('strace') is not None
 
 
 def compile_main(workdir, target, *overrides, prelude: str = '',
@@ -43,44 +47,78 @@ def error_line(result: subprocess.CompletedProcess) -> str:
   return lines[0]
 
 
-def parameter_shapes(*overrides) -> list[tuple[int, ...]]:
-  """The UNet's parameter shapes for demo:tiny with `overrides` (field=value), built abstractly."""
-  import jax
+def readme_compile_commands() -> list[list[str]]:
+  with open(os.path.join(runs.ROOT, 'README.md')) as f:
+    text = f.read()
+  block = text.split('<!-- compile: begin -->')[1].split('<!-- compile: end -->')[0]
+  lines = [line for line in block.replace('\\\n', ' ').splitlines()
+           if line.strip() and not line.startswith(('#', '```'))]
+  return [shlex.split(line) for line in lines]
 
-  from configs import demo
+
+def run_readme_command(index: int, workdir, *extra, trace=None) -> dict:
+  """README's compile command `index`, shrunk, into `workdir`; with `trace` (a file), in a
+  network namespace with only loopback, its connect() calls traced by strace into it. Returns
+  the JSON report, its markdown under 'markdown'."""
+  command = readme_compile_commands()[index]
+  assert command[:3] == ['.venv/bin/python', 'main.py', '--mode=compile']
+  argv = [sys.executable, *[a.replace('workdirs/plan', str(workdir)) for a in command[1:]],
+          *SHRINK, *extra]
+  if trace:
+    argv = ['unshare', '-n', 'sh', '-c', 'ip link set lo up && exec strace -f -qq -e '
+            f"trace=connect -o {trace} {shlex.join(argv)}"]
+  result = subprocess.run(argv, cwd=runs.ROOT, env=runs.env(1), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  target = next(a for a in command if a.startswith('--config.compile.target='))
+  name = target.split('=')[1].replace(':', '_')
+  with open(os.path.join(workdir, 'compile', f'{name}.json')) as f:
+    report = json.load(f)
+  with open(os.path.join(workdir, 'compile', f'{name}.md')) as f:
+    report['markdown'] = f.read()
+  assert report['markdown'].strip() in result.stdout
+  return report
+
+
+def parameter_shapes() -> list[tuple[int, ...]]:
+  """The shrunk UNet's parameter shapes (on 4-channel latents), built abstractly."""
+  import jax
+  from flax import nnx
+
   from fmboost_jax import trained_model
   from fmboost_jax.models import layers
 
-  config = demo.get_config('tiny')
-  for o in overrides:
+  params = layers.abstract(trained_model.network, shrunk_config(), 4)
+  return [tuple(x.shape) for x in jax.tree.leaves(nnx.state(params, nnx.Param))]
+
+
+def shrunk_config():
+  from configs import default
+
+  config = default.get_config()
+  for o in SHRINK:
     key, value = o.removeprefix('--config.').split('=')
     section, field = key.split('.')
     config[section][field] = eval(value)  # noqa: S307  (the literals above)
-  params = layers.abstract(trained_model.network, config, 3)
-  from flax import nnx
-  return [tuple(x.shape) for x in jax.tree.leaves(nnx.state(params, nnx.Param))]
+  return config
 
 
 @pytest.fixture(scope='module')
 def tpu_reports(tmp_path_factory):
-  """The wide tiny config compiled for v5e:2x4 (8 chips) under data=8 and fsdp=8 meshes."""
-  reports = {}
-  for name, mesh in (('data', ('--config.mesh.data=8', '--config.mesh.fsdp=1')),
-                     ('fsdp', ('--config.mesh.data=1', '--config.mesh.fsdp=8',
-                               '--config.mesh.fsdp_min_size=4096'))):
-    workdir = tmp_path_factory.mktemp(name)
-    result = compile_main(workdir, 'v5e:2x4', *WIDE, *mesh, '--config.data.batch_size=16')
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(workdir, 'compile', 'v5e_2x4.json')) as f:
-      reports[name] = json.load(f)
-    with open(os.path.join(workdir, 'compile', 'v5e_2x4.md')) as f:
-      reports[name]['markdown'] = f.read()
-    assert reports[name]['markdown'].strip() in result.stdout
-  return reports
+  """README's v5e:2x4 command (8 chips, 4 latents each), shrunk, as it is (mesh data=8) and with
+  fsdp=8; the first in a network namespace with only loopback, its connect() calls traced."""
+  trace = tmp_path_factory.mktemp('trace') / 'connects.txt' if NAMESPACES else None
+  data = run_readme_command(0, tmp_path_factory.mktemp('data'), trace=trace)
+  data['connects'] = ([line for line in trace.read_text().splitlines() if 'connect(' in line]
+                      if trace else None)
+  fsdp = run_readme_command(0, tmp_path_factory.mktemp('fsdp'), '--config.mesh.data=1',
+                            '--config.mesh.fsdp=8', '--config.mesh.fsdp_min_size=4096')
+  return {'data': data, 'fsdp': fsdp}
 
 
+@pytest.mark.slow
 def test_tpu_state_memory_is_the_parameter_arithmetic(tpu_reports):
-  shapes = parameter_shapes(*WIDE)
+  shapes = parameter_shapes()
   sizes = [math.prod(s) for s in shapes]
   n = sum(sizes)
   # Parameters, the two Adam moments and the EMA: 4 float32 copies of every parameter; fsdp=8
@@ -91,46 +129,58 @@ def test_tpu_state_memory_is_the_parameter_arithmetic(tpu_reports):
   for name, report in tpu_reports.items():
     (step,) = report['programs']
     assert report['num_devices'] == 8 and report['device_kind'] == 'TPU v5 lite'
+    assert report['backend_settings']['compute_dtype'] == 'bfloat16'  # `auto` on TPUs.
     assert step['state_bytes']['parameters'] == step['state_bytes']['ema']
     # Adam's moments: 2 copies, plus the int32 step counts of Adam and of the learning-rate
     # schedule.
     assert step['state_bytes']['adam_moments'] == 2 * step['state_bytes']['parameters'] + 8
     state = sum(step['state_bytes'].values())
     assert state == expected[name] + 8, name
-    # XLA's own figure: the state, the batch (16 images of 16 px over 8 chips) and the int32 step
-    # counter, within the padding of its tiles.
-    batch = 16 * 16 * 16 * 3 * 4 // 8
+    # XLA's own figure: the state, the batch (x1 and x_up: 32 latents of 16^2 x 4 float32 over 8
+    # chips) and the int32 step counter, within the padding of its tiles.
+    batch = 2 * 32 * 16 * 16 * 4 * 4 // 8
     assert step['batch_bytes'] == batch
     assert state + batch <= step['memory']['arguments'] <= 1.1 * (state + batch) + 2**16, name
     assert step['memory']['fits'] and step['memory']['total'] < 16 * 2**30
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not NAMESPACES, reason='needs unshare and strace')
+def test_compiling_for_a_tpu_connects_nowhere_but_loopback(tpu_reports):
+  """In a network namespace with only loopback, every connect() of the compile (libtpu
+  included) goes to 127.0.0.1 or a local socket, and the compile succeeds there."""
+  outside = [c for c in tpu_reports['data']['connects']
+             if 'AF_INET' in c and '127.0.0.1' not in c or 'AF_INET6' in c and '::1' not in c]
+  assert not outside, outside
+
+
+@pytest.mark.slow
 def test_tpu_collectives_follow_the_mesh(tpu_reports):
   data = tpu_reports['data']['programs'][0]['collectives']
   fsdp = tpu_reports['fsdp']['programs'][0]['collectives']
   # Data parallelism reduces the gradients; fsdp gathers the split weights and scatters gradients.
   assert set(data) == {'all-reduce'}, data
   assert fsdp.get('all-gather', {}).get('count', 0) > 0, fsdp
-  # The gradient all-reduce carries at least one float32 gradient per parameter (XLA may
-  # combine it with the measurements).
-  n = tpu_reports['data']['programs'][0]['state_bytes']['parameters']
-  assert data['all-reduce']['bytes'] >= n
+  # The gradient all-reduce carries at least a bfloat16 gradient per parameter (the compute
+  # dtype: XLA may reduce before converting to float32, and combine the measurements in).
+  n = tpu_reports['data']['programs'][0]['state_bytes']['parameters']  # 4 bytes per parameter.
+  assert data['all-reduce']['bytes'] >= n // 2, (data, n)
 
 
+@pytest.mark.slow
 def test_tpu_flops_are_three_forward_passes(tpu_reports):
   """The train step's FLOPs per sample: forward, and a backward of about twice the forward,
   against the forward pass counted on its own."""
-  from configs import demo
-
-  config = demo.get_config('tiny')
-  config.model.update(model_channels=128, channel_mult=(1, 2), num_heads=2, head_dim=64)
-  forward = runs.forward_flops(config, 16)
+  forward = runs.forward_flops(shrunk_config(), 16, channels=4)
   step = tpu_reports['data']['programs'][0]
   assert 2.7 * forward < step['flops_per_sample'] < 3.6 * forward, (step['flops_per_sample'],
                                                                       forward)
-  assert step['flops_per_device'] == pytest.approx(16 * step['flops_per_sample'] / 8)
+  assert step['flops_per_device'] == pytest.approx(32 * step['flops_per_sample'] / 8)
   peak = 197e12  # TPU v5e's bf16 peak (cloud.google.com/tpu/docs/v5e).
   assert step['step_seconds_at_peak'] == pytest.approx(step['flops_per_device'] / peak)
+  # README's command asks what 150 samples/s per slice would need.
+  assert step['mfu_for_samples_per_second']['mfu'] == pytest.approx(
+      150 * step['flops_per_sample'] / (8 * peak))
 
 
 def test_collectives_are_read_from_the_compiled_program():
@@ -181,32 +231,12 @@ def test_a_config_that_does_not_fit_is_refused_with_settings_that_would(tmp_path
   assert 'per-device batch of at most about 3 (--config.data.batch_size=12' in line
 
 
-@pytest.mark.skipif(shutil.which('unshare') is None or shutil.which('strace') is None,
-                    reason='needs unshare and strace')
-def test_compiling_for_a_tpu_connects_nowhere_but_loopback(tmp_path):
-  """In a network namespace with only loopback, every connect() of the compile (libtpu included)
-  goes to 127.0.0.1 or a local socket, and the compile succeeds there."""
-  trace = tmp_path / 'connects.txt'
-  argv = runs.command(tmp_path / 'w', '--config.compile.target=v5e:2x2', runs.NO_EVAL,
-                      mode='compile')
-  script = ('ip link set lo up && exec strace -f -qq -e trace=connect -o '
-            f"{trace} {' '.join(argv)}")
-  result = subprocess.run(['unshare', '-n', 'sh', '-c', script], cwd=runs.ROOT, env=runs.env(1),
-                          capture_output=True, text=True, timeout=600)
-  if result.returncode and 'Operation not permitted' in result.stderr:
-    pytest.skip(f'network namespaces or ptrace not permitted here: {result.stderr[-200:]}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  connects = [line for line in trace.read_text().splitlines() if 'connect(' in line]
-  outside = [c for c in connects if 'AF_INET' in c and '127.0.0.1' not in c
-             or 'AF_INET6' in c and '::1' not in c]
-  assert not outside, outside
-
-
 CUDA = pytest.mark.skipif(
     importlib.util.find_spec('jax_plugins.xla_cuda13') is None,
     reason='needs the CUDA plugin (pip install "jax[cuda13]==0.10.2", in requirements-dev.txt)')
 
 
+@pytest.mark.slow
 @CUDA
 def test_gpu_target_compiles_with_cudnn_attention(tmp_path):
   """The tiny config in bfloat16 for one host of 8 H100s: XLA's GPU compiler, cuDNN's fused
@@ -236,32 +266,14 @@ def test_missing_cuda_plugin_names_the_install(tmp_path):
   assert 'needs the CUDA plugin' in line and 'jax[cuda13]==' in line
 
 
-def readme_compile_commands() -> list[list[str]]:
-  with open(os.path.join(runs.ROOT, 'README.md')) as f:
-    text = f.read()
-  block = text.split('<!-- compile: begin -->')[1].split('<!-- compile: end -->')[0]
-  lines = [line for line in block.replace('\\\n', ' ').splitlines()
-           if line.strip() and not line.startswith(('#', '```'))]
-  return [shlex.split(line) for line in lines]
 
-
+@pytest.mark.slow
 @CUDA
-def test_the_readmes_compile_commands(tmp_path):
-  """README's commands, with the UNet shrunk to seconds of compiling (appended overrides): both
-  targets compile and report, the TPU one for 8 chips, the GPU one for 8 H200s."""
-  commands = readme_compile_commands()
-  assert [c[:3] for c in commands] == [['.venv/bin/python', 'main.py', '--mode=compile']] * 2
-  shrink = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2)',
-            '--config.model.attention_levels=(1,)', '--config.model.num_res_blocks=1',
-            '--config.model.head_dim=16']
-  for command, name, kind in zip(commands, ('v5e_2x4', 'h200_8'), ('TPU v5 lite', 'NVIDIA H200')):
-    argv = [sys.executable, *[a.replace('workdirs/plan', str(tmp_path)) for a in command[1:]],
-            *shrink]
-    result = subprocess.run(argv, cwd=runs.ROOT, env=runs.env(1), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / 'compile' / f'{name}.json') as f:
-      report = json.load(f)
-    assert report['device_kind'] == kind and report['num_devices'] == 8
-    (step,) = report['programs']
-    assert step['memory']['fits'] and 0 < step['mfu_for_samples_per_second']['mfu'] < 1
+def test_the_readmes_h200_command(tmp_path):
+  """README's second compile command, shrunk: one host of 8 H200s, 32 latents each (README's
+  first command is the TPU tests' fixture)."""
+  report = run_readme_command(1, tmp_path)
+  assert report['device_kind'] == 'NVIDIA H200' and report['num_devices'] == 8
+  assert report['global_batch'] == 256 and report['hbm_bytes'] == 141 * 10**9
+  (step,) = report['programs']
+  assert step['memory']['fits'] and 0 < step['mfu_for_samples_per_second']['mfu'] < 1
