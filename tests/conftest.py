@@ -38,7 +38,8 @@ def tiny_cfm_workdir(tmp_path_factory) -> str:
 # with a ten-minute file while the other has finished (xdist's own order puts the files with the
 # most tests first, which started the demo and the paper rehearsal last).
 HEAVIEST_FIRST = ('test_demo.py', 'test_paper_workflow.py', 'test_train.py', 'test_sample.py',
-                  'test_multiprocess.py', 'test_latent_training.py', 'test_evaluate.py')
+                  'test_compile.py', 'test_multiprocess.py', 'test_latent_training.py',
+                  'test_evaluate.py')
 
 
 def pytest_collection_modifyitems(items):
