@@ -32,6 +32,7 @@ def one_device_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_the_log_reports_samples_per_second_tflops_and_mfu(one_device_run):
   """perf/* at every logged step from step 2 on (the clock starts after step 1; demo:tiny logs
   every step): TFLOP/s per device is samples/s
