@@ -33,6 +33,7 @@ from fmboost_jax.models import backends
 GiB = accelerators.GiB
 # The largest per-device batch `max_batch` tries (a bound on the search, not a limit of the model).
 MAX_PER_DEVICE_BATCH = 4096
+MAX_BATCH_COMPILES = 8
 
 
 @dataclasses.dataclass
@@ -98,8 +99,8 @@ def _programs(config: ml_collections.ConfigDict, devices: list, target: str):
                                    batch_spec)
 
 
-def _train_step_report(config: ml_collections.ConfigDict, devices: list,
-                       target: str) -> ProgramReport:
+def _train_step_report(config: ml_collections.ConfigDict, devices: list, target: str,
+                       count_flops: bool = True) -> ProgramReport:
   """The train step's report; DoesNotFit carries the state and batch bytes when XLA refuses."""
   _, programs = _programs(config, devices, target)
   state = programs.state
@@ -111,7 +112,7 @@ def _train_step_report(config: ml_collections.ConfigDict, devices: list,
   batch_bytes = costs.bytes_per_device(programs.batch)
   try:
     report = _report('train step', programs.lower_train(),
-                     _global_flops(config, lambda p: p.lower_train()))
+                     _global_flops(config, lambda p: p.lower_train()) if count_flops else 0.0)
   except DoesNotFit as e:
     e.state_bytes, e.batch_bytes = sum(state_bytes.values()), batch_bytes
     raise
@@ -175,35 +176,47 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _fits(config, target, devices, per_device: int) -> tuple[bool, ProgramReport | None]:
   try:
     report = _train_step_report(_with_batch(config, per_device, target.num_devices), devices,
-                                target.name)
+                                target.name, count_flops=False)
   except DoesNotFit:
     return False, None
   return report.memory.total <= target.kind.hbm_bytes, report
 
 
 def _max_batch(config, target, devices, step: ProgramReport) -> dict:
-  """The largest per-device batch whose train step fits: a line through the totals of the
-  config's batch and twice it, then compiles that confirm the estimate (or step down from it)."""
+  """The largest per-device batch whose train step fits: the line through the totals at the
+  config's batch and twice it gives an estimate, compiles at it and one above it test it, and a
+  bisection between the largest batch known to fit and the smallest known not to settles it
+  (at most MAX_BATCH_COMPILES compiles in all)."""
   per_device = config.data.batch_size // target.num_devices
-  fits, double = _fits(config, target, devices, 2 * per_device)
-  compiles = 1
-  if double is None:  # Twice the batch was refused outright: search below it.
+  lo, hi, compiles = per_device, None, 0  # The config's own batch fits (checked before).
+
+  def probe(batch: int) -> ProgramReport | None:
+    nonlocal lo, hi, compiles
+    compiles += 1
+    ok, report = _fits(config, target, devices, batch)
+    if ok:
+      lo = max(lo, batch)
+    else:
+      hi = batch if hi is None else min(hi, batch)
+    return report
+
+  double = probe(2 * per_device)
+  if double is None:  # XLA refused twice the batch outright: its memory is unknown.
     slope = step.memory.total / per_device
   else:
     slope = max((double.memory.total - step.memory.total) / per_device, 1.0)
   estimate = per_device + int((target.kind.hbm_bytes - step.memory.total) // slope)
   estimate = max(per_device, min(estimate, MAX_PER_DEVICE_BATCH))
-  best = 2 * per_device if fits else per_device
-  candidate = estimate
-  while candidate > best:
-    compiles += 1
-    ok, report = _fits(config, target, devices, candidate)
-    if ok:
-      best = candidate
+  for batch in (estimate, estimate + 1):
+    if lo < batch < (hi or MAX_PER_DEVICE_BATCH + 1) and compiles < MAX_BATCH_COMPILES:
+      probe(batch)
+  while compiles < MAX_BATCH_COMPILES and (hi is None or hi - lo > 1):
+    batch = 2 * lo if hi is None else (lo + hi) // 2
+    if batch > MAX_PER_DEVICE_BATCH:
       break
-    candidate = best + (candidate - best) * 3 // 4  # Step down towards what is known to fit.
-  return {'per_device_batch': best, 'estimate': estimate, 'compiles': compiles,
-          'bytes_per_sample': int(slope)}
+    probe(batch)
+  return {'per_device_batch': lo, 'exact': hi == lo + 1, 'estimate': estimate,
+          'compiles': compiles, 'bytes_per_sample': int(slope)}
 
 
 def _does_not_fit_line(config, target, *, state: int, batch: int, code: int,
@@ -326,8 +339,8 @@ def markdown(report: dict) -> str:
               f"{100 * m['mfu']:.1f}% MFU on {report['target']}."]
   if 'max_batch' in report:
     b = report['max_batch']
-    lines += ['', f"Largest per-device batch whose train step fits: {b['per_device_batch']} "
-              f"(estimated {b['estimate']} from {g(b['bytes_per_sample'])} per sample; "
-              f"{b['compiles']} compiles)."]
+    lines += ['', f"Largest per-device batch whose train step fits: {b['per_device_batch']}"
+              f"{'' if b['exact'] else ' or more'} (estimated {b['estimate']} from "
+              f"{g(b['bytes_per_sample'])} per sample; {b['compiles']} more compiles)."]
   return '\n'.join(lines)
 

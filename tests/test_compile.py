@@ -279,3 +279,21 @@ def test_the_readmes_h200_command(tmp_path):
   assert report['global_batch'] == 256 and report['hbm_bytes'] == 141 * 10**9
   (step,) = report['programs']
   assert step['memory']['fits'] and 0 < step['mfu_for_samples_per_second']['mfu'] < 1
+
+
+@pytest.mark.slow
+@CUDA
+def test_max_batch_is_the_largest_per_device_batch_that_fits(tmp_path):
+  """demo:tiny on 256 px images (attention over 128^2 positions) on one H100, from 4 images: the
+  search ends with a batch that fits next to one that does not; a separate run at one more image
+  is refused in one line."""
+  sizes = ('--config.data.high_res_size=256', '--config.data.low_res_size=128')
+  result = compile_main(tmp_path / 'a', 'h100:1', *sizes, '--config.data.batch_size=4',
+                        '--config.compile.max_batch=True')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'a' / 'compile' / 'h100_1.json') as f:
+    found = json.load(f)['max_batch']
+  assert found['exact'] and 4 <= found['per_device_batch'] < 64, found
+  line = error_line(compile_main(tmp_path / 'b', 'h100:1', *sizes,
+                                 f"--config.data.batch_size={found['per_device_batch'] + 1}"))
+  assert 'but a NVIDIA H100 80GB HBM3 has 74.5 GiB' in line, line
