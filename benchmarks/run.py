@@ -339,8 +339,10 @@ def render(results: dict) -> tuple[str, str]:
                'minutes). Per device: state = parameters, Adam moments and EMA by the arithmetic '
                'of their shardings; temporaries and total (arguments + outputs not aliased + '
                'temporaries + code) from `memory_analysis()`; step at peak = the step\'s FLOPs '
-               'per device at the dense bf16 peak (a lower bound); MFU for 150 samples/s = what '
-               '150 training samples per second per device would need.', '', *targets['table'],
+               'per device at the dense bf16 peak (a lower bound); MFU for 150 samples/s per '
+               'device = what that throughput would need. XLA\'s TPU compiler trades compute '
+               'for memory (rematerialisation) when memory is short, so the TPU temporaries need '
+               'not grow with the batch.', '', *targets['table'],
                '', *targets['largest_batches'], '']
     full += section
     short += section

@@ -176,7 +176,7 @@ def get_config() -> ml_collections.ConfigDict:
   # [x hosts] (h100:8, h200:8x4, a100:8); fmboost_jax/accelerators.py lists them.
   config.compile.target = ''
   config.compile.max_batch = False  # Also find the largest per-device batch that fits.
-  # > 0: the MFU this many training samples per second would need on the target.
+  # > 0: the MFU this many training samples per second per device would need on the target.
   config.compile.samples_per_second = 0.0
 
   return config

@@ -282,11 +282,10 @@ def _json_report(config, target, programs: list[ProgramReport], max_batch) -> di
     if p.state_bytes:
       entry['state_bytes'] = p.state_bytes
       entry['batch_bytes'] = p.batch_bytes
-      if config.compile.samples_per_second > 0:
+      if config.compile.samples_per_second > 0:  # Per device.
         entry['mfu_for_samples_per_second'] = {
             'samples_per_second': config.compile.samples_per_second,
-            'mfu': config.compile.samples_per_second * p.flops / batch / (
-                n * kind.peak_bf16_flops)}
+            'mfu': config.compile.samples_per_second * p.flops / batch / kind.peak_bf16_flops}
     out['programs'].append(entry)
   if max_batch:
     out['max_batch'] = max_batch
@@ -335,8 +334,8 @@ def markdown(report: dict) -> str:
   train_step = programs[0]
   if 'mfu_for_samples_per_second' in train_step:
     m = train_step['mfu_for_samples_per_second']
-    lines += ['', f"{m['samples_per_second']:g} training samples/s need "
-              f"{100 * m['mfu']:.1f}% MFU on {report['target']}."]
+    lines += ['', f"{m['samples_per_second']:g} training samples/s per device need "
+              f"{100 * m['mfu']:.3g}% MFU on a {report['device_kind']}."]
   if 'max_batch' in report:
     b = report['max_batch']
     lines += ['', f"Largest per-device batch whose train step fits: {b['per_device_batch']}"

@@ -180,9 +180,9 @@ def test_tpu_flops_are_three_forward_passes(tpu_reports):
   assert step['flops_per_device'] == pytest.approx(32 * step['flops_per_sample'] / 8)
   peak = 197e12  # TPU v5e's bf16 peak (cloud.google.com/tpu/docs/v5e).
   assert step['step_seconds_at_peak'] == pytest.approx(step['flops_per_device'] / peak)
-  # README's command asks what 150 samples/s per slice would need.
+  # README's command asks what 150 samples/s per chip would need.
   assert step['mfu_for_samples_per_second']['mfu'] == pytest.approx(
-      150 * step['flops_per_sample'] / (8 * peak))
+      150 * step['flops_per_sample'] / peak)
 
 
 def test_collectives_are_read_from_the_compiled_program():
