@@ -80,7 +80,21 @@ class SummaryWriter:
       self._records = None
 
 
-class Progress:
+class _PausableClock:
+  """Time inside `paused()` (evaluation, checkpointing) is not training time."""
+
+  _paused_secs = 0.0
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused_secs += time.perf_counter() - t0
+
+
+class Progress(_PausableClock):
   """Logs the training speed and the time left every `every_secs` seconds of training, and writes
   the speed as `steps_per_sec`; time spent inside `paused()` (evaluation) is not training time."""
 
@@ -105,16 +119,8 @@ class Progress:
     self._writer.write_scalars(step, {'steps_per_sec': rate})
     self._start, self._paused_secs = (step, now), 0.0
 
-  @contextlib.contextmanager
-  def paused(self) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-      yield
-    finally:
-      self._paused_secs += time.perf_counter() - t0
 
-
-class Throughput:
+class Throughput(_PausableClock):
   """Samples/s, TFLOP/s per device, MFU and device memory over the training steps between two
   calls (time inside `paused()`, evaluation and checkpointing, excluded), as scalars to log.
 
@@ -146,14 +152,6 @@ class Throughput:
         out['perf/mfu'] = per_device / self._peak
     out.update(device_memory(self._devices))
     return out
-
-  @contextlib.contextmanager
-  def paused(self) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-      yield
-    finally:
-      self._paused_secs += time.perf_counter() - t0
 
 
 def device_memory(devices) -> dict[str, float]:

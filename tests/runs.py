@@ -136,3 +136,16 @@ def forward_flops(config, size: int, channels: int = 3) -> float:
   return jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t)).lower(
       params, jax.ShapeDtypeStruct((1, size, size, 2 * channels), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32)).cost_analysis()['flops']
+
+
+def readme_commands(name: str) -> list[list[str]]:
+  """The commands of README's block between `<!-- NAME: begin -->` and `<!-- NAME: end -->`,
+  continuation lines joined, comments left out."""
+  import shlex  # noqa: PLC0415
+
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    text = f.read()
+  block = text.split(f'<!-- {name}: begin -->')[1].split(f'<!-- {name}: end -->')[0]
+  lines = [line for line in block.replace('\\\n', ' ').splitlines()
+           if line.strip() and not line.startswith(('#', '```'))]
+  return [shlex.split(line) for line in lines]

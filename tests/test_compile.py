@@ -47,20 +47,11 @@ def error_line(result: subprocess.CompletedProcess) -> str:
   return lines[0]
 
 
-def readme_compile_commands() -> list[list[str]]:
-  with open(os.path.join(runs.ROOT, 'README.md')) as f:
-    text = f.read()
-  block = text.split('<!-- compile: begin -->')[1].split('<!-- compile: end -->')[0]
-  lines = [line for line in block.replace('\\\n', ' ').splitlines()
-           if line.strip() and not line.startswith(('#', '```'))]
-  return [shlex.split(line) for line in lines]
-
-
 def run_readme_command(index: int, workdir, *extra, trace=None) -> dict:
   """README's compile command `index`, shrunk, into `workdir`; with `trace` (a file), in a
   network namespace with only loopback, its connect() calls traced by strace into it. Returns
   the JSON report, its markdown under 'markdown'."""
-  command = readme_compile_commands()[index]
+  command = runs.readme_commands('compile')[index]
   assert command[:3] == ['.venv/bin/python', 'main.py', '--mode=compile']
   argv = [sys.executable, *[a.replace('workdirs/plan', str(workdir)) for a in command[1:]],
           *SHRINK, *extra]

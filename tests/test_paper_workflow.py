@@ -59,12 +59,7 @@ PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'reti
 
 def readme_commands() -> list[list[str]]:
   """The commands of README's paper-workflow block, continuation lines joined."""
-  with open(os.path.join(runs.ROOT, 'README.md')) as f:
-    text = f.read()
-  block = text.split('<!-- paper workflow: begin -->')[1].split('<!-- paper workflow: end -->')[0]
-  lines = [line for line in block.replace('\\\n', ' ').splitlines()
-           if line.strip() and not line.startswith(('#', '```'))]
-  return [shlex.split(line) for line in lines]
+  return runs.readme_commands('paper workflow')
 
 
 def write_photos(folder) -> None:
