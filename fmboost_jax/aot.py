@@ -26,7 +26,15 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from fmboost_jax import accelerators, config_checks, costs, first_stages, sharding, train
+from fmboost_jax import (
+  accelerators,
+  config_checks,
+  costs,
+  first_stages,
+  input_pipeline,
+  sharding,
+  train,
+)
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends
 
@@ -81,28 +89,27 @@ def _global_flops(config: ml_collections.ConfigDict, lower) -> float:
   one_device = ml_collections.ConfigDict(config.to_dict())
   one_device.mesh.data, one_device.mesh.fsdp = 1, 1
   one_device.model.attention_impl = 'xla'
-  _, programs = _programs(one_device, jax.devices('cpu')[:1], 'cpu')
+  programs = _programs(one_device, jax.devices('cpu')[:1], 'cpu')
   return costs.flops(lower(programs))
 
 
-def _programs(config: ml_collections.ConfigDict, devices: list, target: str):
+def _programs(config: ml_collections.ConfigDict, devices: list,
+              target: str) -> train.StepPrograms:
   """train.step_programs of `config` on a mesh of `devices`, the first stage abstract."""
   mesh = sharding.make_mesh(config.mesh, devices, target)
   sharding.check_batch_size(config.data.batch_size, mesh)
   first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
   graphdef, params = nnx.split(first_stage)
   size = config.data.high_res_size // first_stage.factor
-  batch_spec = train.input_pipeline.batch_spec(config, (size, size, first_stage.channels))
+  batch_spec = input_pipeline.batch_spec(config, (size, size, first_stage.channels))
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  return mesh, train.step_programs(config, mesh, graphdef, params, first_stage.channels,
-                                   train.make_optimizer(config.optim), init_key, train_key,
-                                   batch_spec)
+  return train.step_programs(config, mesh, graphdef, params, first_stage.channels,
+                             train.make_optimizer(config.optim), init_key, train_key, batch_spec)
 
 
-def _train_step_report(config: ml_collections.ConfigDict, devices: list, target: str,
+def _train_step_report(config: ml_collections.ConfigDict, programs: train.StepPrograms,
                        count_flops: bool = True) -> ProgramReport:
   """The train step's report; DoesNotFit carries the state and batch bytes when XLA refuses."""
-  _, programs = _programs(config, devices, target)
   state = programs.state
   state_bytes = {
       'parameters': costs.bytes_per_device(state.params),
@@ -134,8 +141,9 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
   devices = accelerators.target_devices(target)
   with backends.compiling_for(kind.platform):
     config_checks.check(config, 'compile')
+    programs = _programs(config, devices, target.name)
     try:
-      step = _train_step_report(config, devices, target.name)
+      step = _train_step_report(config, programs)
     except DoesNotFit as e:  # XLA's TPU compiler checks the HBM itself.
       temporaries = re.search(r'HLO temporaries \(([\d.]+)([KMGT])\)', str(e))
       raise UserError(_does_not_fit_line(
@@ -147,12 +155,11 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise UserError(_does_not_fit_line(
           config, target, state=sum(step.state_bytes.values()), batch=step.batch_bytes,
           code=step.memory.code, temporaries=step.memory.temporaries))
-    programs = [step]
+    reports = [step]
     if config.train.eval_every > 0:
-      _, step_programs = _programs(config, devices, target.name)
       try:
-        programs.append(_report(
-            'held-out evaluation', step_programs.lower_evaluate(config),
+        reports.append(_report(
+            'held-out evaluation', programs.lower_evaluate(config),
             _global_flops(config, lambda p: p.lower_evaluate(config))))
       except DoesNotFit as e:
         raise UserError(f'the held-out evaluation of config.data.batch_size='
@@ -160,7 +167,7 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f'({e}); lower config.data.batch_size or set '
                         '--config.train.eval_every=0.') from None
     max_batch = _max_batch(config, target, devices, step) if config.compile.max_batch else None
-  report = _json_report(config, target, programs, max_batch)
+  report = _json_report(config, target, reports, max_batch)
   table = markdown(report)
   if jax.process_index() == 0:
     directory = os.path.join(workdir, 'compile')
@@ -175,8 +182,9 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _fits(config, target, devices, per_device: int) -> tuple[bool, ProgramReport | None]:
   try:
-    report = _train_step_report(_with_batch(config, per_device, target.num_devices), devices,
-                                target.name, count_flops=False)
+    config = _with_batch(config, per_device, target.num_devices)
+    report = _train_step_report(config, _programs(config, devices, target.name),
+                                count_flops=False)
   except DoesNotFit:
     return False, None
   return report.memory.total <= target.kind.hbm_bytes, report

@@ -14,6 +14,12 @@ os.environ['XLA_FLAGS'] = runs.xla_flags(8)
 # The tests run on CPUs. requirements-dev.txt installs libtpu and the CUDA plugin for compiling
 # for TPUs and GPUs (--mode=compile); without this JAX would try to start them here.
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# Every test process imports libtpu with JAX (and --mode=compile starts it): no cloud metadata
+# server is ever asked anything; a client that tried would meet a closed loopback port.
+for _name, _value in (('TPU_SKIP_MDS_QUERY', '1'), ('NO_GCE_CHECK', 'True'),
+                      ('GCE_METADATA_HOST', '127.0.0.1:1'), ('GCE_METADATA_ROOT', '127.0.0.1:1'),
+                      ('GCE_METADATA_IP', '127.0.0.1:1')):
+  os.environ[_name] = _value
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='fmboost_jax_test_compilation_cache_')

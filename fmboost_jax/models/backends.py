@@ -116,15 +116,16 @@ def attention(q: Array, k: Array, v: Array, scale: float, implementation: str) -
   dtype and platform limits are checked while tracing: 'cudnn_or_xla' then falls back to XLA's
   attention (logged), 'cudnn' raises one UserError, both before the step runs."""
   if implementation in ('cudnn', 'cudnn_or_xla'):
-    try:
-      if platform() != 'gpu':  # JAX checks the installed cuDNN, not the devices compiled for.
-        raise RuntimeError(f'the program is compiled for {platform()}, not an NVIDIA GPU')
-      return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
-    except (RuntimeError, ValueError, NotImplementedError) as e:
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      if implementation == 'cudnn':
-        raise UserError(f"config.model.attention_impl='cudnn' cannot run here ({reason}); set "
-                        '--config.model.attention_impl=auto or xla.') from None
-      logging.log_first_n(logging.WARNING, 'cuDNN attention cannot run here (%s); using XLA '
-                          'attention.', 1, reason)
+    # JAX checks the cuDNN it finds installed, not the devices the program is compiled for.
+    reason = f'the program is compiled for {platform()}, not an NVIDIA GPU'
+    if platform() == 'gpu':
+      try:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
+      except (RuntimeError, ValueError, NotImplementedError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if implementation == 'cudnn':
+      raise UserError(f"config.model.attention_impl='cudnn' cannot run here ({reason}); set "
+                      '--config.model.attention_impl=auto or xla.')
+    logging.log_first_n(logging.WARNING, 'cuDNN attention cannot run here (%s); using XLA '
+                        'attention.', 1, reason)
   return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
