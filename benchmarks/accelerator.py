@@ -72,7 +72,7 @@ from common import (
 from flax import nnx
 
 from configs import default, demo
-from fmboost_jax import trained_model
+from fmboost_jax import sharding, trained_model
 from fmboost_jax.models import autoencoder, layers
 
 GOAL_MFU = 0.45
@@ -225,7 +225,7 @@ def boost_rows(shapes: dict, smoke: bool):
       path='random weights', step=0, config=config, sample=config.sample,
       first_stage=random_autoencoder(shapes, 'bfloat16'),
       graphdef=trained_model.model_graphdef(config, CHANNELS), params=random_unet(config),
-      mesh=trained_model.default_mesh())
+      mesh=sharding.data_mesh())
   cascade = trained_model.Cascade([model])
   for b in shapes['boost_batches']:
     yield boost_name(shapes), b, lambda b=b: _boost_row(cascade, shapes, b, boost_name(shapes))

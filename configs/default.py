@@ -175,6 +175,12 @@ def get_config() -> ml_collections.ConfigDict:
   # A libtpu topology (v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:8x8: the chip grid) or GPUs per host
   # [x hosts] (h100:8, h200:8x4, a100:8); fmboost_jax/accelerators.py lists them.
   config.compile.target = ''
+  # The programs to compile, of those this config's runs need: 'train' (the train step),
+  # 'evaluate' (the loop's held-out evaluation, when train.eval_every > 0), 'sample'
+  # (--mode=sample's solve and tiled decode of config.sample.batch_size latents of low_res_size)
+  # and 'precompute' (its encoder of precompute.batch_size crops per host, when training from
+  # data.source='latents').
+  config.compile.programs = ('train', 'evaluate', 'sample', 'precompute')
   config.compile.max_batch = False  # Also find the largest per-device batch that fits.
   # > 0: the MFU this many training samples per second per device would need on the target.
   config.compile.samples_per_second = 0.0

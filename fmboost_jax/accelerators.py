@@ -11,6 +11,7 @@ by XLA's own TPU and GPU compilers.
 """
 
 import dataclasses
+import importlib.metadata
 import math
 import os
 import re
@@ -55,8 +56,11 @@ GPU_KINDS = tuple(k.name for k in DEVICE_KINDS if k.platform == 'gpu')
 GPU_TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
 GPU_TARGET_FILES = {'a100': 'a100_80gb.txtpb', 'h100': 'h100_sxm.txtpb', 'h200': 'h200_sxm.txtpb'}
 EXAMPLES = 'v5e:2x2, v5e:4x4, v5p:2x2x2, v6e:8x8, h100:8, h200:8x4, a100:8'
-TPU_INSTALL = 'pip install libtpu==0.0.42.1 (the libtpu of jax[tpu]==0.10.2)'
-GPU_INSTALL = 'pip install "jax[cuda13]==0.10.2"'
+# The installs that match the jax in use (jax[tpu] brings the libtpu of its release), read from
+# its metadata: this module loads before jax (prepare_compile_environment).
+_JAX_VERSION = importlib.metadata.version('jax')
+TPU_INSTALL = f'pip install "jax[tpu]=={_JAX_VERSION}"'
+GPU_INSTALL = f'pip install "jax[cuda13]=={_JAX_VERSION}"'
 
 
 # XLA options for compiling without the device. XLA's GPU compiler picks the tiles of its Triton

@@ -23,6 +23,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -32,8 +33,11 @@ from fmboost_jax import (
   costs,
   first_stages,
   input_pipeline,
+  precompute,
+  sampling,
   sharding,
   train,
+  trained_model,
 )
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends
@@ -50,8 +54,11 @@ class ProgramReport:
   name: str
   compile_seconds: float
   memory: costs.Memory
-  flops: float  # The whole program over the global batch.
+  flops: float  # The whole program over its batch.
   collectives: dict[str, dict[str, int]]
+  samples: int  # The batch the program takes (images or latents), over `devices`.
+  devices: int
+  solve: str = ''  # Programs that integrate the flow: config.sample's solver and NFE.
   state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # Train step only.
   batch_bytes: int = 0
 
@@ -75,22 +82,48 @@ def _compile(name: str, lowered: jax.stages.Lowered) -> tuple[jax.stages.Compile
   return compiled, seconds
 
 
-def _report(name: str, lowered: jax.stages.Lowered, flops: float) -> ProgramReport:
+def _report(name: str, lowered: jax.stages.Lowered, flops: float, samples: int,
+            devices: int) -> ProgramReport:
   compiled, seconds = _compile(name, lowered)
   return ProgramReport(name=name, compile_seconds=seconds, memory=costs.memory(compiled),
-                       flops=flops, collectives=costs.collectives(compiled.as_text()))
+                       flops=flops, collectives=costs.collectives(compiled.as_text()),
+                       samples=samples, devices=devices)
 
 
-def _global_flops(config: ml_collections.ConfigDict, lower) -> float:
-  """The FLOPs of a program over the global batch, counted by XLA on the same program lowered
-  for one CPU device (the compile-only clients of TPUs and GPUs do not count them), with XLA's
-  attention in place of cuDNN's (which has no CPU lowering; the same products); `lower` maps
-  StepPrograms to a Lowered."""
+def _one_device(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` on one device, with XLA's attention in place of cuDNN's (which has no CPU lowering;
+  the same products): where the FLOPs are counted."""
   one_device = ml_collections.ConfigDict(config.to_dict())
   one_device.mesh.data, one_device.mesh.fsdp = 1, 1
   one_device.model.attention_impl = 'xla'
-  programs = _programs(one_device, jax.devices('cpu')[:1], 'cpu')
-  return costs.flops(lower(programs))
+  return one_device
+
+
+def _global_flops(config: ml_collections.ConfigDict, lower) -> float:
+  """The FLOPs of a program over its whole batch, counted by XLA on the same program lowered for
+  one CPU device (the compile-only clients of TPUs and GPUs do not count them); `lower(config,
+  devices, target)` gives the Lowered, and `config` must hold the target's batch."""
+  return costs.flops(lower(_one_device(config), jax.devices('cpu')[:1], 'cpu'))
+
+
+def _network_flops(config: ml_collections.ConfigDict) -> float:
+  """The FLOPs of one network evaluation of one sample at high_res_size (one CPU device)."""
+  config = _one_device(config)
+  first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
+  size, c = config.data.high_res_size // first_stage.factor, first_stage.channels
+  graphdef, params = trained_model.abstract_network(
+      config, c, sharding.data_mesh(jax.devices('cpu')[:1]))
+  x = jax.ShapeDtypeStruct((1, size, size, c), np.float32)
+  evaluate = lambda p, x, t: trained_model.velocity_fn(graphdef, p)(x, x, t)
+  return costs.flops(jax.jit(evaluate).lower(params, x, jax.ShapeDtypeStruct((1,), np.float32)))
+
+
+def _solve_flops(config: ml_collections.ConfigDict, counted: float, samples: int) -> float:
+  """A program with a solve of config.sample's NFE: XLA counted its loop body once (`counted`);
+  the other evaluations are added (dopri5: at nfe evaluations, its count being chosen as it
+  runs)."""
+  missing = config.sample.nfe - sampling.evaluations_as_code(config.sample.solver)
+  return counted + missing * samples * _network_flops(config)
 
 
 def _programs(config: ml_collections.ConfigDict, devices: list,
@@ -117,9 +150,10 @@ def _train_step_report(config: ml_collections.ConfigDict, programs: train.StepPr
       'ema': costs.bytes_per_device(state.ema_params),
   }
   batch_bytes = costs.bytes_per_device(programs.batch)
+  flops = _global_flops(config, lambda *a: _programs(*a).lower_train()) if count_flops else 0.0
   try:
-    report = _report('train step', programs.lower_train(),
-                     _global_flops(config, lambda p: p.lower_train()) if count_flops else 0.0)
+    devices = next(iter(programs.batch.values())).sharding.mesh.devices.size
+    report = _report('train step', programs.lower_train(), flops, config.data.batch_size, devices)
   except DoesNotFit as e:
     e.state_bytes, e.batch_bytes = sum(state_bytes.values()), batch_bytes
     raise
@@ -127,10 +161,102 @@ def _train_step_report(config: ml_collections.ConfigDict, programs: train.StepPr
   return report
 
 
-def _with_batch(config: ml_collections.ConfigDict, per_device: int, num_devices: int):
+def _sample_lowered(config: ml_collections.ConfigDict, devices: list,
+                    target: str) -> dict[str, jax.stages.Lowered]:
+  """--mode=sample's programs (trained_model.Cascade's own) for a model trained with `config`, on
+  its config.mesh over `devices` as --mode=sample lays them out: the lift of
+  config.sample.batch_size first-stage latents of low_res_size (a diffusion model's output, the
+  paper's use) to the model's grid with config.sample's solver, and the tiled decode of the
+  result."""
+  mesh = sharding.make_mesh(config.mesh, devices, target)
+  first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
+  graphdef, params = trained_model.abstract_network(config, first_stage.channels, mesh)
+  cascade = trained_model.Cascade([trained_model.TrainedModel(
+      path='', step=0, config=config, sample=config.sample, first_stage=first_stage,
+      graphdef=graphdef, params=params, mesh=mesh)])
+  replicated = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cascade.replicated)
+  fs_params = jax.tree.map(replicated, nnx.state(first_stage))
+  batch, f, c = cascade.padded(config.sample.batch_size), first_stage.factor, first_stage.channels
+  latents = lambda size: jax.ShapeDtypeStruct((batch, size // f, size // f, c), np.float32,
+                                              sharding=cascade.batch_sharding)
+  low_res = latents(config.data.low_res_size)
+  key = replicated(jax.eval_shape(lambda: jax.random.key(0)))
+  return {
+      'sample: solve': cascade.lift_program(0, 'latent', low_res.shape).lower(
+          params, fs_params, low_res, key),
+      'sample: decode': cascade.decode_program().lower(
+          fs_params, latents(config.data.high_res_size)),
+  }
+
+
+def _precompute_lowered(config: ml_collections.ConfigDict, devices: list,
+                        target: str) -> jax.stages.Lowered:
+  """--mode=precompute's encoder (precompute.encoder_program) on the devices of one host, as each
+  process of a precompute runs it."""
+  del target
+  host = [d for d in devices if d.process_index == devices[0].process_index]
+  first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
+  mesh = sharding.data_mesh(host)
+  program, images = precompute.encoder_program(config, first_stage, mesh)
+  replicated = sharding.replicated(mesh)
+  fs_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                           nnx.state(first_stage))
+  return program.lower(fs_params, images)
+
+
+def _other_reports(config: ml_collections.ConfigDict, target,
+                   devices: list) -> list[ProgramReport]:
+  """The reports of config.compile.programs other than the train step, for those the config's
+  runs need; a program that does not fit is a UserError naming its setting."""
+  wanted, kind, n = tuple(config.compile.programs), target.kind, target.num_devices
+  # (name, lower(config, devices, target), samples, devices, the setting that sizes it, whether it
+  # holds a solve of config.sample's NFE)
+  jobs = []
+  if 'evaluate' in wanted and config.train.eval_every > 0:
+    jobs.append(('held-out evaluation', lambda c, *a: _programs(c, *a).lower_evaluate(c),
+                 config.data.batch_size, n, 'config.data.batch_size (or set '
+                 '--config.train.eval_every=0)', True))
+  if 'precompute' in wanted and config.data.source == 'latents':
+    host = sum(d.process_index == devices[0].process_index for d in devices)
+    batch = -(-config.precompute.batch_size // host) * host
+    config = _with(config, 'precompute.batch_size', batch)  # The same batch on one CPU device.
+    jobs.append(('precompute encoder', _precompute_lowered, batch, host,
+                 'config.precompute.batch_size', False))
+  if 'sample' in wanted:
+    batch = config.sample.batch_size + -config.sample.batch_size % n
+    config = _with(config, 'sample.batch_size', batch)
+    for name in ('sample: solve', 'sample: decode'):
+      jobs.append((name, lambda *a, name=name: _sample_lowered(*a)[name], batch, n,
+                   'config.sample.batch_size', name == 'sample: solve'))
+  reports = []
+  for name, lower, samples, count, setting, solves in jobs:
+    flops = _global_flops(config, lower)
+    try:
+      reports.append(_report(name, lower(config, devices, target.name),
+                             _solve_flops(config, flops, samples) if solves else flops, samples,
+                             count))
+      if solves:
+        reports[-1].solve = f'{config.sample.solver}, {config.sample.nfe} NFE'
+    except DoesNotFit as e:
+      raise UserError(f'the {name} of {samples} samples on {count} devices does not fit a '
+                      f'{kind.device_kind} ({e}); lower {setting}.') from None
+    if reports[-1].memory.total > kind.hbm_bytes:
+      raise UserError(f'the {name} of {samples} samples on {count} devices needs '
+                      f'{reports[-1].memory.total / GiB:.2f} GiB per device, but a '
+                      f'{kind.device_kind} has {kind.hbm_bytes / GiB:.1f} GiB; lower {setting}.')
+  return reports
+
+
+def _with(config: ml_collections.ConfigDict, field: str, value) -> ml_collections.ConfigDict:
+  """A copy of `config` with the dotted `field` set to `value`."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.data.batch_size = per_device * num_devices
+  group, name = field.split('.')
+  config[group][name] = value
   return config
+
+
+def _with_batch(config: ml_collections.ConfigDict, per_device: int, num_devices: int):
+  return _with(config, 'data.batch_size', per_device * num_devices)
 
 
 def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -155,17 +281,7 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise UserError(_does_not_fit_line(
           config, target, state=sum(step.state_bytes.values()), batch=step.batch_bytes,
           code=step.memory.code, temporaries=step.memory.temporaries))
-    reports = [step]
-    if config.train.eval_every > 0:
-      try:
-        reports.append(_report(
-            'held-out evaluation', programs.lower_evaluate(config),
-            _global_flops(config, lambda p: p.lower_evaluate(config))))
-      except DoesNotFit as e:
-        raise UserError(f'the held-out evaluation of config.data.batch_size='
-                        f'{config.data.batch_size} images does not fit a {kind.device_kind} '
-                        f'({e}); lower config.data.batch_size or set '
-                        '--config.train.eval_every=0.') from None
+    reports = [step, *_other_reports(config, target, devices)]
     max_batch = _max_batch(config, target, devices, step) if config.compile.max_batch else None
   report = _json_report(config, target, reports, max_batch)
   table = markdown(report)
@@ -277,12 +393,14 @@ def _json_report(config, target, programs: list[ProgramReport], max_batch) -> di
       'programs': [],
   }
   for p in programs:
-    per_device_flops = p.flops / n
+    per_device_flops = p.flops / p.devices
     entry = {
         'name': p.name, 'compile_seconds': round(p.compile_seconds, 2),
         'memory': {**dataclasses.asdict(p.memory), 'total': p.memory.total,
                    'fits': p.memory.total <= kind.hbm_bytes},
-        'flops': p.flops, 'flops_per_device': per_device_flops, 'flops_per_sample': p.flops / batch,
+        'samples': p.samples, 'devices': p.devices, **({'solve': p.solve} if p.solve else {}),
+        'flops': p.flops, 'flops_per_device': per_device_flops,
+        'flops_per_sample': p.flops / p.samples,
         # The step at the device's peak rate: a lower bound, reached only at 100% MFU.
         'step_seconds_at_peak': per_device_flops / kind.peak_bf16_flops,
         'collectives': p.collectives,
@@ -321,6 +439,9 @@ def markdown(report: dict) -> str:
   def row(label, fn):
     rows.append(f'| {label} | ' + ' | '.join(fn(p) for p in programs) + ' |')
 
+  row('samples per step (devices)', lambda p: f"{p['samples']} ({p['devices']})")
+  if any('solve' in p for p in programs):
+    row('solver (FLOPs counted at its NFE)', lambda p: p.get('solve', ''))
   state = lambda p, k: g(p['state_bytes'][k]) if 'state_bytes' in p else ''
   row('parameters (f32)', lambda p: state(p, 'parameters'))
   row('Adam moments', lambda p: state(p, 'adam_moments'))

@@ -16,6 +16,8 @@ from fmboost_jax import flow, input_pipeline, sampling, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends, unet
 
+# What --mode=compile compiles (config.compile.programs), the train step first.
+COMPILE_PROGRAMS = ('train', 'evaluate', 'sample', 'precompute')
 MODES = ('train', 'sample', 'evaluate', 'precompute', 'convert', 'export', 'compile')
 PLATFORMS = ('any', 'cpu', 'gpu', 'tpu')
 
@@ -43,9 +45,19 @@ def check(config: ml_collections.ConfigDict, mode: str) -> None:
     if config.train.eval_every and config.data.num_val_images % config.data.batch_size:
       raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a '
                       f'multiple of config.data.batch_size={config.data.batch_size}.')
-  elif mode == 'compile':  # The train step's rules, on the target's platform; no data is read.
+  elif mode == 'compile':  # The programs' rules, on the target's platform; no data is read.
     _check_method(config)
     _check_train(config)
+    programs = tuple(config.compile.programs)
+    unknown = sorted(set(programs) - set(COMPILE_PROGRAMS))
+    if unknown or 'train' not in programs:
+      raise UserError(f'config.compile.programs={programs} must hold train and any of '
+                      f"{COMPILE_PROGRAMS[1:]}, e.g. --config.compile.programs=\"('train',)\".")
+    if 'sample' in programs:
+      _check_sampler(config.sample)
+      _check_sample_mode(config.sample)
+    if 'precompute' in programs and config.data.source == 'latents':
+      _check_precompute_settings(config.precompute)
   elif mode == 'sample':
     _check_sampler(config.sample)
     _check_sample_mode(config.sample)
@@ -95,7 +107,10 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
 def _check_precompute(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'latents':
     raise UserError('config.data.source=latents is already precomputed; precompute from images.')
-  p = config.precompute
+  _check_precompute_settings(config.precompute)
+
+
+def _check_precompute_settings(p: ml_collections.ConfigDict) -> None:
   if p.crops_per_image < 1 or p.shard_size < 1 or p.batch_size < 1:
     raise UserError('config.precompute.crops_per_image, shard_size and batch_size must be at least '
                     '1.')

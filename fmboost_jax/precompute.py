@@ -30,7 +30,14 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fmboost_jax import config_checks, data_sources, first_stages, input_pipeline, upsampling
+from fmboost_jax import (
+  config_checks,
+  data_sources,
+  first_stages,
+  input_pipeline,
+  sharding,
+  upsampling,
+)
 from fmboost_jax.errors import UserError
 from fmboost_jax.images import normalize
 
@@ -114,6 +121,25 @@ def _check_output(workdir: str, wanted: dict) -> bool:
   return True
 
 
+def encoder_program(config: ml_collections.ConfigDict, first_stage,
+                    mesh: jax.sharding.Mesh) -> tuple[jax.stages.Wrapped, jax.ShapeDtypeStruct]:
+  """The encoding of a batch of crops on `mesh` (a process's own devices), jitted: (first-stage
+  params, images) -> (x1, x_up) as the training step makes them; and the images it takes,
+  float32 [B, S, S, 3] in [-1, 1] with B the config's precompute batch rounded up to a multiple of
+  the devices."""
+  graphdef = nnx.graphdef(first_stage)
+  batch_sharding = sharding.batch_sharded(mesh)
+  program = jax.jit(
+      lambda params, x: upsampling.training_pair(nnx.merge(graphdef, params), {'image': x},
+                                                 config.data.low_res_size,
+                                                 config.flow.upsampling_mode),
+      in_shardings=(sharding.replicated(mesh), batch_sharding))
+  n, size = mesh.devices.size, config.data.high_res_size
+  images = jax.ShapeDtypeStruct((-(-config.precompute.batch_size // n) * n, size, size, 3),
+                                np.float32, sharding=batch_sharding)
+  return program, images
+
+
 def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes this process's shards of config.data's latents to `workdir`; returns the metadata."""
   config_checks.check(config, 'precompute')
@@ -143,18 +169,9 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
                len(mine) - len(todo))
 
   # Encoding: batches sharded over this process's own devices (no collectives between processes).
-  devices = jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_size = -(-p.batch_size // len(devices)) * len(devices)
-  graphdef, params = nnx.split(first_stage)
-  params = jax.device_put(params, replicated)
-  encode = jax.jit(
-      lambda params, x: upsampling.training_pair(nnx.merge(graphdef, params), {'image': x},
-                                                 config.data.low_res_size,
-                                                 config.flow.upsampling_mode),
-      in_shardings=(replicated, batch_sharding))
+  encode, batch = encoder_program(config, first_stage, sharding.data_mesh(jax.local_devices()))
+  batch_size = batch.shape[0]
+  params = nnx.state(first_stage)
 
   def encode_all(crop_list):
     parts = []
@@ -163,7 +180,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
       n = len(chunk)
       if n < batch_size:  # Pad the last batch: one compiled shape.
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-      x1, x_up = jax.device_get(encode(params, jax.device_put(chunk, batch_sharding)))
+      x1, x_up = jax.device_get(encode(params, chunk))
       parts.append((x1[:n], x_up[:n]))
     return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
 

@@ -95,6 +95,14 @@ def check_config(sample_config: ml_collections.ConfigDict) -> None:
   _check(**solver_settings(sample_config), prefix='config.sample.')
 
 
+def evaluations_as_code(solver: str) -> int:
+  """The network evaluations a compiled solve holds as code: the loop's body (one step) once, and
+  dopri5's first evaluation before it. XLA's cost analysis counts a loop body once whatever its
+  trip count, so a solve of NFE evaluations costs its counted FLOPs plus
+  (NFE - evaluations_as_code) network evaluations (aot.py)."""
+  return {'euler': 1, 'heun': 2, 'dopri5': 7}[solver]
+
+
 class _Dopri5(diffrax.Dopri5):
   """Dopri5 whose FSAL cache holds v(t0, x0) from the start, so every step attempt costs exactly 6
   evaluations (stock diffrax evaluates the first stage again after each rejected first attempt)."""

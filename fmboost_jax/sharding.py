@@ -43,6 +43,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None, target: str 
                        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def data_mesh(devices=None) -> Mesh:
+  """All `devices` (default: all of JAX's) on the data axis: batch parallelism, nothing split."""
+  return make_mesh(ml_collections.ConfigDict({DATA_AXIS: -1, FSDP_AXIS: 1}), devices)
+
+
 def batch_devices(mesh: Mesh) -> int:
   return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
 

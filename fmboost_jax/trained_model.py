@@ -145,6 +145,17 @@ class TrainedModel:
     return directory
 
 
+def abstract_network(config: ml_collections.ConfigDict, channels: int,
+                     mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, Any]:
+  """The network's graph and its parameters as ShapeDtypeStructs (a pure dict) replicated on
+  `mesh`: what restoring reads into, and what compiling for a target takes."""
+  graphdef, shapes = nnx.split(layers.abstract(network, config, channels), nnx.Param)
+  replicated = sharding.replicated(mesh)
+  return graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      nnx.to_pure_dict(shapes))
+
+
 def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str,
                              path: str) -> ml_collections.ConfigDict:
   """The recorded config with its first-stage weights replaced by `weights` when given; a recorded
@@ -160,16 +171,11 @@ def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str,
   return config
 
 
-def default_mesh() -> jax.sharding.Mesh:
-  """All devices on the batch axis."""
-  return sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
-
-
 def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
          first_stage_weights: str = '', mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
   """Restores a training workdir's latest checkpoint or an exported model, replicated on `mesh`
   (default: all devices). `sample` (config.sample's fields) replaces the saved solver settings."""
-  mesh = mesh or default_mesh()
+  mesh = mesh or sharding.data_mesh()
   exported = checkpointing.is_export(path)
   if exported:
     saved_config, info = checkpointing.read_export_config(path)
@@ -190,11 +196,7 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
   except ValueError as e:
     raise UserError(f'{path}: {e}') from None
   first_stage = first_stages.first_stage_from_config(config)
-  abstract_model = layers.abstract(network, config, first_stage.channels)
-  graphdef, shapes = nnx.split(abstract_model, nnx.Param)
-  replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          nnx.to_pure_dict(shapes))
+  graphdef, abstract = abstract_network(config, first_stage.channels, mesh)
   if exported:
     params = checkpointing.read_export_params(path, abstract)
   else:
@@ -246,10 +248,10 @@ class Cascade:
     self.compile_seconds = 0.0
     self._cache: dict[Any, Any] = {}
 
-  def _compiled(self, cache_key, fn, *args, in_shardings):
+  def _compiled(self, cache_key, program: jax.stages.Wrapped, *args):
     if cache_key not in self._cache:
       t0 = time.perf_counter()
-      self._cache[cache_key] = jax.jit(fn, in_shardings=in_shardings).lower(*args).compile()
+      self._cache[cache_key] = program.lower(*args).compile()
       self.compile_seconds += time.perf_counter() - t0
     return self._cache[cache_key](*args)
 
@@ -261,42 +263,58 @@ class Cascade:
       unit = math.lcm(unit, model.first_stage.factor)  # The low-res image itself is encoded.
     return unit
 
-  def _lift(self, index: int, kind: str, x: jax.Array, key: jax.Array,
-            save_trajectory: int) -> sampling.Solution:
+  def lift_program(self, index: int, kind: str, shape: tuple[int, ...],
+                   save_trajectory: int = 0) -> jax.stages.Wrapped:
+    """Model `index`'s lift of a batch of `shape` [B, h, w, C] (images or latents, by `kind`) to
+    its latent grid, jitted: (params, first-stage params, x, key) -> Solution."""
     model = self.models[index]
     factor = model.first_stage.factor if kind == 'image' else 1
-    target = (x.shape[1] * model.scale // factor, x.shape[2] * model.scale // factor)
-    fs_graphdef, fs_params = nnx.split(model.first_stage)
+    target = (shape[1] * model.scale // factor, shape[2] * model.scale // factor)
+    fs_graphdef = nnx.graphdef(model.first_stage)
 
     def fn(params, fs_params, x, key):
       inputs = {'low_res_images' if kind == 'image' else 'low_res_latents': x}
       return lift(model.graphdef, params, nnx.merge(fs_graphdef, fs_params), model.config,
                   model.sample, target, key, save_trajectory=save_trajectory, **inputs)
 
-    return self._compiled(('lift', index, kind, x.shape, save_trajectory), fn, model.params,
-                          fs_params, x, key, in_shardings=(self.replicated, self.replicated,
-                                                           self.batch_sharding, self.replicated))
+    return jax.jit(fn, in_shardings=(self.replicated, self.replicated, self.batch_sharding,
+                                     self.replicated))
 
-  def decode(self, latents, tiled: bool = True) -> jax.Array:
-    """Latents [n, h, w, C] -> images [n, h f, w f, 3] (padded to fill the devices and cropped)."""
-    graphdef, params = nnx.split(self.first_stage)
-    n = len(latents)
-    padded = jax.device_put(
-        jnp.concatenate([latents, jnp.repeat(latents[-1:], -n % self.devices, axis=0)]),
-        self.batch_sharding)
+  def decode_program(self, tiled: bool = True) -> jax.stages.Wrapped:
+    """The first stage's decode, jitted: (first-stage params, latents) -> images."""
+    graphdef = nnx.graphdef(self.first_stage)
 
     def fn(params, z):
       model = nnx.merge(graphdef, params)
       return model.decode_tiled(z) if tiled else model.decode(z)
 
-    return self._compiled(('decode', padded.shape, tiled), fn, params, padded,
-                          in_shardings=(self.replicated, self.batch_sharding))[:n]
+    return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding))
+
+  def padded(self, n: int) -> int:
+    """A batch of n inputs padded to fill the devices."""
+    return n + -n % self.devices
+
+  def _lift(self, index: int, kind: str, x: jax.Array, key: jax.Array,
+            save_trajectory: int) -> sampling.Solution:
+    model = self.models[index]
+    return self._compiled(('lift', index, kind, x.shape, save_trajectory),
+                          self.lift_program(index, kind, x.shape, save_trajectory), model.params,
+                          nnx.state(model.first_stage), x, key)
+
+  def decode(self, latents, tiled: bool = True) -> jax.Array:
+    """Latents [n, h, w, C] -> images [n, h f, w f, 3] (padded to fill the devices and cropped)."""
+    n = len(latents)
+    padded = jax.device_put(
+        jnp.concatenate([latents, jnp.repeat(latents[-1:], self.padded(n) - n, axis=0)]),
+        self.batch_sharding)
+    return self._compiled(('decode', padded.shape, tiled), self.decode_program(tiled),
+                          nnx.state(self.first_stage), padded)[:n]
 
   def run(self, x: np.ndarray, kind: str, key: jax.Array, *, save_trajectory: int = 0) -> Batch:
     """Boosts one batch x [n, h, w, 3] of images in [-1, 1] (kind 'image') or [n, h, w, C] of
     scaled latents (kind 'latent'); model k draws its noise from fold_in(key, k)."""
     n = len(x)
-    padded = np.concatenate([x, np.repeat(x[-1:], -n % self.devices, axis=0)])
+    padded = np.concatenate([x, np.repeat(x[-1:], self.padded(n) - n, axis=0)])
     compile_before, t0 = self.compile_seconds, time.perf_counter()
     z = jax.device_put(padded, self.batch_sharding)
     pixels = tuple(d * (1 if kind == 'image' else self.first_stage.factor) for d in x.shape[1:3])

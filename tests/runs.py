@@ -1,6 +1,7 @@
 """Helpers for tests that run `main.py` in a subprocess and read what it wrote."""
 
 import glob
+import importlib.util
 import os
 import socket
 import struct
@@ -18,6 +19,17 @@ FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 # Runs that test the loop (resume, meshes, signals, checkpoints) skip the held-out evaluation, a
 # quarter of a tiny run; the demo, the rehearsal and the tests of evaluation keep it.
 NO_EVAL = '--config.train.eval_every=0'
+
+
+def installed(module: str) -> bool:
+  """Whether `module` (dotted names too) can be imported, without importing it."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # A parent package is missing.
+    return False
+
+
+CUDA_PLUGIN = installed('jax_plugins.xla_cuda13')
 
 
 def xla_flags(devices: int, fast_compile: bool = True) -> str:
@@ -136,6 +148,24 @@ def forward_flops(config, size: int, channels: int = 3) -> float:
   return jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t)).lower(
       params, jax.ShapeDtypeStruct((1, size, size, 2 * channels), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32)).cost_analysis()['flops']
+
+
+def autoencoder_flops(config, size: int) -> dict[str, float]:
+  """XLA's FLOPs of the first stage of `config` encoding one [size, size] image and decoding its
+  latents, each lowered on its own (abstract weights)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from fmboost_jax import first_stages  # noqa: PLC0415
+
+  first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
+  graphdef, params = nnx.split(first_stage)
+  latent = size // first_stage.factor
+  cost = lambda fn, shape: jax.jit(lambda p, x: fn(nnx.merge(graphdef, p), x)).lower(
+      params, jax.ShapeDtypeStruct(shape, jnp.float32)).cost_analysis()['flops']
+  return {'encode': cost(lambda m, x: m.encode(x), (1, size, size, 3)),
+          'decode': cost(lambda m, z: m.decode(z), (1, latent, latent, first_stage.channels))}
 
 
 def readme_commands(name: str) -> list[list[str]]:

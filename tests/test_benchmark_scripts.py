@@ -1,7 +1,6 @@
 """The training-step and solver benchmarks take main.py's --config flags and keep running (tiny
 shapes here; benchmarks/run.py measures the real ones)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -40,7 +39,7 @@ def test_solver_benchmark_takes_the_samplers_config(tmp_path):
   assert r['ok'] and r['seconds_per_image'] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec('jax_plugins.xla_cuda13') is None,
+@pytest.mark.skipif(not runs.CUDA_PLUGIN,
                     reason='needs the CUDA plugin (requirements-dev.txt)')
 def test_compile_targets_benchmark_tables_what_fits(tmp_path):
   """Two rows of a shrunken UNet (width 32, two levels) on one H100 (XLA's GPU compiler: seconds

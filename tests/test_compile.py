@@ -3,7 +3,7 @@ compilers (libtpu's topology descriptions; deviceless CUDA targets), with memory
 can redo from the parameter count, and one `error:` line for every target or config that cannot
 be compiled or does not fit."""
 
-import importlib.util
+import importlib.metadata
 import json
 import math
 import os
@@ -16,6 +16,8 @@ import pytest
 
 from tests import runs
 
+JAX_VERSION = importlib.metadata.version('jax')
+
 # README's compile commands (UNet-base on 128^2 latents) shrunk to seconds of compiling: 16^2
 # latents, a 2-level UNet 128 channels wide, so that TPU tiles (8 x 128) pad no parameter array
 # and XLA's argument bytes are the state arithmetic's, give or take the scalars.
@@ -23,15 +25,20 @@ SHRINK = ('--config.data.high_res_size=128', '--config.data.low_res_size=64',
           '--config.model.model_channels=128', '--config.model.channel_mult=(1,2)',
           '--config.model.attention_levels=(1,)', '--config.model.num_res_blocks=1',
           '--config.model.num_heads=2', '--config.model.head_dim=64')
+# XLA's TPU compiler takes minutes over the autoencoder's programs (precompute's encoder, sample's
+# decode) even at 128 px: the TPU tests compile the train step, the GPU tests the rest.
+TRAIN_ONLY = "--config.compile.programs=('train',)"
 NAMESPACES = shutil.which('unshare') is not None and shutil.which('strace') is not None
 
 
 def compile_main(workdir, target, *overrides, prelude: str = '',
-                 evaluate: bool = False) -> subprocess.CompletedProcess:
-  """main.py --mode=compile of configs/demo.py:tiny (the held-out evaluation's program too only
-  when `evaluate`); `prelude` runs first in the same interpreter (e.g. to hide a module)."""
+                 programs: tuple[str, ...] = ('train',)) -> subprocess.CompletedProcess:
+  """main.py --mode=compile of configs/demo.py:tiny, compiling `programs` (the train step alone
+  by default; config.compile.programs); `prelude` runs first in the same interpreter (e.g. to hide
+  a module)."""
   argv = runs.command(workdir, f'--config.compile.target={target}',
-                      *(() if evaluate else (runs.NO_EVAL,)), *overrides, mode='compile')
+                      *(() if 'evaluate' in programs else (runs.NO_EVAL,)),
+                      f'--config.compile.programs={programs!r}', *overrides, mode='compile')
   if prelude:
     argv = [sys.executable, '-c', f'{prelude}; import runpy, sys; sys.argv = {argv[1:]!r}; '
             "runpy.run_path('main.py', run_name='__main__')"]
@@ -99,10 +106,10 @@ def tpu_reports(tmp_path_factory):
   """README's v5e:2x4 command (8 chips, 4 latents each), shrunk, as it is (mesh data=8) and with
   fsdp=8; the first in a network namespace with only loopback, its connect() calls traced."""
   trace = tmp_path_factory.mktemp('trace') / 'connects.txt' if NAMESPACES else None
-  data = run_readme_command(0, tmp_path_factory.mktemp('data'), trace=trace)
+  data = run_readme_command(0, tmp_path_factory.mktemp('data'), TRAIN_ONLY, trace=trace)
   data['connects'] = ([line for line in trace.read_text().splitlines() if 'connect(' in line]
                       if trace else None)
-  fsdp = run_readme_command(0, tmp_path_factory.mktemp('fsdp'), '--config.mesh.data=1',
+  fsdp = run_readme_command(0, tmp_path_factory.mktemp('fsdp'), TRAIN_ONLY, '--config.mesh.data=1',
                             '--config.mesh.fsdp=8', '--config.mesh.fsdp_min_size=4096')
   return {'data': data, 'fsdp': fsdp}
 
@@ -208,7 +215,8 @@ def test_missing_libtpu_names_the_install(tmp_path):
   line = error_line(compile_main(tmp_path, 'v5e:2x2',
                                  prelude="import os, sys; sys.modules['libtpu'] = None; "
                                  "os.environ.pop('TPU_LIBRARY_PATH', None)"))
-  assert 'needs libtpu' in line and 'pip install libtpu==' in line
+  # jax[tpu] of the installed jax's own release brings its libtpu.
+  assert 'needs libtpu' in line and f'pip install "jax[tpu]=={JAX_VERSION}"' in line, line
 
 
 def test_a_config_that_does_not_fit_is_refused_with_settings_that_would(tmp_path):
@@ -225,8 +233,8 @@ def test_a_config_that_does_not_fit_is_refused_with_settings_that_would(tmp_path
 
 
 CUDA = pytest.mark.skipif(
-    importlib.util.find_spec('jax_plugins.xla_cuda13') is None,
-    reason='needs the CUDA plugin (pip install "jax[cuda13]==0.10.2", in requirements-dev.txt)')
+    not runs.CUDA_PLUGIN,
+    reason='needs the CUDA plugin (jax[cuda13], in requirements-dev.txt)')
 
 
 @pytest.mark.slow
@@ -237,7 +245,7 @@ def test_gpu_target_compiles_with_cudnn_attention(tmp_path):
   held-out evaluation (a diffrax solve) too."""
   result = compile_main(tmp_path, 'h100:8', '--config.model.compute_dtype=auto',
                         '--config.model.attention_impl=auto', '--config.data.batch_size=16',
-                        '--config.data.num_val_images=16', evaluate=True)
+                        '--config.data.num_val_images=16', programs=('train', 'evaluate'))
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / 'compile' / 'h100_8.json') as f:
     report = json.load(f)
@@ -248,6 +256,13 @@ def test_gpu_target_compiles_with_cudnn_attention(tmp_path):
   assert (step['name'], evaluation['name']) == ('train step', 'held-out evaluation')
   assert 'all-reduce' in step['collectives']
   assert step['flops_per_sample'] > 0 and step['memory']['fits'] and evaluation['memory']['fits']
+  # The evaluation's solve runs the network twice (demo:tiny samples with Euler, NFE 2; XLA counts
+  # the loop's body once, the report the whole solve); resizing and the scores add little.
+  assert evaluation['solve'] == 'euler, 2 NFE'
+  from configs import demo
+
+  unet = runs.forward_flops(demo.get_config('tiny'), 16)
+  assert 2 * unet < evaluation['flops_per_sample'] < 2.2 * unet, (evaluation, unet)
   assert report['hbm_bytes'] == 80 * 10**9
 
 
@@ -256,7 +271,8 @@ def test_missing_cuda_plugin_names_the_install(tmp_path):
   line = error_line(compile_main(
       tmp_path, 'h200:8x4',
       prelude="import sys; sys.modules['jax_plugins.xla_cuda13'] = None"))
-  assert 'needs the CUDA plugin' in line and 'jax[cuda13]==' in line
+  assert 'needs the CUDA plugin' in line
+  assert f'pip install "jax[cuda13]=={JAX_VERSION}"' in line, line
 
 
 
@@ -268,8 +284,25 @@ def test_the_readmes_h200_command(tmp_path):
   report = run_readme_command(1, tmp_path)
   assert report['device_kind'] == 'NVIDIA H200' and report['num_devices'] == 8
   assert report['global_batch'] == 256 and report['hbm_bytes'] == 141 * 10**9
-  (step,) = report['programs']
+  step, encoder, solve, decode = report['programs']
   assert step['memory']['fits'] and 0 < step['mfu_for_samples_per_second']['mfu'] < 1
+  # Training from latents needs precompute's encoder (8 crops on the host's 8 GPUs), and the
+  # trained model sample's solve and decode (config.sample.batch_size=8 latents, one per GPU).
+  assert [(p['name'], p['samples'], p['devices']) for p in report['programs'][1:]] == [
+      ('precompute encoder', 8, 8), ('sample: solve', 8, 8), ('sample: decode', 8, 8)]
+  assert all(p['memory']['fits'] and not p['collectives'] for p in report['programs'][1:])
+  # Their FLOPs against the autoencoder's and the network's, each counted on its own: precompute
+  # encodes a 128 px crop and its pixel-space upsampled 64 px version; the solve decodes the 8^2
+  # latent (64 px), encodes it upsampled to 128 px and runs the network 40 times (Euler, NFE 40);
+  # the decode decodes the 16^2 result.
+  config = shrunk_config()
+  ae = runs.autoencoder_flops(config, 128)
+  ae_low = runs.autoencoder_flops(config, 64)
+  unet = runs.forward_flops(config, 16, channels=4)
+  assert encoder['flops_per_sample'] == pytest.approx(2 * ae['encode'], rel=0.02)
+  assert solve['flops_per_sample'] == pytest.approx(
+      ae_low['decode'] + ae['encode'] + 40 * unet, rel=0.05)
+  assert decode['flops_per_sample'] == pytest.approx(ae['decode'], rel=0.02)
 
 
 @pytest.mark.slow

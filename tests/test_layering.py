@@ -44,7 +44,7 @@ step = jax.jit(lambda s, b, f: train.train_step(s, b, f, jax.random.key(1), grap
                                                 first_stage_graphdef=fs_graphdef, tx=tx,
                                                 config=config))
 state, measured = step(state, batch, fs_params)
-mesh = trained_model.default_mesh()
+mesh = sharding.data_mesh()
 model = trained_model.TrainedModel(path='', step=1, config=config, sample=config.sample,
                                    first_stage=first_stage, graphdef=graphdef,
                                    params=state.ema_params, mesh=mesh)

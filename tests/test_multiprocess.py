@@ -14,6 +14,8 @@ import pytest
 from fmboost_jax import peer_loss
 from tests import runs
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _launch(workdir, *flags, timeout=600):
   """Two processes of one fake CPU device each (the cheapest runtime of two processes)."""
