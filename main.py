@@ -150,15 +150,16 @@ def output_directory(mode: str) -> str:
   return os.path.join(FLAGS.workdir, 'eval') if mode == 'evaluate' else FLAGS.workdir
 
 
-def ensure_writable(directory: str) -> None:
+def ensure_writable(directory: str) -> str | None:
   """Creates `directory` and checks that files can be written there; a path that is a file, lies
-  under a file or is not writable is one UserError naming the flag to change."""
+  under a file or is not writable is one UserError naming the flag to change. Returns the
+  outermost folder it created (None when `directory` existed)."""
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
   flag = '--outdir' if FLAGS.outdir and directory == FLAGS.outdir else '--workdir'
-  existing = os.path.abspath(directory)
+  existing, created = os.path.abspath(directory), None
   while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+    existing, created = os.path.dirname(existing), existing
   if not os.path.isdir(existing):
     under = existing != os.path.abspath(directory)
     where = f'lies under the file {existing}' if under else 'is a file'
@@ -172,6 +173,21 @@ def ensure_writable(directory: str) -> None:
   except OSError as e:
     raise UserError(f'the output directory {directory} is not writable ({e.strerror}); choose '
                     f'another {flag}.') from None
+  return created
+
+
+def remove_if_empty(directory: str, created: str | None) -> None:
+  """Removes the folders from `directory` up to `created` that a refused run made and left empty
+  (never a folder that holds anything)."""
+  if created is None:
+    return
+  path = os.path.abspath(directory)
+  while path.startswith(created):
+    try:
+      os.rmdir(path)  # Only ever removes an empty folder.
+    except OSError:
+      return
+    path = os.path.dirname(path)
 
 
 def convert(config, workdir: str) -> None:
@@ -213,12 +229,12 @@ def main(argv):
   if jax.process_count() > 1:  # A lost process: one line, not jaxlib's crash report.
     from fmboost_jax import peer_loss  # noqa: PLC0415
     peer_loss.install(jax.process_index(), jax.process_count(), FLAGS.heartbeat_timeout_seconds)
+  outdir, created = output_directory(FLAGS.mode), None
   try:
     from fmboost_jax import config_checks  # noqa: PLC0415
     if FLAGS.mode != 'compile':  # Compiling for a target runs anywhere.
       config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
-    outdir = output_directory(FLAGS.mode)
-    ensure_writable(outdir)
+    created = ensure_writable(outdir)
     if FLAGS.mode == 'train':
       from fmboost_jax import train  # noqa: PLC0415
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -252,6 +268,8 @@ def main(argv):
     # The first line only: JAX appends a note on its traceback filtering to errors raised while
     # tracing.
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    if jax.process_index() == 0:  # No empty output folder is left behind.
+      remove_if_empty(outdir, created)
     if jax.process_count() > 1:  # Leave together if all hit it (a diverged loss, a bad config).
       from fmboost_jax import peer_loss  # noqa: PLC0415
       peer_loss.shut_down_within(SHUTDOWN_AFTER_ERROR_SECONDS)

@@ -10,7 +10,7 @@ background (a full disk) is noticed without waiting, at the first `check` after 
 becomes one `CheckpointSaveError` naming the directory and its free space; its temporary directory
 is removed and the earlier checkpoints stay as they are. The background threads' tracebacks of
 such a failure are logged as one line each (`_BackgroundErrors`). Orbax's own progress lines stay
-out of the log unless `--verbosity=1` asks for debug output (`_QuietOrbax`).
+out of the log unless `--verbosity=1` asks for debug output (`orbax_logs`).
 
 An exported model (`write_export`, `--mode=export`) is a directory of its own: `export.json` (what
 it was exported from), `config` (the training config, as in a checkpoint) and `params` (the
@@ -30,11 +30,13 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fmboost_jax import errors
+from fmboost_jax import errors, orbax_logs
 from fmboost_jax.errors import UserError
 
 if TYPE_CHECKING:  # grain is imported where a data iterator is saved or restored, so that
   import grain  # the model layer (boosting, a train step) runs without it.
+
+orbax_logs.quiet()
 
 
 class CheckpointSaveError(UserError):
@@ -52,21 +54,6 @@ def _quiet_closed_loop(excepthook, unraisablehook, thread_excepthook):
           lambda args: None if closed(args.exc_value) else thread_excepthook(args))
 
 
-class _QuietOrbax(logging.Filter):
-  """Leaves Orbax's progress lines (INFO, about 60 per checkpoint written or read) out of the log
-  unless `--verbosity=1` asks for debug output, and the warning it gives when an item directory
-  (`checkpoints/STEP/state`) is restored on its own, whose metadata file lives one level up."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if '/orbax/' not in record.pathname.replace(os.sep, '/'):
-      return True
-    if record.levelno < logging.WARNING:
-      return logging.getLogger('absl').isEnabledFor(logging.DEBUG)
-    return not (record.levelno == logging.WARNING
-                and str(record.msg).startswith('Metadata file does not exist'))
-
-
-logging.getLogger('absl').addFilter(_QuietOrbax())
 
 
 class _BackgroundErrors(logging.Filter):

@@ -375,8 +375,6 @@ def open_images(config: ml_collections.ConfigDict,
   what = _split_name(split) if not geometry.strips else 'usable'
   fix = (f'lower config.data.high_res_size, set config.data.resize_small=True, or add images of '
          f'at least {geometry.minimum()}')
-  if held_out and by_hash:
-    fix += ' or raise config.data.val_fraction'
   if data.source == 'skimage':
     photos = images.load_skimage_photos()
     if by_hash:
@@ -406,6 +404,12 @@ def open_images(config: ml_collections.ConfigDict,
     if scan.unreadable:
       logging.warning('Unreadable files (first %d of %d): %s', min(5, len(scan.unreadable)),
                       len(scan.unreadable), '; '.join(f'{p} ({m})' for p, m in scan.unreadable[:5]))
+    if not paths and by_hash and scan.usable:  # Usable images, all on the other side.
+      fix = (f'raise config.data.val_fraction (none of the {len(scan.usable)} usable images is '
+             f'held out at {data.val_fraction}), or set config.data.val_path to a folder of '
+             'held-out images' if held_out else
+             f'lower config.data.val_fraction (all {len(scan.usable)} usable images are held out '
+             f'at {data.val_fraction})')
     if not paths:
       raise DataError(
           f'Image folder {root!r} has no {what} image ({scan.summary(geometry, data.max_pixels)}'

@@ -85,7 +85,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.data.low_res_size={low} does not divide config.data.high_res_size={size}; choose '
         f'a low-res size that divides it (e.g. {size // 2}).')
   num_processes = jax.process_count()
-  if data.batch_size <= 0 or data.batch_size % num_processes:
+  if data.batch_size <= 0:
+    raise DataError(f'config.data.batch_size={data.batch_size} must be positive; set it to the '
+                    'global batch of images per step, e.g. 64 (the paper).')
+  if data.batch_size % num_processes:
     raise DataError(
         f'config.data.batch_size={data.batch_size} (global) is not a positive multiple of the '
         f'{num_processes} processes; set it to a multiple of {num_processes}.')

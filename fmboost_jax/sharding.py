@@ -36,6 +36,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None, target: str 
       sizes[axis] = n // fixed if n % fixed == 0 else 0
   if math.prod(sizes.values()) != n:
     of = f' of the target {target}' if target else ''
+    if -1 in (mesh_config.get(axis, 1) for axis in AXES):
+      raise UserError(f'{described} does not match the {n} devices{of}: {fixed} does not divide '
+                      f'{n}; make the fixed axis a divisor of {n}.')
     raise UserError(f'{described} does not match the {n} devices{of}; make the product of the axes '
                     f'{n} (or set one axis to -1).')
   # Auto axes: the compiler propagates shardings from the step's in/out shardings.

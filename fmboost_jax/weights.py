@@ -38,9 +38,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fmboost_jax import errors, torch_files
+from fmboost_jax import errors, orbax_logs, torch_files
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import inception, layers
+
+orbax_logs.quiet()
 
 AUTOENCODER_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.')
 FULL_MODEL_PREFIX = 'first_stage_model.'

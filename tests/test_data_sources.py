@@ -333,6 +333,26 @@ def test_folder_holds_out_whole_images_by_a_hash_of_their_paths(tmp_path, caplog
     ip.validation_images(config)
 
 
+def test_a_folder_with_no_held_out_image_is_told_about_val_fraction_first(tmp_path):
+  """Three usable images, none of them in the held-out share of val_fraction=0.02 (their hashes
+  decide, worked out below): the sizes are fine, so the advice is the held-out share."""
+  names = [f'{k}.png' for k in range(3)]
+  assert not any(ds.is_held_out(n, 0.02) for n in names) and all(
+      ds.is_held_out(n, 0.999) for n in names)
+  for k, name in enumerate(names):
+    Image.fromarray(numbered_image(k, 16, 16)).save(tmp_path / name)
+  config = make_config('folder', size=16, batch_size=1, num_val_images=1, holdout='images',
+                       path=str(tmp_path), val_fraction=0.02)
+  with pytest.raises(ds.DataError, match=r'has no held-out image \(3 usable, .*\); raise '
+                     r'config.data.val_fraction \(none of the 3 usable images is held out at '
+                     r'0.02\), or set config.data.val_path to a folder of held-out images.$'):
+    ds.open_images(config, 'validation')
+  config.data.val_fraction = 0.999
+  with pytest.raises(ds.DataError, match=r'has no training image .*; lower '
+                     r'config.data.val_fraction \(all 3 usable images are held out at 0.999\).$'):
+    ds.open_images(config, 'train')
+
+
 def test_a_folder_of_exactly_high_res_size_images_trains(tmp_path):
   """1024 x 1024 photographs at high_res_size=1024, scaled down 64x: every crop is a whole image."""
   size = 16

@@ -1,6 +1,7 @@
 """Training in the latent space of the (small, random-weight) SD autoencoder through main.py."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -69,6 +70,10 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
   proc = runs.run_main(out, *vae_flags(source), mode='convert', timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'--config.first_stage.weights={out}' in proc.stdout
+  # Orbax's progress lines (37 of them for this write) stay out of the log, as in training.
+  orbax_lines = [line for line in proc.stderr.splitlines()
+                 if re.match(r'[IW]\d{4} .*\] ', line) and 'main.py' not in line]
+  assert not orbax_lines, orbax_lines
 
   abstract = layers.abstract(autoencoder.AutoencoderKL, **VAE)
   original = runs.flat(nnx.to_pure_dict(weights_lib.load_autoencoder_weights(source, abstract)))

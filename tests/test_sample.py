@@ -203,8 +203,11 @@ def test_bad_input_is_one_clear_error(stages, tmp_path, case, match):
 
 
 def test_command_line_error_is_one_line_and_exit_code_1(tmp_path):
-  proc = runs.run_main(tmp_path, '--inputs=x.png', mode='sample', timeout=120)
+  (tmp_path / 'keep').mkdir()  # The refused run removes the folders it made, nothing else.
+  proc = runs.run_main(tmp_path, '--inputs=x.png', f'--outdir={tmp_path / "new" / "out"}',
+                       mode='sample', timeout=120)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ['keep']
   assert proc.stderr.strip().splitlines()[-1] == (
       f'error: {tmp_path} holds no checkpoint (nothing in {tmp_path}/checkpoints); point '
       '--workdir (or a stage of config.sample.stages) at the workdir of a --mode=train run or at '

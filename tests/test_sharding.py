@@ -27,8 +27,11 @@ def test_mesh_axes_fill_all_devices(axes, shape):
 
 
 @pytest.mark.parametrize('axes, match', [
-    (dict(data=4, fsdp=1), 'does not match the 8 devices'),
-    (dict(data=3, fsdp=-1), 'does not match the 8 devices'),
+    (dict(data=4, fsdp=1), r'does not match the 8 devices; make the product of the axes 8 \(or '
+     'set one axis to -1\\)'),
+    # One axis fills already: the fixed one must divide the devices (no advice to set -1).
+    (dict(data=3, fsdp=-1), r'config.mesh.data=3 x config.mesh.fsdp=-1 does not match the 8 '
+     'devices: 3 does not divide 8; make the fixed axis a divisor of 8.$'),
     (dict(data=-1, fsdp=-1), 'at most one is -1'),
     (dict(data=0, fsdp=8), 'not a mesh'),
 ])

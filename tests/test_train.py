@@ -237,8 +237,8 @@ def _error_line(proc):
      'one of psu, bilinear, nearest (precomputed latents record the mode'),
     (['--config.data.val_fraction=1.5', '--config.data.holdout=images'], 1,
      'val_fraction=1.5 must lie strictly between 0 and 1'),
-    (['--config.data.batch_size=0'], 1, 'config.data.batch_size=0 (global) is not a positive '
-     'multiple of the 1 processes'),
+    (['--config.data.batch_size=0'], 1, 'error: config.data.batch_size=0 must be positive; set '
+     'it to the global batch of images per step, e.g. 64 (the paper).'),
     (['--config.train.platform=gpu'], 1, 'error: config.train.platform=gpu but JAX sees cpu '
      'devices (cpu); install JAX for gpu on this host (README, "Installs"), run where the gpus '
      'are, or set --config.train.platform=any to run here anyway.'),
