@@ -56,12 +56,18 @@ def test_evaluate_writes_table_sweep_and_figure(checkpoints, tmp_path):
   assert cfm['nfe'] == config.sample.nfe and l2['nfe'] == 1
   assert cfm['step'] == 2 and cfm['checkpoint'] == checkpoints['cfm']
 
-  # The sweep covers the flow, not the regression; its entry at the config's NFE is the main row.
+  # The sweep covers the flow, not the regression. Its entry at NFE 1 is what an evaluation
+  # sampling with Euler at 1 NFE gives as its main row (computed by a run of its own, not the
+  # sweep), and differs from the row at the config's 2 NFE.
   assert list(results['nfe_sweep']) == ['CFM'] and results['nfe_sweep_nfe'] == [1, 2]
   sweep = results['nfe_sweep']['CFM']
   assert [s['nfe'] for s in sweep] == [1, 2]
-  assert sweep[1]['psnr'] == cfm['psnr']
-  assert sweep[0]['psnr'] != sweep[1]['psnr']
+  one = _config([checkpoints['cfm']], nfe_sweep=(1,))
+  one.sample.nfe = 1
+  (_, at_one), = [evaluate.evaluate(one, str(tmp_path / 'one'))['rows']]
+  for k in ('psnr', 'ssim', 'mse'):
+    np.testing.assert_allclose(sweep[0][k], at_one[k], rtol=1e-6, err_msg=k)
+  assert abs(sweep[0]['psnr'] - cfm['psnr']) > 1e-3
 
   out = tmp_path / 'eval'
   assert json.loads((out / 'results.json').read_text()) == json.loads(json.dumps(results))
