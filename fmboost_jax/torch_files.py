@@ -267,11 +267,31 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(
     load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load())
 
 
+# The first pickle of torch.save's legacy (pre-zip) format (torch.serialization.MAGIC_NUMBER).
+LEGACY_MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+  """Unpickles plain data only: any global (and so any call or extension code) is an error."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise pickle.UnpicklingError(f'global {module}.{name}')
+
+
 def _is_torch_file(path: str) -> bool:
-  """True if the file starts like torch.save output: a zip archive, or a protocol-2+ pickle."""
+  """True if the file starts like torch.save output: a zip archive, or (the legacy format) a
+  protocol-2+ pickle of torch's magic number."""
   with open(path, 'rb') as f:
     head = f.read(4)
-  return head == b'PK\x03\x04' or (len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    if head == b'PK\x03\x04':
+      return True
+    if len(head) < 4 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+      return False
+    f.seek(0)
+    try:
+      return _DataOnlyUnpickler(f).load() == LEGACY_MAGIC_NUMBER
+    except Exception:  # noqa: BLE001  (any bytes that are not that pickle)
+      return False
 
 
 def read_torch(path: str) -> dict[str, Any]:

@@ -256,7 +256,11 @@ def test_not_a_checkpoint(tmp_path):
   assert noise[:1] != b'\x80' and noise[:2] != b'PK'
   (tmp_path / 'x.ckpt').write_bytes(noise)
   (tmp_path / 'empty.ckpt').write_bytes(b'')
-  for name in ('notes.ckpt', 'x.ckpt', 'empty.ckpt'):
+  # A pickle header followed by noise: not the magic number torch.save's legacy format starts
+  # with (torch.serialization.MAGIC_NUMBER), so not a checkpoint either; nor a plain pickle.
+  (tmp_path / 'p.ckpt').write_bytes(b'\x80\x02' + noise)
+  (tmp_path / 'dict.ckpt').write_bytes(pickle.dumps({'a': 1}, protocol=2))
+  for name in ('notes.ckpt', 'x.ckpt', 'empty.ckpt', 'p.ckpt', 'dict.ckpt'):
     message = _error(tmp_path / name, _abstract(**SMALL))
     assert (f'{tmp_path / name} is not a PyTorch checkpoint (expected a file written by '
             'torch.save') in message
