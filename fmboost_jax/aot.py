@@ -176,7 +176,8 @@ def _sample_lowered(config: ml_collections.ConfigDict, devices: list,
       graphdef=graphdef, params=params, mesh=mesh)])
   replicated = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cascade.replicated)
   fs_params = jax.tree.map(replicated, nnx.state(first_stage))
-  batch, f, c = cascade.padded(config.sample.batch_size), first_stage.factor, first_stage.channels
+  batch = sharding.round_up(config.sample.batch_size, cascade.devices)
+  f, c = first_stage.factor, first_stage.channels
   latents = lambda size: jax.ShapeDtypeStruct((batch, size // f, size // f, c), np.float32,
                                               sharding=cascade.batch_sharding)
   low_res = latents(config.data.low_res_size)
@@ -218,12 +219,12 @@ def _other_reports(config: ml_collections.ConfigDict, target,
                  '--config.train.eval_every=0)', True))
   if 'precompute' in wanted and config.data.source == 'latents':
     host = sum(d.process_index == devices[0].process_index for d in devices)
-    batch = -(-config.precompute.batch_size // host) * host
+    batch = sharding.round_up(config.precompute.batch_size, host)
     config = _with(config, 'precompute.batch_size', batch)  # The same batch on one CPU device.
     jobs.append(('precompute encoder', _precompute_lowered, batch, host,
                  'config.precompute.batch_size', False))
   if 'sample' in wanted:
-    batch = config.sample.batch_size + -config.sample.batch_size % n
+    batch = sharding.round_up(config.sample.batch_size, n)
     config = _with(config, 'sample.batch_size', batch)
     for name in ('sample: solve', 'sample: decode'):
       jobs.append((name, lambda *a, name=name: _sample_lowered(*a)[name], batch, n,

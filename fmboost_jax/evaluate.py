@@ -86,7 +86,7 @@ def inception_features(model, images: np.ndarray, chunk: int) -> np.ndarray:
   out = []
   for i in range(0, len(images), chunk):
     part = images[i:i + chunk]
-    padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+    padded = sharding.pad_batch(part, chunk)
     out.append(np.asarray(_inception_forward(graphdef, state, padded))[:len(part)])
   return np.concatenate(out)
 
@@ -127,7 +127,7 @@ class Evaluator:
     self.batch = sharding.batch_sharded(mesh)
     self.replicated = sharding.replicated(mesh)
     self.devices = mesh.devices.size
-    self.batch_size = -(-max(config.sample.batch_size, 1) // self.devices) * self.devices
+    self.batch_size = sharding.round_up(max(config.sample.batch_size, 1), self.devices)
     size = images.shape[1]
     self.boxes = metrics.crop_boxes(config.eval.seed, len(images), size, size,
                                     config.eval.crop_size, config.eval.num_crops)
@@ -142,7 +142,7 @@ class Evaluator:
     for start in range(0, len(self.images), self.batch_size):
       chunk = self.images[start:start + self.batch_size]
       n = len(chunk)
-      padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+      padded = sharding.pad_batch(chunk, self.batch_size)
       yield start, n, jax.device_put(padded, self.batch)
 
   def features(self, images: np.ndarray, start: int) -> dict[str, np.ndarray]:

@@ -135,7 +135,7 @@ def encoder_program(config: ml_collections.ConfigDict, first_stage,
                                                  config.flow.upsampling_mode),
       in_shardings=(sharding.replicated(mesh), batch_sharding))
   n, size = mesh.devices.size, config.data.high_res_size
-  images = jax.ShapeDtypeStruct((-(-config.precompute.batch_size // n) * n, size, size, 3),
+  images = jax.ShapeDtypeStruct((sharding.round_up(config.precompute.batch_size, n), size, size, 3),
                                 np.float32, sharding=batch_sharding)
   return program, images
 
@@ -178,9 +178,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for start in range(0, len(crop_list), batch_size):
       chunk = np.stack([normalize(c) for c in crop_list[start:start + batch_size]])
       n = len(chunk)
-      if n < batch_size:  # Pad the last batch: one compiled shape.
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-      x1, x_up = jax.device_get(encode(params, chunk))
+      x1, x_up = jax.device_get(encode(params, sharding.pad_batch(chunk, batch_size)))
       parts.append((x1[:n], x_up[:n]))
     return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
 

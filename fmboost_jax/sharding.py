@@ -62,6 +62,20 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
                     f'the data x fsdp axes; use a multiple of {n}.')
 
 
+def round_up(n: int, devices: int) -> int:
+  """The batch of n inputs padded to fill the devices: the next multiple of `devices`."""
+  return n + -n % devices
+
+
+def pad_batch(x, size: int):
+  """x [n, ...] (NumPy or JAX) padded to `size` rows by repeating its last row: every batch of a
+  program has one shape, and the outputs of the padding are dropped."""
+  if len(x) == size:
+    return x
+  xp = np if isinstance(x, np.ndarray) else jax.numpy
+  return xp.concatenate([x, xp.repeat(x[-1:], size - len(x), axis=0)])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

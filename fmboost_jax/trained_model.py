@@ -290,10 +290,6 @@ class Cascade:
 
     return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding))
 
-  def padded(self, n: int) -> int:
-    """A batch of n inputs padded to fill the devices."""
-    return n + -n % self.devices
-
   def _lift(self, index: int, kind: str, x: jax.Array, key: jax.Array,
             save_trajectory: int) -> sampling.Solution:
     model = self.models[index]
@@ -304,9 +300,8 @@ class Cascade:
   def decode(self, latents, tiled: bool = True) -> jax.Array:
     """Latents [n, h, w, C] -> images [n, h f, w f, 3] (padded to fill the devices and cropped)."""
     n = len(latents)
-    padded = jax.device_put(
-        jnp.concatenate([latents, jnp.repeat(latents[-1:], self.padded(n) - n, axis=0)]),
-        self.batch_sharding)
+    padded = jax.device_put(sharding.pad_batch(latents, sharding.round_up(n, self.devices)),
+                            self.batch_sharding)
     return self._compiled(('decode', padded.shape, tiled), self.decode_program(tiled),
                           nnx.state(self.first_stage), padded)[:n]
 
@@ -314,7 +309,7 @@ class Cascade:
     """Boosts one batch x [n, h, w, 3] of images in [-1, 1] (kind 'image') or [n, h, w, C] of
     scaled latents (kind 'latent'); model k draws its noise from fold_in(key, k)."""
     n = len(x)
-    padded = np.concatenate([x, np.repeat(x[-1:], self.padded(n) - n, axis=0)])
+    padded = sharding.pad_batch(x, sharding.round_up(n, self.devices))
     compile_before, t0 = self.compile_seconds, time.perf_counter()
     z = jax.device_put(padded, self.batch_sharding)
     pixels = tuple(d * (1 if kind == 'image' else self.first_stage.factor) for d in x.shape[1:3])

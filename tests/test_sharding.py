@@ -4,6 +4,7 @@ import math
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -95,3 +96,12 @@ def test_tiny_state_arrays_really_live_sharded_after_init():
   big = state.opt_state[0].mu['output_blocks'][2]['res']['out_conv']['kernel']
   assert big.shape == (3, 3, 32, 32) and big.sharding.spec == P(None, None, None, 'fsdp')
   assert {s.data.shape for s in big.addressable_shards} == {(3, 3, 32, 8)}
+
+
+def test_batches_are_padded_to_fill_the_devices_by_repeating_the_last_row():
+  assert [sharding.round_up(n, 8) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+  x = np.arange(6).reshape(3, 2)
+  np.testing.assert_array_equal(sharding.pad_batch(x, 5), [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+  assert sharding.pad_batch(x, 3) is x
+  padded = sharding.pad_batch(jax.numpy.asarray(x), 4)
+  assert isinstance(padded, jax.Array) and padded.tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]
