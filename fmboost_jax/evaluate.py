@@ -66,14 +66,6 @@ def _check_compatible(stage: TrainedModel, config: ml_collections.ConfigDict) ->
                       f'{config.data[field]}; evaluate it with the config it was trained with.')
 
 
-def _eval_config(stage: TrainedModel,
-                 sample: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The stage's training config with the sampler settings to evaluate."""
-  config = ml_collections.ConfigDict(stage.config.to_dict())
-  config.sample = ml_collections.ConfigDict(sample.to_dict())
-  return config
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _inception_forward(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, state)(metrics.to_uint8(images).astype(jnp.float32))
@@ -161,13 +153,12 @@ class Evaluator:
 
     Returns the accumulated metrics, the first `keep` outputs and the solver's per-image ok flags.
     """
-    eval_config = _eval_config(stage, sample)
     fs_graphdef, fs_params = nnx.split(stage.first_stage)
 
     def upsample(params, images, fs_params, key):
       _, pred, solution = upsample_held_out(stage.graphdef, params,
-                                            nnx.merge(fs_graphdef, fs_params), eval_config,
-                                            images, key)
+                                            nnx.merge(fs_graphdef, fs_params), stage.config,
+                                            sample, images, key)
       return pred, solution.nfe, solution.ok
 
     step_fn = jax.jit(upsample,

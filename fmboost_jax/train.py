@@ -136,8 +136,8 @@ def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax
   """Upsamples held-out images [B, S, S, 3] from their low-res version, with the model and with
   bilinear interpolation; returns per-image PSNR/SSIM of both and the images."""
   first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
-  low_res, model_out, solution = trained_model.upsample_held_out(graphdef, params, first_stage,
-                                                                 config, images, key)
+  low_res, model_out, solution = trained_model.upsample_held_out(
+      graphdef, params, first_stage, config, config.sample, images, key)
   bilinear = upsampling.resize(low_res, images.shape[1:3], 'linear')
   scores = {
       'nfe': jnp.broadcast_to(solution.nfe.astype(jnp.float32), images.shape[:1]),

@@ -85,13 +85,14 @@ def lift(graphdef: nnx.GraphDef, params, first_stage: first_stages.FirstStage,
 
 
 def upsample_held_out(graphdef: nnx.GraphDef, params, first_stage: first_stages.FirstStage,
-                      config: ml_collections.ConfigDict, targets: jax.Array,
+                      config: ml_collections.ConfigDict, sample: ml_collections.ConfigDict,
+                      targets: jax.Array,
                       key: jax.Array) -> tuple[jax.Array, jax.Array, sampling.Solution]:
   """Held-out images [B, S, S, 3] -> (their low-res input, the model's [B, S, S, 3], Solution),
-  with `config.sample`'s solver; a pure function to jit."""
+  as `config` trained, with `sample`'s solver settings; a pure function to jit."""
   low_res = upsampling.low_res_images(targets, config.data.low_res_size)
   grid = (targets.shape[1] // first_stage.factor, targets.shape[2] // first_stage.factor)
-  solution = lift(graphdef, params, first_stage, config, config.sample, grid, key,
+  solution = lift(graphdef, params, first_stage, config, sample, grid, key,
                   low_res_images=low_res)
   return low_res, first_stage.decode(solution.x1), solution
 
