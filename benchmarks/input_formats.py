@@ -177,7 +177,7 @@ class _DecodeCropFlip:
     crop = image[top:top + s, left:left + s]
     if rng.random() < 0.5:
       crop = crop[:, ::-1]
-    return {'image': images.normalize(crop)}
+    return {'image': np.ascontiguousarray(crop)}  # uint8 pixels, as the pipeline sends them.
 
 
 def folder_config(path: str, size: int, batch_size: int, num_threads: int):
@@ -206,7 +206,7 @@ def bench_jpegs(args, path: str) -> dict:
   except data_sources.DataError as e:
     via = 'direct'
     note = (f'create_train_iterator refused the {args.jpeg_size} px folder ({e}); timing the same '
-            'work (decode_image_file, random crop, random flip, normalize, batch) through a grain '
+            'work (decode_image_file, random crop, random flip, batch) through a grain '
             'MapDataset with the same ReadOptions instead.')
     print(note, flush=True)
   startup = time.perf_counter() - t0  # The folder scan (decodes every file once), when it ran.
@@ -222,6 +222,10 @@ def bench_jpegs(args, path: str) -> dict:
       iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
           num_threads=threads, prefetch_buffer_size=buffered)))
     r = time_batches(iterator, args.jpeg_batch_size, args.jpeg_warmup, args.jpeg_seconds)
+    if threads == args.jpeg_threads[0]:  # What one image costs from host to device.
+      batch = next(iterator)
+      bytes_per_image = sum(v.nbytes for v in batch.values()) / args.jpeg_batch_size
+      dtypes = sorted({str(v.dtype) for v in batch.values()})
     _close(iterator)
     threads_cores = min(max(threads, 1), cores)
     rows.append({'num_threads': threads, 'images_per_second': r.pop('samples_per_second'),
@@ -233,6 +237,7 @@ def bench_jpegs(args, path: str) -> dict:
           'busy)', flush=True)
   best = max(r['images_per_cpu_second'] for r in rows)
   return {'rows': rows, 'via': via, 'note': note, 'startup_seconds': startup,
+          'host_to_device_bytes_per_image': bytes_per_image, 'batch_dtypes': dtypes,
           'best_images_per_core': best,
           'cores_per_gpu': TRAIN_STEP_SAMPLES_PER_SECOND / best}
 

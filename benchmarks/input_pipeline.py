@@ -74,6 +74,7 @@ from input_formats import (
 )
 
 GPUS_PER_HOST = 8
+PAPER_GLOBAL_BATCH = 64  # configs/default.py: 64 images of 1024 px per step.
 LATENTS_TARGET = 1500  # Samples/s the precomputed latents must reach on this 2-core machine.
 SHAPE = [128, 128, 4]  # Latent of a 1024 px crop: [S/8, S/8, 4].
 PARTS = ('latents', 'storage', 'jpeg', 'huge')
@@ -286,6 +287,10 @@ def tables(results: dict) -> str:
     for r in jp['rows']:
       out.append(f"| {r['num_threads']} | {r['images_per_second']:.1f} | {r['cores_busy']:.2f} "
                  f"| {r['images_per_cpu_second']:.1f} | {r['images_per_threads_core']:.1f} |")
+    out += ['', f"Host to device: {jp['host_to_device_bytes_per_image'] / 2**20:.2f} MiB per "
+            f"image ({', '.join(jp['batch_dtypes'])}), "
+            f"{jp['host_to_device_bytes_per_image'] * PAPER_GLOBAL_BATCH / 1e6:.0f} MB per step "
+            f"at the paper's global batch of {PAPER_GLOBAL_BATCH}."]
     out += ['', f"Cores per GPU for {TRAIN_STEP_SAMPLES_PER_SECOND} samples/s: "
             f"{jp['cores_per_gpu']:.1f} (at the best {jp['best_images_per_core']:.1f} images per "
             f"CPU second); {GPUS_PER_HOST} GPUs: {GPUS_PER_HOST * jp['cores_per_gpu']:.0f} cores."]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -120,9 +121,12 @@ def decode_image_file(path: str | os.PathLike[str]) -> np.ndarray:
     return pil_to_rgb_uint8(img)
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-  """Maps uint8 [..., 3] in [0, 255] to float32 in [-1, 1] (x / 127.5 - 1, exact at both ends)."""
-  return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+def normalize(image):
+  """Maps uint8 [..., 3] in [0, 255] to float32 in [-1, 1] (x / 127.5 - 1, exact at both ends):
+  NumPy on the host, or a JAX array where it lies (the training step normalises its uint8 batches
+  on the devices)."""
+  xp = np if isinstance(image, np.ndarray) else jnp
+  return image.astype(xp.float32) / xp.float32(127.5) - xp.float32(1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Training and validation batches: grain pipelines over the sources of `data_sources.py`.
 
-Every batch is `{'image': float32 [B_local, S, S, 3] in [-1, 1]}` with
+Every batch is `{'image': uint8 [B_local, S, S, 3]}` (the pixels: a quarter of float32's bytes
+from host to device, normalised to [-1, 1] on the devices by the training step) with
 `S = config.data.high_res_size` and `B_local = config.data.batch_size // jax.process_count()`.
 Low-res inputs are synthesised on device elsewhere (`fmboost_jax/upsampling.py`); this module only
 produces high-res crops.
@@ -137,7 +138,7 @@ def batch_spec(config: ml_collections.ConfigDict,
   shape their metadata records, or `latent_shape` [h, w, C] when given (compiling, no data)."""
   b, s = config.data.batch_size, config.data.high_res_size
   if config.data.source != 'latents':
-    return {'image': ((b, s, s, 3), np.float32)}
+    return {'image': ((b, s, s, 3), np.uint8)}
   shape = tuple(latent_shape or latents_metadata(config)['latent_shape'])
   return {'x1': ((b, *shape), np.float32), 'x_up': ((b, *shape), np.float32)}
 
@@ -161,7 +162,7 @@ def _train_example(index: int, rng: np.random.Generator, *, source: Sequence[Any
       crop = geometry.train_crop(record, rng)
       if rng.random() < 0.5:
         crop = crop[:, ::-1]
-      return {'image': normalize(crop)}
+      return {'image': crop}
   raise DataError(f'{_MAX_SUBSTITUTES} images in a row near record {index} are all smaller than '
                   f'{geometry.minimum()}; lower config.data.high_res_size or use larger images.')
 
@@ -180,7 +181,7 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
     config: Experiment config (`config.data.*`, `config.seed`).
 
   Returns:
-    A grain `IterDataset` of `{'image': float32 [B_local, S, S, 3] in [-1, 1]}` batches (or
+    A grain `IterDataset` of `{'image': uint8 [B_local, S, S, 3]}` batches (or
     `{'x1', 'x_up'}` from precomputed latents).
 
   Raises:
@@ -218,7 +219,7 @@ def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset
 def create_train_iterator(config: ml_collections.ConfigDict) -> grain.DatasetIterator:
   """Returns this process's training iterator.
 
-  Batches are `{'image': np.float32 [B_local, S, S, 3] in [-1, 1]}` with
+  Batches are `{'image': np.uint8 [B_local, S, S, 3]}` with
   `B_local = config.data.batch_size // jax.process_count()` and `S = config.data.high_res_size`.
   The iterator has `get_state()` / `set_state()` and checkpoints with
   `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in Orbax.

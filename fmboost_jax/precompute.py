@@ -39,7 +39,6 @@ from fmboost_jax import (
   upsampling,
 )
 from fmboost_jax.errors import UserError
-from fmboost_jax.images import normalize
 
 MANIFEST = 'precompute.json'
 
@@ -125,8 +124,8 @@ def encoder_program(config: ml_collections.ConfigDict, first_stage,
                     mesh: jax.sharding.Mesh) -> tuple[jax.stages.Wrapped, jax.ShapeDtypeStruct]:
   """The encoding of a batch of crops on `mesh` (a process's own devices), jitted: (first-stage
   params, images) -> (x1, x_up) as the training step makes them; and the images it takes,
-  float32 [B, S, S, 3] in [-1, 1] with B the config's precompute batch rounded up to a multiple of
-  the devices."""
+  uint8 [B, S, S, 3] pixels with B the config's precompute batch rounded up to a multiple of the
+  devices."""
   graphdef = nnx.graphdef(first_stage)
   batch_sharding = sharding.batch_sharded(mesh)
   program = jax.jit(
@@ -136,7 +135,7 @@ def encoder_program(config: ml_collections.ConfigDict, first_stage,
       in_shardings=(sharding.replicated(mesh), batch_sharding))
   n, size = mesh.devices.size, config.data.high_res_size
   images = jax.ShapeDtypeStruct((sharding.round_up(config.precompute.batch_size, n), size, size, 3),
-                                np.float32, sharding=batch_sharding)
+                                np.uint8, sharding=batch_sharding)
   return program, images
 
 
@@ -176,7 +175,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def encode_all(crop_list):
     parts = []
     for start in range(0, len(crop_list), batch_size):
-      chunk = np.stack([normalize(c) for c in crop_list[start:start + batch_size]])
+      chunk = np.stack(crop_list[start:start + batch_size])  # uint8: normalised on the devices.
       n = len(chunk)
       x1, x_up = jax.device_get(encode(params, sharding.pad_batch(chunk, batch_size)))
       parts.append((x1[:n], x_up[:n]))

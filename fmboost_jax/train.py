@@ -102,7 +102,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], first_stage_param
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
   """One optimizer update on a global batch; returns (state, metrics).
 
-  The batch is {'image': [B, S, S, 3]} or precomputed latents {'x1', 'x_up'} (input_pipeline.py).
+  The batch is {'image': uint8 [B, S, S, 3]} or precomputed latents {'x1', 'x_up'}
+  (input_pipeline.py).
 
   The first stage is frozen: its parameters are an input, never differentiated or updated.
   """

@@ -12,9 +12,11 @@ record; training from them uses the stored pair and keeps the mode for sampling 
 """
 
 import jax
+import jax.numpy as jnp
 
 from fmboost_jax.errors import UserError
 from fmboost_jax.first_stages import FirstStage
+from fmboost_jax.images import normalize
 
 MODES = ('psu', 'bilinear', 'nearest')
 
@@ -69,13 +71,17 @@ def training_pair(first_stage: FirstStage, batch: dict[str, jax.Array], low_res_
                   mode: str) -> tuple[jax.Array, jax.Array]:
   """The (x1, x_up) pair of one training batch, both [B, S/f, S/f, C], without gradients.
 
-  From images {'image': [B, S, S, 3]}: x1 = E(images) is the target and x_up is the bilinearly
-  downsized image brought back to the target grid with `mode`. A precomputed batch
-  {'x1', 'x_up'} (precompute.py, made with the same `mode`) is used as it is.
+  From images {'image': [B, S, S, 3]}, uint8 pixels as the input pipeline sends them (a quarter
+  of float32's bytes from host to device; normalised here, on the devices) or float in [-1, 1]:
+  x1 = E(images) is the target and x_up is the bilinearly downsized image brought back to the
+  target grid with `mode`. A precomputed batch {'x1', 'x_up'} (precompute.py, made with the same
+  `mode`) is used as it is.
   """
   if 'x1' in batch:
     return batch['x1'], batch['x_up']
   images = batch['image']
+  if images.dtype == jnp.uint8:
+    images = normalize(images)
   x1 = jax.lax.stop_gradient(first_stage.encode(images))
   lr = low_res_images(images, low_res_size)
   x_up = upsample(first_stage, mode, x1.shape[1:3], low_res_images=lr)

@@ -30,7 +30,10 @@ def coded_image(k, height, width):
 
 
 def to_uint8(x):
-  return np.round((np.asarray(x) + 1.0) * 127.5).astype(np.int64)
+  """Pixels in [0, 255] (int64) of uint8 batches, or of float images in [-1, 1]."""
+  x = np.asarray(x)
+  return x.astype(np.int64) if x.dtype == np.uint8 else np.round((x + 1.0) * 127.5).astype(
+      np.int64)
 
 
 def image_ids(images):

@@ -123,8 +123,7 @@ def test_folder_recursive_mixed_extensions_and_held_out(tmp_path):
   lossless = {k: h for k, h in heights.items() if k != 3}  # JPEG values are only approximate.
   for _ in range(5):
     batch = next(it)['image']
-    assert batch.shape == (4, size, size, 3) and batch.dtype == np.float32
-    assert batch.min() >= -1.0 and batch.max() <= 1.0
+    assert batch.shape == (4, size, size, 3) and batch.dtype == np.uint8  # Pixels.
     ids = image_ids(batch)
     seen.update(ids)
     check_held_out(batch[np.isin(ids, list(lossless))], heights, size)
@@ -236,7 +235,7 @@ def test_tfds_source(tmp_path):
   seen = set()
   for _ in range(4):
     batch = next(it)['image']
-    assert batch.shape == (4, size, size, 3) and batch.dtype == np.float32
+    assert batch.shape == (4, size, size, 3) and batch.dtype == np.uint8  # Pixels.
     check_held_out(batch, heights, size)
     seen.update(image_ids(batch))
   assert seen == {0, 2, 3}  # The 20 x 20 image is skipped.

@@ -53,9 +53,9 @@ def test_skimage_batches_and_validation():
   for _ in range(3):
     batch = next(it)
     assert set(batch) == {'image'}
-    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
-    assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
-    assert batch['image'].std() > 0.05  # Real photo content, not a constant.
+    # Pixels, uint8: a quarter of float32's bytes to the devices (normalised there).
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+    assert batch['image'].std() > 6  # Real photo content, not a constant.
 
   val = ip.validation_images(config)
   assert val.shape == (20, 32, 32, 3) and val.dtype == np.float32

@@ -75,3 +75,19 @@ def test_latent_space_modes_resize_the_encoded_low_res_input():
                                upsampling.resize(z, (8, 8), method), atol=1e-6)
   with pytest.raises(ValueError, match='unknown'):
     upsampling.upsample(fs, 'bicubic', (8, 8), low_res_latents=z)
+
+
+def test_uint8_batches_are_normalised_on_the_device_as_x_over_127_5_minus_1():
+  """The input pipeline sends pixels; the training pair of a uint8 batch is that of its pixels
+  mapped to [-1, 1] by x / 127.5 - 1 (worked out here in float64: 0 -> -1, 255 -> 1)."""
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  pixels[0, 0, 0] = (0, 127, 255)
+  identity = first_stages.IdentityFirstStage()
+  x1, x_up = jax.jit(lambda b: upsampling.training_pair(identity, b, 8, 'psu'))(
+      {'image': jnp.asarray(pixels)})
+  expected = pixels.astype(np.float64) / 127.5 - 1
+  np.testing.assert_allclose(np.asarray(x1), expected, rtol=0, atol=3e-7)  # float32 rounding.
+  assert np.asarray(x1)[0, 0, 0].tolist() == [-1.0, pytest.approx(-1 / 255, abs=3e-7), 1.0]
+  float_pair = upsampling.training_pair(identity, {'image': jnp.asarray(expected, jnp.float32)},
+                                        8, 'psu')
+  np.testing.assert_allclose(np.asarray(x_up), np.asarray(float_pair[1]), rtol=0, atol=1e-6)
