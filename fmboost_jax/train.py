@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from fmboost_jax import (
@@ -209,7 +210,9 @@ def step_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
                                    first_stage_graphdef=first_stage_graphdef, config=config),
       in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
-      out_shardings=replicated)
+      # Per-image scores and images stay split over the devices as the batch is (replicated, a
+      # batch of 1024 px outputs would sit whole on every device); the host gathers them.
+      out_shardings=batch_sharding)
   return StepPrograms(
       init=jax.jit(make_state, out_shardings=state_sharding), train=train, evaluate=evaluate,
       state=jax.tree.map(with_sharding, abstract_state, state_sharding), batch=batch,
@@ -387,11 +390,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                             lambda idx, chunk=chunk: chunk[idx])
       scores, outputs = jitted_eval(params, images, first_stage_params,
                                     jax.random.fold_in(eval_key, i))
-      for k, v in jax.device_get(scores).items():
+      for k, v in multihost_utils.process_allgather(scores, tiled=True).items():
         per_image.setdefault(k, []).append(v)
       if grid_columns is None:
         n = config.train.num_grid_images
-        outputs = jax.device_get(outputs)
+        outputs = multihost_utils.process_allgather(outputs, tiled=True)
         low_res = np.asarray(upsampling.resize(outputs['low_res'][:n], chunk.shape[1:3],
                                                'nearest'))
         grid_columns = [low_res, outputs['bilinear'][:n], outputs['model'][:n], chunk[:n]]

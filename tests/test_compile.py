@@ -259,6 +259,8 @@ def test_gpu_target_compiles_with_cudnn_attention(tmp_path):
   # The evaluation's solve runs the network twice (demo:tiny samples with Euler, NFE 2; XLA counts
   # the loop's body once, the report the whole solve); resizing and the scores add little.
   assert evaluation['solve'] == 'euler, 2 NFE'
+  # Its per-image outputs stay split over the GPUs, as the batch is: nothing is gathered.
+  assert 'all-gather' not in evaluation['collectives'], evaluation['collectives']
   from configs import demo
 
   unet = runs.forward_flops(demo.get_config('tiny'), 16)
