@@ -243,8 +243,11 @@ def main(argv):
       inference.sample(FLAGS.config, FLAGS.workdir, FLAGS.inputs, outdir)
     elif FLAGS.mode == 'export':
       from fmboost_jax import trained_model  # noqa: PLC0415
+      # The export holds the network's weights and the config (with the autoencoder's path, or
+      # its override), none of the autoencoder's weights: it needs no autoencoder file.
       model = trained_model.load(FLAGS.workdir,
-                                 first_stage_weights=FLAGS.config.first_stage.weights)
+                                 first_stage_weights=FLAGS.config.first_stage.weights,
+                                 with_first_stage=False)
       model.export(outdir, FLAGS.export_dtype)
       size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(outdir)
                  for n in names)

@@ -157,14 +157,14 @@ def abstract_network(config: ml_collections.ConfigDict, channels: int,
       nnx.to_pure_dict(shapes))
 
 
-def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str,
-                             path: str) -> ml_collections.ConfigDict:
+def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str, path: str, *,
+                             must_exist: bool = True) -> ml_collections.ConfigDict:
   """The recorded config with its first-stage weights replaced by `weights` when given; a recorded
-  path that is gone is a UserError naming the override."""
+  path that is gone is a UserError naming the override (when `must_exist`)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if weights:
     config.first_stage.weights = weights
-  elif (config.first_stage.name != 'identity' and config.first_stage.weights
+  elif (must_exist and config.first_stage.name != 'identity' and config.first_stage.weights
         and not os.path.exists(config.first_stage.weights)):
     raise UserError(
         f'{path} was trained with the first-stage weights {config.first_stage.weights}, which '
@@ -173,9 +173,12 @@ def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str,
 
 
 def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
-         first_stage_weights: str = '', mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
+         first_stage_weights: str = '', mesh: jax.sharding.Mesh | None = None,
+         with_first_stage: bool = True) -> TrainedModel:
   """Restores a training workdir's latest checkpoint or an exported model, replicated on `mesh`
-  (default: all devices). `sample` (config.sample's fields) replaces the saved solver settings."""
+  (default: all devices). `sample` (config.sample's fields) replaces the saved solver settings.
+  `with_first_stage=False` leaves the first stage's weights unread (its parameters abstract): for
+  what needs only the network's, such as an export."""
   mesh = mesh or sharding.data_mesh()
   exported = checkpointing.is_export(path)
   if exported:
@@ -190,13 +193,14 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
                       f'a --mode=export directory, or train it first with --mode=train '
                       f'--workdir={path}.')
     saved_config = checkpointing.restore_config(directory, step)
-  config = with_first_stage_weights(saved_config, first_stage_weights, path)
+  config = with_first_stage_weights(saved_config, first_stage_weights, path,
+                                    must_exist=with_first_stage)
   sampling_config = ml_collections.ConfigDict((sample or config.sample).to_dict())
   try:
     sampling.check_config(sampling_config)
   except ValueError as e:
     raise UserError(f'{path}: {e}') from None
-  first_stage = first_stages.first_stage_from_config(config)
+  first_stage = first_stages.first_stage_from_config(config, weights_loaded=with_first_stage)
   graphdef, abstract = abstract_network(config, first_stage.channels, mesh)
   if exported:
     params = checkpointing.read_export_params(path, abstract)

@@ -275,6 +275,10 @@ def test_a_moved_latent_workdir_samples_and_evaluates_with_the_weights_overridde
   config.eval.checkpoints = (str(moved),)
   config.eval.nfe_sweep = (2,)
   config.data.num_val_images = 4
+  # The export holds none of the autoencoder's weights: it is written without the file, and
+  # samples what the workdir samples once pointed at the file.
+  proc = runs.run_main(moved, f'--outdir={tmp_path / "export"}', mode='export', timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
   for run in (lambda: inference.sample(config, str(moved), [str(tmp_path / 'x.png')],
                                        str(tmp_path / 'out')),
               lambda: evaluate.evaluate(config, str(tmp_path / 'eval'))):
@@ -290,6 +294,10 @@ def test_a_moved_latent_workdir_samples_and_evaluates_with_the_weights_overridde
   np.testing.assert_array_equal(_png(tmp_path / 'out' / 'x.png'),
                                 _png(tmp_path / 'original' / 'x.png'))
   del original
+  inference.sample(config, str(tmp_path / 'export'), [str(tmp_path / 'x.png')],
+                   str(tmp_path / 'from_export'))
+  np.testing.assert_array_equal(_png(tmp_path / 'from_export' / 'x.png'),
+                                _png(tmp_path / 'original' / 'x.png'))
   results = evaluate.evaluate(config, str(tmp_path / 'eval'))
   assert [r['method'] for r in results['rows']] == ['bilinear', 'CFM']
   assert np.isfinite(results['rows'][1]['psnr'])
