@@ -161,33 +161,35 @@ def _train_step_report(config: ml_collections.ConfigDict, programs: train.StepPr
   return report
 
 
-def _sample_lowered(config: ml_collections.ConfigDict, devices: list,
-                    target: str) -> dict[str, jax.stages.Lowered]:
-  """--mode=sample's programs (trained_model.Cascade's own) for a model trained with `config`, on
-  its config.mesh over `devices` as --mode=sample lays them out: the lift of
+def _abstract(tree, named_sharding) -> object:
+  """`tree`'s arrays as ShapeDtypeStructs laid out by `named_sharding`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=named_sharding),
+                      tree)
+
+
+def _sample_lowered(config: ml_collections.ConfigDict, devices: list, target: str,
+                    program: str) -> jax.stages.Lowered:
+  """One of --mode=sample's programs (trained_model.Cascade's own) for a model trained with
+  `config`, on its config.mesh over `devices` as --mode=sample lays them out: 'solve', the lift of
   config.sample.batch_size first-stage latents of low_res_size (a diffusion model's output, the
-  paper's use) to the model's grid with config.sample's solver, and the tiled decode of the
-  result."""
+  paper's use) to the model's grid with config.sample's solver, or 'decode', the tiled decode of
+  the result."""
   mesh = sharding.make_mesh(config.mesh, devices, target)
   first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
   graphdef, params = trained_model.abstract_network(config, first_stage.channels, mesh)
   cascade = trained_model.Cascade([trained_model.TrainedModel(
       path='', step=0, config=config, sample=config.sample, first_stage=first_stage,
       graphdef=graphdef, params=params, mesh=mesh)])
-  replicated = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cascade.replicated)
-  fs_params = jax.tree.map(replicated, nnx.state(first_stage))
+  fs_params = _abstract(nnx.state(first_stage), cascade.replicated)
   batch = sharding.round_up(config.sample.batch_size, cascade.devices)
   f, c = first_stage.factor, first_stage.channels
   latents = lambda size: jax.ShapeDtypeStruct((batch, size // f, size // f, c), np.float32,
                                               sharding=cascade.batch_sharding)
+  if program == 'decode':
+    return cascade.decode_program().lower(fs_params, latents(config.data.high_res_size))
   low_res = latents(config.data.low_res_size)
-  key = replicated(jax.eval_shape(lambda: jax.random.key(0)))
-  return {
-      'sample: solve': cascade.lift_program(0, 'latent', low_res.shape).lower(
-          params, fs_params, low_res, key),
-      'sample: decode': cascade.decode_program().lower(
-          fs_params, latents(config.data.high_res_size)),
-  }
+  key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), cascade.replicated)
+  return cascade.lift_program(0, 'latent', low_res.shape).lower(params, fs_params, low_res, key)
 
 
 def _precompute_lowered(config: ml_collections.ConfigDict, devices: list,
@@ -199,10 +201,7 @@ def _precompute_lowered(config: ml_collections.ConfigDict, devices: list,
   first_stage = first_stages.first_stage_from_config(config, weights_loaded=False)
   mesh = sharding.data_mesh(host)
   program, images = precompute.encoder_program(config, first_stage, mesh)
-  replicated = sharding.replicated(mesh)
-  fs_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                           nnx.state(first_stage))
-  return program.lower(fs_params, images)
+  return program.lower(_abstract(nnx.state(first_stage), sharding.replicated(mesh)), images)
 
 
 def _other_reports(config: ml_collections.ConfigDict, target,
@@ -226,11 +225,12 @@ def _other_reports(config: ml_collections.ConfigDict, target,
   if 'sample' in wanted:
     batch = sharding.round_up(config.sample.batch_size, n)
     config = _with(config, 'sample.batch_size', batch)
-    for name in ('sample: solve', 'sample: decode'):
-      jobs.append((name, lambda *a, name=name: _sample_lowered(*a)[name], batch, n,
-                   'config.sample.batch_size', name == 'sample: solve'))
+    for program in ('solve', 'decode'):
+      jobs.append((f'sample: {program}', lambda *a, p=program: _sample_lowered(*a, p), batch, n,
+                   'config.sample.batch_size', program == 'solve'))
   reports = []
   for name, lower, samples, count, setting, solves in jobs:
+    on = f'{samples} samples on {count} device{"s" if count > 1 else ""}'
     flops = _global_flops(config, lower)
     try:
       reports.append(_report(name, lower(config, devices, target.name),
@@ -239,10 +239,10 @@ def _other_reports(config: ml_collections.ConfigDict, target,
       if solves:
         reports[-1].solve = f'{config.sample.solver}, {config.sample.nfe} NFE'
     except DoesNotFit as e:
-      raise UserError(f'the {name} of {samples} samples on {count} devices does not fit a '
+      raise UserError(f'the {name} of {on} does not fit a '
                       f'{kind.device_kind} ({e}); lower {setting}.') from None
     if reports[-1].memory.total > kind.hbm_bytes:
-      raise UserError(f'the {name} of {samples} samples on {count} devices needs '
+      raise UserError(f'the {name} of {on} needs '
                       f'{reports[-1].memory.total / GiB:.2f} GiB per device, but a '
                       f'{kind.device_kind} has {kind.hbm_bytes / GiB:.1f} GiB; lower {setting}.')
   return reports

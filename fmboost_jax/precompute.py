@@ -168,9 +168,10 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
                len(mine) - len(todo))
 
   # Encoding: batches sharded over this process's own devices (no collectives between processes).
-  encode, batch = encoder_program(config, first_stage, sharding.data_mesh(jax.local_devices()))
+  mesh = sharding.data_mesh(jax.local_devices())
+  encode, batch = encoder_program(config, first_stage, mesh)
   batch_size = batch.shape[0]
-  params = nnx.state(first_stage)
+  params = jax.device_put(nnx.state(first_stage), sharding.replicated(mesh))  # Once, not per batch.
 
   def encode_all(crop_list):
     parts = []

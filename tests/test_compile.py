@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -211,6 +212,14 @@ def test_bad_targets_are_one_line(tmp_path):
   assert not os.path.exists(tmp_path / 'b' / 'compile')
 
 
+def test_an_unknown_program_is_one_line(tmp_path):
+  line = error_line(compile_main(tmp_path / 'w', 'v5e:2x2', programs=('train', 'sampel')))
+  assert line == ("error: config.compile.programs=('train', 'sampel') must hold train and any of "
+                  "('evaluate', 'sample', 'precompute'), e.g. "
+                  "--config.compile.programs=\"('train',)\".")
+  assert not os.path.exists(tmp_path / 'w')  # Nothing left behind.
+
+
 def test_missing_libtpu_names_the_install(tmp_path):
   line = error_line(compile_main(tmp_path, 'v5e:2x2',
                                  prelude="import os, sys; sys.modules['libtpu'] = None; "
@@ -305,6 +314,21 @@ def test_the_readmes_h200_command(tmp_path):
   assert solve['flops_per_sample'] == pytest.approx(
       ae_low['decode'] + ae['encode'] + 40 * unet, rel=0.05)
   assert decode['flops_per_sample'] == pytest.approx(ae['decode'], rel=0.02)
+
+
+@pytest.mark.slow
+@CUDA
+def test_a_sampling_batch_that_does_not_fit_is_one_line(tmp_path):
+  """demo:tiny on 256 px (attention over 128^2 positions): its train step of 1 image fits an H100,
+  its solve of 64 latents at once does not; the line names the setting, and no workdir is left."""
+  line = error_line(compile_main(
+      tmp_path / 'w', 'h100:1', '--config.data.high_res_size=256',
+      '--config.data.low_res_size=128', '--config.data.batch_size=1',
+      '--config.sample.batch_size=64', programs=('train', 'sample')))
+  assert re.fullmatch(r'error: the sample: solve of 64 samples on 1 device needs [\d.]+ GiB per '
+                      r'device, but a NVIDIA H100 80GB HBM3 has 74.5 GiB; lower '
+                      r'config.sample.batch_size.', line), line
+  assert not os.path.exists(tmp_path / 'w')
 
 
 @pytest.mark.slow
