@@ -9,6 +9,7 @@ import sys
 import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('EPATH_USE_TF', 'false')  # Buckets through gcsfs (fmboost_jax/storage.py).
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -154,9 +155,13 @@ def ensure_writable(directory: str) -> str | None:
   """Creates `directory` and checks that files can be written there; a path that is a file, lies
   under a file or is not writable is one UserError naming the flag to change. Returns the
   outermost folder it created (None when `directory` existed)."""
+  from fmboost_jax import storage  # noqa: PLC0415
   from fmboost_jax.errors import UserError  # noqa: PLC0415
 
   flag = '--outdir' if FLAGS.outdir and directory == FLAGS.outdir else '--workdir'
+  if storage.is_remote(directory):
+    _check_writable_bucket_path(directory, flag)
+    return None  # A bucket's folders are implicit: nothing to remove.
   existing, created = os.path.abspath(directory), None
   while not os.path.exists(existing):
     existing, created = os.path.dirname(existing), existing
@@ -174,6 +179,52 @@ def ensure_writable(directory: str) -> str | None:
     raise UserError(f'the output directory {directory} is not writable ({e.strerror}); choose '
                     f'another {flag}.') from None
   return created
+
+
+def _check_writable_bucket_path(directory: str, flag: str) -> None:
+  """A bucket path is writable when no object lies at it or above it and a probe object can be
+  written and removed there."""
+  from fmboost_jax import storage  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  target = storage.path(directory)
+  bucket = 'gs://' + directory[len('gs://'):].split('/', 1)[0]
+  for folder in (target, *target.parents):
+    if not os.fspath(folder).startswith(bucket + '/'):
+      break
+    if folder.is_file():
+      where = 'is an object' if folder == target else f'lies under the object {folder}'
+      raise UserError(f'the output directory {directory} {where}; choose another {flag}.')
+  probe = target / f'.write_test.{os.getpid()}'
+  try:
+    probe.write_text('ok')
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001  (the storage client's errors vary)
+    raise UserError(f'the output directory {directory} is not writable ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0][:160] if str(e) else ""}); check your access to the '
+                    f'bucket or choose another {flag}.') from None
+
+
+def check_paths(config, mode: str) -> None:
+  """Every bucket a run names exists and can be reached with the credentials at hand; one
+  UserError naming the flag otherwise (local paths are checked where they are read)."""
+  from fmboost_jax import storage  # noqa: PLC0415
+
+  named = [('--workdir', FLAGS.workdir), ('--outdir', FLAGS.outdir),
+           ('config.data.path', config.data.path), ('config.data.val_path', config.data.val_path),
+           ('config.first_stage.weights', config.first_stage.weights),
+           ('config.train.compilation_cache_dir', config.train.compilation_cache_dir),
+           ('config.eval.inception_weights', config.eval.inception_weights),
+           *(('config.eval.checkpoints', p) for p in config.eval.checkpoints),
+           *(('--inputs', p) for p in (FLAGS.inputs if mode == 'sample' else ()))]
+  buckets = set()
+  for flag, value in named:
+    if not value or not storage.is_remote(value):
+      continue
+    bucket = os.fspath(value).split('/', 3)[:3]
+    if tuple(bucket) not in buckets:
+      buckets.add(tuple(bucket))
+      storage.check_bucket(value, flag)
 
 
 def remove_if_empty(directory: str, created: str | None) -> None:
@@ -234,6 +285,7 @@ def main(argv):
     from fmboost_jax import config_checks  # noqa: PLC0415
     if FLAGS.mode != 'compile':  # Compiling for a target runs anywhere.
       config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
+    check_paths(FLAGS.config, FLAGS.mode)
     created = ensure_writable(outdir)
     if FLAGS.mode == 'train':
       from fmboost_jax import train  # noqa: PLC0415
@@ -249,8 +301,8 @@ def main(argv):
                                  first_stage_weights=FLAGS.config.first_stage.weights,
                                  with_first_stage=False)
       model.export(outdir, FLAGS.export_dtype)
-      size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(outdir)
-                 for n in names)
+      from fmboost_jax import storage  # noqa: PLC0415
+      size = sum(p.stat().st_size for p in storage.path(outdir).rglob('*') if p.is_file())
       print(f'Exported step {model.step} of {FLAGS.workdir} ({FLAGS.export_dtype}, '
             f'{size / 2**20:.1f} MiB) to {outdir}; sample with --workdir={outdir}.')
     elif FLAGS.mode == 'evaluate':

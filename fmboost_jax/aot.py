@@ -17,7 +17,6 @@ does not fit is one UserError naming the shortfall and settings that would fit.
 
 import dataclasses
 import json
-import os
 import re
 import time
 
@@ -36,6 +35,7 @@ from fmboost_jax import (
   precompute,
   sampling,
   sharding,
+  storage,
   train,
   trained_model,
 )
@@ -287,12 +287,10 @@ def compile_for_target(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report = _json_report(config, target, reports, max_batch)
   table = markdown(report)
   if jax.process_index() == 0:
-    directory = os.path.join(workdir, 'compile')
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f'{target.file_name}.json'), 'w') as f:
-      json.dump(report, f, indent=2)
-    with open(os.path.join(directory, f'{target.file_name}.md'), 'w') as f:
-      f.write(table + '\n')
+    directory = storage.path(workdir) / 'compile'
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f'{target.file_name}.json').write_text(json.dumps(report, indent=2))
+    (directory / f'{target.file_name}.md').write_text(table + '\n')
     print(table)
   return report
 

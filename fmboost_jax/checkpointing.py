@@ -17,7 +17,6 @@ it was exported from), `config` (the training config, as in a checkpoint) and `p
 sampling weights only), written under a temporary name and renamed when complete.
 """
 
-import glob
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fmboost_jax import errors, orbax_logs
+from fmboost_jax import errors, orbax_logs, storage
 from fmboost_jax.errors import UserError
 
 if TYPE_CHECKING:  # grain is imported where a data iterator is saved or restored, so that
@@ -78,7 +77,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int):
     """`keep` latest checkpoints are preserved; 0 keeps all."""
-    directory = os.path.abspath(directory)
+    directory = storage.path(directory)
     # Replicated arrays: in a multi-process run each process writes a part of them (Orbax's
     # replica-parallel saving, its default); one process writes them whole, without the slicing
     # programs that saving in parts compiles at the first save, one per array shape (184, 8 s, for
@@ -94,7 +93,8 @@ class Checkpointer:
     except OSError as e:
       raise UserError(f'cannot create the checkpoint directory {directory} ({e.strerror}); '
                       'choose a writable --workdir.') from None
-    self.directory = directory
+    self.directory = os.fspath(directory)
+    self._path = directory
     self._pending: int | None = None  # The step of the save in flight, until checked.
     self._background = _BackgroundErrors()
     for name in ('absl', 'asyncio'):
@@ -123,12 +123,11 @@ class Checkpointer:
     The iterator is restored in place. Errors propagate: a checkpoint that does not fit the
     target is never silently replaced by a fresh start.
     """
-    data_dir = os.path.join(self.directory, str(step), 'data')
+    data_dir = self._path / str(step) / 'data'
     positions = {}
-    for name in (os.listdir(data_dir) if os.path.isdir(data_dir) else []):
-      if name.startswith('process_'):
-        with open(os.path.join(data_dir, name)) as f:
-          positions[name] = json.loads(f.read())
+    for file in (data_dir.iterdir() if data_dir.is_dir() else []):
+      if file.name.startswith('process_'):
+        positions[file.name] = json.loads(file.read_text())
     saved_by = {name.rsplit('-of-', 1)[-1].split('.')[0] for name in positions}
     other_count = bool(saved_by) and saved_by != {str(jax.process_count())}
     if other_count and any(p != next(iter(positions.values())) for p in positions.values()):
@@ -136,7 +135,7 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} holds different data-iterator '
           f'positions for its {"/".join(sorted(saved_by))} processes, so it cannot resume with '
           f'{jax.process_count()}; resume with the same number of processes.')
-    _check_fits(os.path.join(self.directory, str(step), 'state'), abstract_state,
+    _check_fits(self._path / str(step) / 'state', abstract_state,
                 f'the checkpoint at step {step} in {self.directory}')
     # The iterator position is the same on every process (input_pipeline.create_train_dataset),
     # so a checkpoint of another process count resumes from that one position.
@@ -151,7 +150,7 @@ class Checkpointer:
       raise UserError(
           f'the checkpoint at step {step} in {self.directory} does not fit this config '
           f'({first_line}); train with the config it was made with (saved beside it, '
-          f'{os.path.join(self.directory, str(step), "config", "metadata")}) or choose a new '
+          f'{storage.join(self.directory, str(step), "config", "metadata")}) or choose a new '
           '--workdir.') from e
     if other_count:
       data_iterator.set_state(next(iter(positions.values())))
@@ -166,7 +165,7 @@ class Checkpointer:
       self._pending = None
       return
     step, self._pending = self._pending, None
-    if not os.path.isdir(os.path.join(self.directory, str(step))):
+    if not (self._path / str(step)).is_dir():
       self._fail(step, self._background.first)
 
   def wait(self) -> None:
@@ -180,10 +179,9 @@ class Checkpointer:
     self.check()
 
   def _fail(self, step: int | None, error: BaseException | None) -> None:
-    for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
-      shutil.rmtree(partial, ignore_errors=True)
-    free = shutil.disk_usage(self.directory).free / 2**20
-    kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    for partial in self._path.glob('*.orbax-checkpoint-tmp*'):
+      partial.rmtree(missing_ok=True)
+    kept = _steps(self._path)
     if error is not None and ('No space left on device' in str(error)
                               or getattr(error, 'errno', None) == 28):
       reason = ' (no space left on device)'
@@ -191,9 +189,14 @@ class Checkpointer:
       reason = f' ({errors.short(error)})' if error is not None else ''
     resume = (f'start again to resume from step {kept[-1]} (the checkpoints of steps '
               f'{", ".join(map(str, kept))} are intact)' if kept else 'start again')
+    if storage.is_remote(self._path):
+      advice = 'check the bucket (its quota, your access) or choose another --workdir'
+    else:
+      free = shutil.disk_usage(self.directory).free / 2**20
+      advice = f'{free:.1f} MiB are free there: free space or choose another --workdir'
     raise CheckpointSaveError(
-        f'saving the checkpoint of step {step} in {self.directory} failed{reason}; {free:.1f} MiB '
-        f'are free there: free space or choose another --workdir, then {resume}.')
+        f'saving the checkpoint of step {step} in {self.directory} failed{reason}; {advice}, then '
+        f'{resume}.')
 
   def close(self) -> None:
     self._manager.close()
@@ -205,22 +208,27 @@ class Checkpointer:
 def latest_step(directory: str) -> int | None:
   """The newest complete checkpoint in `directory` (Orbax renames a step's directory to its number
   only once it is fully written), or None."""
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
-  return max(steps) if steps else None
+  steps = _steps(storage.path(directory))
+  return steps[-1] if steps else None
+
+
+def _steps(directory: storage.Path) -> list[int]:
+  """The complete checkpoints' steps in `directory`, ascending."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def restore_config(directory: str, step: int) -> ml_collections.ConfigDict:
   """The config saved with the checkpoint at `step` (lists where the config had tuples)."""
-  path = os.path.join(os.path.abspath(directory), str(step), 'config')
-  if not os.path.isdir(path):
+  path = storage.path(directory) / str(step) / 'config'
+  if not path.is_dir():
     raise UserError(f'the checkpoint at step {step} in {directory} holds no saved config; it was '
                     'written by an older version of fmboost_jax: train it again.')
   return _read_json(path)
 
 
-def _read_json(path: str) -> ml_collections.ConfigDict:
+def _read_json(path: storage.Path) -> ml_collections.ConfigDict:
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     return ml_collections.ConfigDict(checkpointer.restore(path))
 
@@ -229,41 +237,48 @@ EXPORT_INFO = 'export.json'
 
 
 def is_export(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, EXPORT_INFO))
+  return (storage.path(directory) / EXPORT_INFO).is_file()
 
 
 def write_export(directory: str, params, config: ml_collections.ConfigDict,
                  info: dict) -> None:
-  """Writes an exported model: `info` (JSON), `config` and the weights `params` (a pytree)."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+  """Writes an exported model: `info` (JSON), `config` and the weights `params` (a pytree).
+
+  A local export is written under a temporary name and renamed when complete; in a bucket (no
+  renaming of folders there) `export.json` is written last, so only a complete export is one.
+  """
+  target = storage.path(directory)
+  if target.exists() and (not target.is_dir() or any(target.iterdir())):
     raise UserError(f'{directory} already exists; export into a new directory (or remove it).')
-  partial = directory + '.partial'
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
+  remote = storage.is_remote(target)
+  partial = target if remote else target.parent / f'{target.name}.partial'
+  if not remote:
+    partial.rmtree(missing_ok=True)
+  partial.mkdir(parents=True, exist_ok=True)
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    checkpointer.save(os.path.join(partial, 'config'),
+    checkpointer.save(partial / 'config',
                       args=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(partial, 'params'), params)
-  with open(os.path.join(partial, EXPORT_INFO), 'w') as f:
-    json.dump({'format': 'fmboost_jax export', 'version': 1, **info}, f, indent=2)
-  if os.path.isdir(directory):
-    os.rmdir(directory)
-  os.rename(partial, directory)
+    checkpointer.save(partial / 'params', params)
+  (partial / EXPORT_INFO).write_text(
+      json.dumps({'format': 'fmboost_jax export', 'version': 1, **info}, indent=2))
+  if not remote:
+    if target.is_dir():
+      target.rmdir()
+    partial.rename(target)
 
 
 def read_export_config(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(the training config, export.json) of an exported model."""
-  with open(os.path.join(directory, EXPORT_INFO)) as f:
-    info = json.load(f)
-  return _read_json(os.path.join(os.path.abspath(directory), 'config')), info
+  path = storage.path(directory)
+  info = json.loads((path / EXPORT_INFO).read_text())
+  return _read_json(path / 'config'), info
 
 
 def read_export_params(directory: str, abstract):
   """The weights of an exported model onto `abstract` (ShapeDtypeStructs with shardings; saved
   bfloat16 weights are cast to their dtype)."""
-  path = os.path.join(os.path.abspath(directory), 'params')
+  path = storage.path(directory) / 'params'
   _check_fits(path, abstract, f'the exported model in {directory}')
   with ocp.PyTreeCheckpointer() as checkpointer:
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
@@ -273,7 +288,7 @@ def read_export_params(directory: str, abstract):
 def restore_subtree(directory: str, step: int, name: str, abstract):
   """Restores only `state[name]` of the checkpoint at `step` onto `abstract` (ShapeDtypeStructs
   with shardings), e.g. the EMA weights for inference without the optimizer state."""
-  path = os.path.join(os.path.abspath(directory), str(step), 'state')  # Orbax needs absolute paths.
+  path = storage.path(directory) / str(step) / 'state'
   what = f'the checkpoint at step {step} in {directory}'
   _check_fits(path, {name: abstract}, what, only=name)
   target = {name: abstract}
@@ -284,7 +299,7 @@ def restore_subtree(directory: str, step: int, name: str, abstract):
   return restored[name]
 
 
-def _check_fits(path: str, abstract, what: str, only: str | None = None) -> None:
+def _check_fits(path: storage.Path, abstract, what: str, only: str | None = None) -> None:
   """Compares the saved arrays' names and shapes with the target before restoring anything
   (only those under the top-level key `only`, if given)."""
   with ocp.StandardCheckpointer() as checkpointer:

@@ -7,12 +7,11 @@ The rules of a part of the method stay beside it and are called from here: `flow
 the modes' own sections (train, sample, eval, precompute) are written here.
 """
 
-import os
 
 import ml_collections
 from absl import logging
 
-from fmboost_jax import flow, input_pipeline, sampling, upsampling
+from fmboost_jax import flow, input_pipeline, sampling, storage, upsampling
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends, unet
 
@@ -142,7 +141,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.eval.num_crops={e.num_crops} must be at least 1.')
   if e.num_figure_images < 1:
     raise UserError(f'config.eval.num_figure_images={e.num_figure_images} must be at least 1.')
-  if e.inception_weights and not os.path.exists(e.inception_weights):
+  if e.inception_weights and not storage.path(e.inception_weights).exists():
     raise UserError(f'config.eval.inception_weights={e.inception_weights} does not exist; pass '
                     'the pt_inception-2015-12-05-6726825d.pth file of pytorch-fid (or a '
                     '.safetensors with its keys).')

@@ -24,7 +24,8 @@ Sources (`config.data.source`):
   * 'tfds': `tfds.data_source(config.data.tfds_name, ...)` (random access, ArrayRecord), its 'image'
     feature, decoded lazily; too small images are skipped on the fly. Nothing is ever downloaded.
   * 'latents': the (x1, x_up) shards written by `main.py --mode=precompute` (`_LatentRecords`),
-    memory-mapped; `latents_metadata` checks that they match the config.
+    memory-mapped (read in ranges from a bucket); `latents_metadata` checks that they match the
+    config.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +46,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from fmboost_jax import errors, images
+from fmboost_jax import errors, images, storage
 
 SOURCES = ('skimage', 'folder', 'tfds', 'latents')
 HOLDOUTS = ('images', 'strips')
@@ -397,7 +399,7 @@ def open_images(config: ml_collections.ConfigDict,
     scan = scan_image_folder(root, geometry, data.num_threads, data.max_pixels)
     paths = [path for path, _, _ in scan.usable]
     if by_hash:
-      paths = [p for p in paths if is_held_out(os.path.relpath(p, root), data.val_fraction)
+      paths = [p for p in paths if is_held_out(storage.relative(p, root), data.val_fraction)
                == held_out]
     logging.info('Image folder %s: %s; %d %s images.', root,
                  scan.summary(geometry, data.max_pixels), len(paths), what)
@@ -421,24 +423,87 @@ def open_images(config: ml_collections.ConfigDict,
 
 def _check_separate(path: str, val_path: str) -> None:
   """The held-out folder must not be, contain, or lie inside the training folder."""
-  a, b = os.path.realpath(path), os.path.realpath(val_path)
-  if os.path.commonpath([a, b]) in (a, b):
+  a, b = (os.fspath(p) if storage.is_remote(p) else os.path.realpath(p) for p in (path, val_path))
+  if a == b or b.startswith(a.rstrip('/') + '/') or a.startswith(b.rstrip('/') + '/'):
     raise DataError(
         f'config.data.val_path={val_path!r} overlaps config.data.path={path!r} (one lies inside '
         'the other), so held-out images would be trained on; use two separate folders, or leave '
         'val_path empty to hold out config.data.val_fraction of data.path.')
 
 
+def _npy_header(file) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, offset of the data) of the .npy file open in `file` (C order only)."""
+  version = np.lib.format.read_magic(file)
+  read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+          else np.lib.format.read_array_header_2_0)
+  shape, fortran_order, dtype = read(file)
+  if fortran_order:
+    raise DataError(f'{getattr(file, "name", file)} is a Fortran-order array; precompute again.')
+  return shape, dtype, file.tell()
+
+
+def npy_shape(path: storage.PathLike) -> tuple[int, ...]:
+  """The shape of a .npy file, from its header."""
+  with storage.open_binary(path) as f:
+    return _npy_header(f)[0]
+
+
+def load_npy(path: storage.PathLike) -> np.ndarray:
+  """A .npy file: memory-mapped when local, read whole from a bucket."""
+  if not storage.is_remote(path):
+    return np.load(os.fspath(path), mmap_mode='r')
+  with storage.open_binary(path) as f:
+    return np.load(f, allow_pickle=False)
+
+
+class NpyRows:
+  """Random access to the rows (first axis) of a .npy file: memory-mapped when local, one ranged
+  read per row from a bucket (an open file per thread, reopened in a forked worker)."""
+
+  def __init__(self, path: storage.PathLike):
+    self._path = os.fspath(path)
+    self._array = None
+    if not storage.is_remote(path):
+      self._array = np.load(self._path, mmap_mode='r')
+      self.shape = self._array.shape
+    else:
+      with storage.open_binary(path) as f:
+        self.shape, self._dtype, self._offset = _npy_header(f)
+      self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self._dtype.itemsize
+    self._local = threading.local()
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {k: v for k, v in self.__dict__.items() if k != '_local'}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state, _local=threading.local())
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if self._array is not None:
+      return np.array(self._array[index])
+    file = getattr(self._local, 'file', None)
+    if file is None:
+      file = self._local.file = storage.open_binary(self._path)
+    file.seek(self._offset + index * self._row_bytes)
+    data = file.read(self._row_bytes)
+    if len(data) != self._row_bytes:
+      raise DataError(f'{self._path} ends before row {index}; precompute again.')
+    return np.frombuffer(data, self._dtype).reshape(self.shape[1:])
+
+
 class _LatentRecords:
-  """Random access over precomputed latent shards (memory-mapped .npy files).
+  """Random access over precomputed latent shards (.npy files, see `NpyRows`).
 
   Record i is `{'x1': float32 [h, w, C], 'x_up': float32 [h, w, C]}`: the scaled latent of a
   high-res crop and of its low-res version brought to the same grid (written by precompute.py).
   """
 
   def __init__(self, path: str, shards: Sequence[dict[str, Any]]):
-    self._arrays = [(np.load(os.path.join(path, sh['x1']), mmap_mode='r'),
-                     np.load(os.path.join(path, sh['x_up']), mmap_mode='r')) for sh in shards]
+    self._arrays = [(NpyRows(storage.join(path, sh['x1'])),
+                     NpyRows(storage.join(path, sh['x_up']))) for sh in shards]
     self._ends = np.cumsum([len(a) for a, _ in self._arrays])
 
   def __len__(self) -> int:
@@ -448,17 +513,16 @@ class _LatentRecords:
     shard = int(np.searchsorted(self._ends, index, side='right'))
     offset = index - (int(self._ends[shard - 1]) if shard else 0)
     x1, x_up = self._arrays[shard]
-    return {'x1': np.array(x1[offset]), 'x_up': np.array(x_up[offset])}
+    return {'x1': x1[offset], 'x_up': x_up[offset]}
 
 
 def latents_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Reads and checks the metadata of the precomputed latents in `config.data.path`."""
-  path = os.path.join(config.data.path, LATENTS_METADATA)
-  if not os.path.isfile(path):
+  path = storage.path(config.data.path) / LATENTS_METADATA
+  if not path.is_file():
     raise DataError(f'{config.data.path!r} holds no {LATENTS_METADATA}; write precomputed latents '
                     'there with main.py --mode=precompute first.')
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(path.read_text())
   for field, wanted in (('high_res_size', config.data.high_res_size),
                         ('low_res_size', config.data.low_res_size),
                         ('upsampling_mode', config.flow.upsampling_mode)):

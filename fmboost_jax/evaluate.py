@@ -25,6 +25,7 @@ figure.png (matching crops of every method). The same config and checkpoints giv
 """
 
 import functools
+import io
 import json
 import os
 import sys
@@ -37,7 +38,16 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from fmboost_jax import config_checks, input_pipeline, metrics, sharding, upsampling, weights
+from fmboost_jax import (
+  config_checks,
+  input_pipeline,
+  metrics,
+  sharding,
+  storage,
+  upsampling,
+  weights,
+)
+from fmboost_jax import images as images_lib
 from fmboost_jax.errors import UserError
 from fmboost_jax.trained_model import TrainedModel, load, upsample_held_out
 
@@ -273,7 +283,9 @@ def sweep_plot(results: dict[str, Any], path: str) -> None:
     ax.set_title(headers[key])
   axes[0][0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=120, format='png')
+  storage.path(path).write_bytes(buffer.getvalue())
   plt.close(fig)
 
 
@@ -308,7 +320,7 @@ def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_
   draw = ImageDraw.Draw(canvas)
   for j, (name, _) in enumerate(columns):
     draw.text((j * cell + 3, 2), name, fill='black')
-  canvas.save(path)
+  images_lib.write_png(path, canvas)
 
 
 # ----------------------------------------------------------------------------- the mode
@@ -327,8 +339,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  mesh=mesh) for path in paths]
   for stage in stages:
     _check_compatible(stage, config)
-  outdir = os.path.join(workdir, 'eval')
-  os.makedirs(outdir, exist_ok=True)
+  outdir = storage.join(workdir, 'eval')
+  storage.path(outdir).mkdir(parents=True, exist_ok=True)
   # The held-out images of --config.data, read as the first checkpoint's first stage and flow
   # expect (precomputed latents are checked against what that checkpoint was trained with).
   data_config = ml_collections.ConfigDict(stages[0].config.to_dict())
@@ -381,15 +393,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'rows': rows,
       'nfe_sweep_nfe': list(config.eval.nfe_sweep), 'nfe_sweep': sweeps,
   }
-  with open(os.path.join(outdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  storage.path(storage.join(outdir, 'results.json')).write_text(json.dumps(results, indent=2))
   table = markdown(results)
-  with open(os.path.join(outdir, 'results.md'), 'w') as f:
-    f.write(table)
+  storage.path(storage.join(outdir, 'results.md')).write_text(table)
   if sweeps:
-    sweep_plot(results, os.path.join(outdir, 'nfe_sweep.png'))
+    sweep_plot(results, storage.join(outdir, 'nfe_sweep.png'))
   crops_figure(figure_columns, evaluator.boxes, config.eval.crop_size,
-               os.path.join(outdir, 'figure.png'))
+               storage.join(outdir, 'figure.png'))
   if failed:
     print(f'warning: the solver stopped before t=1 for {failed} images; raise '
           'config.sample.max_steps or loosen rtol/atol.', file=sys.stderr)

@@ -9,11 +9,14 @@ x / 127.5 - 1 gives float32 in [-1, 1].
 from __future__ import annotations
 
 import functools
+import io
 import os
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
+
+from fmboost_jax import storage
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
@@ -115,10 +118,18 @@ def decode_image_file(path: str | os.PathLike[str]) -> np.ndarray:
   Raises:
     OSError, ValueError, ...: Whatever Pillow raises for a non-image, corrupt or truncated file.
   """
-  with Image.open(path) as img:
+  with storage.open_binary(path) as file, Image.open(file) as img:
     img.load()  # Decodes every byte: truncated files raise here.
     img = ImageOps.exif_transpose(img)
     return pil_to_rgb_uint8(img)
+
+
+def write_png(path: str | os.PathLike[str], image: Image.Image | np.ndarray) -> None:
+  """Writes `image` (a PIL image, or uint8 [H, W, 3]) as a PNG file, on disk or in a bucket."""
+  image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  storage.path(path).write_bytes(buffer.getvalue())
 
 
 def normalize(image):

@@ -17,6 +17,7 @@ reads the files and writes the PNGs, figures and summary.
 """
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -26,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from fmboost_jax import (
   config_checks,
@@ -34,6 +34,7 @@ from fmboost_jax import (
   metrics,
   sampling,
   sharding,
+  storage,
   trained_model,
   upsampling,
 )
@@ -101,10 +102,12 @@ def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _latent_arrays(path: str) -> list[tuple[str, np.ndarray]]:
+  with storage.open_binary(path) as file:
+    loaded = np.load(io.BytesIO(file.read()), allow_pickle=False)
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as f:
+    with loaded as f:
       return [(key, f[key]) for key in f.files]
-  return [('', np.load(path, allow_pickle=False))]
+  return [('', loaded)]
 
 
 def _latents(path: str, first_stage, scaled: bool) -> list[tuple[str, str, np.ndarray]]:
@@ -122,14 +125,14 @@ def _latents(path: str, first_stage, scaled: bool) -> list[tuple[str, str, np.nd
 def _files(paths: list[str]) -> list[str]:
   files = []
   for path in paths:
-    if os.path.isdir(path):
-      found = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
-                     if n.lower().endswith(IMAGE_EXTENSIONS + LATENT_EXTENSIONS))
+    if storage.path(path).is_dir():
+      found = sorted(os.fspath(p) for p in storage.path(path).rglob('*')
+                     if p.name.lower().endswith(IMAGE_EXTENSIONS + LATENT_EXTENSIONS))
       if not found:
         raise UserError(f'the input folder {path} holds no images ({", ".join(IMAGE_EXTENSIONS)}) '
                         'or latents (.npy, .npz).')
       files.extend(found)
-    elif os.path.isfile(path):
+    elif storage.path(path).is_file():
       files.append(path)
     else:
       raise UserError(f'the input {path} does not exist; pass files or folders with --inputs.')
@@ -193,7 +196,7 @@ def _progress(done: int, total: int, seconds: float) -> None:
 
 
 def _save_png(path: str, image: np.ndarray) -> None:
-  Image.fromarray(np.asarray(metrics.to_uint8(image))).save(path)
+  images.write_png(path, metrics.to_uint8(image))
 
 
 def _figure(low_res: np.ndarray, output: np.ndarray, trajectory: list[np.ndarray]) -> np.ndarray:
@@ -220,7 +223,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
             for path, settings in stage_settings(s, workdir)]
   cascade = trained_model.Cascade(models)
   inputs = collect_inputs(input_paths, cascade.first_stage, s)
-  os.makedirs(os.path.join(outdir, 'figures') if s.figure else outdir, exist_ok=True)
+  storage.path(storage.join(outdir, 'figures') if s.figure else outdir).mkdir(parents=True,
+                                                                              exist_ok=True)
 
   records: list[dict[str, Any]] = [{} for _ in inputs]
   done, total_seconds = 0, 0.0
@@ -230,7 +234,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
     items = [inputs[i] for i in ids]
     total_seconds += batch.seconds
     for j, item in enumerate(items):
-      _save_png(os.path.join(outdir, f'{item.name}.png'), batch.images[j])
+      _save_png(storage.join(outdir, f'{item.name}.png'), batch.images[j])
       records[ids[j]] = {
           'input': item.source, 'output': f'{item.name}.png', 'kind': item.kind,
           'input_size': list(item.array.shape[:2]), 'output_size': list(batch.images.shape[1:3]),
@@ -241,7 +245,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
       if items[0].kind == 'latent':
         low_res = np.asarray(cascade.decode(low_res, tiled=False))
       for j, item in enumerate(items):
-        _save_png(os.path.join(outdir, 'figures', f'{item.name}.png'),
+        _save_png(storage.join(outdir, 'figures', f'{item.name}.png'),
                   _figure(low_res[j], batch.images[j], [f[j] for f in batch.trajectory]))
     done += len(items)
     _progress(done, len(inputs), total_seconds)
@@ -260,9 +264,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
       'mean_nfe': [float(np.mean([r['nfe'][k] for r in records])) for k in range(len(models))],
       'images': records,
   }
-  with open(os.path.join(outdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  storage.path(storage.join(outdir, 'summary.json')).write_text(json.dumps(summary, indent=2))
   print(f'Boosted {len(inputs)} inputs into {outdir} ({summary["seconds_per_image"]:.3f} s/image '
         f'after {cascade.compile_seconds:.1f} s of compilation, mean NFE {summary["mean_nfe"]}); '
-        f'per-image times and NFE in {os.path.join(outdir, "summary.json")}.')
+        f'per-image times and NFE in {storage.join(outdir, "summary.json")}.')
   return summary

@@ -19,7 +19,6 @@ on every process and run.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fmboost_jax import storage
 from fmboost_jax.data_sources import (
   HOLDOUTS,
   LATENTS_VALIDATION,
@@ -35,6 +35,7 @@ from fmboost_jax.data_sources import (
   Geometry,
   _LatentRecords,
   latents_metadata,
+  load_npy,
   open_images,
 )
 from fmboost_jax.images import normalize
@@ -265,7 +266,7 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
   size, wanted = data.high_res_size, data.num_val_images
   if data.source == 'latents':
     latents_metadata(config)
-    tiles = np.load(os.path.join(data.path, LATENTS_VALIDATION), mmap_mode='r')
+    tiles = load_npy(storage.join(data.path, LATENTS_VALIDATION))
     if len(tiles) < wanted:
       raise DataError(f'{data.path!r} holds {len(tiles)} validation images, fewer than '
                       f'config.data.num_val_images={wanted}; lower it or precompute again.')

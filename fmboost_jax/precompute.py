@@ -11,7 +11,8 @@ A job at scale: run it in every process of a `jax.distributed` job (the same fla
 DIR on storage that every host sees). The images are cut into shards of whole images (shard j holds
 the crops of images [j m, (j + 1) m), m = max(1, shard_size // crops_per_image)); process p encodes
 the shards j = p, p + P, ..., batched over its own devices, and writes each one under a temporary
-name that is renamed when complete. A killed precompute started again resumes: finished shards are
+name that is renamed when complete (in a bucket, an object appears only when complete). A killed
+precompute started again resumes: finished shards are
 kept and skipped. `precompute.json`, written before any shard, names the dataset (its files) and
 every setting the latents depend on; a DIR holding another dataset's or setting's shards is refused.
 After a barrier, process 0 checks that every shard is there and writes `metadata.json`.
@@ -19,8 +20,8 @@ After a barrier, process 0 checks that every shard is there and writes `metadata
 
 import concurrent.futures
 import hashlib
+import io
 import json
-import os
 import time
 
 import jax
@@ -36,6 +37,7 @@ from fmboost_jax import (
   first_stages,
   input_pipeline,
   sharding,
+  storage,
   upsampling,
 )
 from fmboost_jax.errors import UserError
@@ -43,17 +45,14 @@ from fmboost_jax.errors import UserError
 MANIFEST = 'precompute.json'
 
 
-def _atomic_save(path: str, array: np.ndarray) -> None:
-  temporary = f'{path}.tmp-{os.getpid()}.npy'
-  np.save(temporary, array)
-  os.replace(temporary, path)
+def _atomic_save(path: storage.Path, array: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  storage.write_bytes_atomically(path, buffer.getvalue())
 
 
-def _atomic_json(path: str, value) -> None:
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'w') as f:
-    json.dump(value, f, indent=2, default=list)
-  os.replace(temporary, path)
+def _atomic_json(path: storage.Path, value) -> None:
+  storage.write_text_atomically(path, json.dumps(value, indent=2, default=list))
 
 
 def shard_names(index: int) -> dict[str, str]:
@@ -65,8 +64,7 @@ def manifest(config: ml_collections.ConfigDict, images) -> dict:
   for the bundled photographs and tfds)."""
   data = config.data
   paths = getattr(images, 'paths', None)
-  root = os.path.realpath(data.path) if data.source == 'folder' else ''
-  files = [os.path.relpath(p, root) for p in paths] if paths is not None else []
+  files = [storage.relative(p, data.path) for p in paths] if paths is not None else []
   return {
       'source': {k: data[k] for k in ('source', 'tfds_name', 'tfds_split', 'holdout', 'val_path',
                                       'val_fraction', 'resize_small', 'max_pixels')},
@@ -97,19 +95,18 @@ def crops(config: ml_collections.ConfigDict, images=None, indices=None):
       yield crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
-def _check_output(workdir: str, wanted: dict) -> bool:
+def _check_output(workdir: storage.Path, wanted: dict) -> bool:
   """True when `workdir` holds a finished or partial precompute of `wanted`; False when it is new
   or empty; a UserError for anything else (read-only: every process checks the same)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if workdir.exists() and not workdir.is_dir():
     raise UserError(f'the output {workdir} is a file; choose a folder for --workdir.')
-  if not os.path.isdir(workdir) or not os.listdir(workdir):
+  if not workdir.is_dir() or not any(workdir.iterdir()):
     return False
-  path = os.path.join(workdir, MANIFEST)
-  if not os.path.isfile(path):
+  path = workdir / MANIFEST
+  if not path.is_file():
     raise UserError(f'the output directory {workdir} is not empty and holds no {MANIFEST} of a '
                     'precompute; choose a new --workdir.')
-  with open(path) as f:
-    found = json.load(f)
+  found = json.loads(path.read_text())
   found, wanted = json.loads(json.dumps(found)), json.loads(json.dumps(wanted, default=list))
   differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
   if differ:
@@ -143,7 +140,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes this process's shards of config.data's latents to `workdir`; returns the metadata."""
   config_checks.check(config, 'precompute')
   p = config.precompute
-  workdir = os.path.abspath(workdir)
+  workdir = storage.path(workdir)
   images = data_sources.open_images(config, 'train')
   wanted = manifest(config, images)
   resuming = _check_output(workdir, wanted)
@@ -151,9 +148,9 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   process, count = jax.process_index(), jax.process_count()
   multihost_utils.sync_global_devices('precompute: output checked')
   try:
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     if process == 0 and not resuming:
-      _atomic_json(os.path.join(workdir, MANIFEST), wanted)
+      _atomic_json(workdir / MANIFEST, wanted)
   except OSError as e:
     raise UserError(f'cannot write to {workdir} ({e.strerror}); choose a writable --workdir.') \
         from None
@@ -161,7 +158,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   per_shard = max(1, p.shard_size // p.crops_per_image)
   num_shards = -(-len(images) // per_shard)
   mine = [j for j in range(process, num_shards, count)]
-  todo = [j for j in mine if not all(os.path.isfile(os.path.join(workdir, name))
+  todo = [j for j in mine if not all((workdir / name).is_file()
                                      for name in shard_names(j).values())]
   logging.info('Precompute: %d images in %d shards; process %d of %d has %d shards, %d of them '
                'done already.', len(images), num_shards, process, count, len(mine),
@@ -193,30 +190,29 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         'image left; an image changed on disk since the scan: precompute again.')
       x1, x_up = encode_all(crop_list)
       names = shard_names(j)
-      _atomic_save(os.path.join(workdir, names['x_up']), x_up)
-      _atomic_save(os.path.join(workdir, names['x1']), x1)  # Written last: marks the shard done.
+      _atomic_save(workdir / names['x_up'], x_up)
+      _atomic_save(workdir / names['x1'], x1)  # Written last: marks the shard done.
       done_images += len(indices)
       seconds = time.perf_counter() - t0
       logging.info('Precompute, process %d: shard %d (%d of %d here), %d records; %.2f images/s.',
                    process, j, n + 1, len(todo), len(x1), done_images / seconds)
 
-  if process == 0 and not os.path.isfile(os.path.join(workdir, data_sources.LATENTS_VALIDATION)):
-    _atomic_save(os.path.join(workdir, data_sources.LATENTS_VALIDATION),
+  if process == 0 and not (workdir / data_sources.LATENTS_VALIDATION).is_file():
+    _atomic_save(workdir / data_sources.LATENTS_VALIDATION,
                  input_pipeline.validation_images(config))
   multihost_utils.sync_global_devices('precompute: shards written')
-  meta_path = os.path.join(workdir, data_sources.LATENTS_METADATA)
+  meta_path = workdir / data_sources.LATENTS_METADATA
   if process != 0:
     return {'num_records': None, 'shards': [shard_names(j) for j in mine]}
   shards = []
   for j in range(num_shards):
     names = shard_names(j)
-    if not all(os.path.isfile(os.path.join(workdir, name)) for name in names.values()):
+    if not all((workdir / name).is_file() for name in names.values()):
       raise UserError(f'shard {j} is missing in {workdir} after every process finished; '
                       'precompute on storage that every host sees, and start it again to '
                       'finish (finished shards are kept).')
-    shards.append({**names, 'count': len(np.load(os.path.join(workdir, names['x1']),
-                                                    mmap_mode='r'))})
-  latent_shape = list(np.load(os.path.join(workdir, shards[0]['x1']), mmap_mode='r').shape[1:])
+    shards.append({**names, 'count': data_sources.npy_shape(workdir / names['x1'])[0]})
+  latent_shape = list(data_sources.npy_shape(workdir / shards[0]['x1'])[1:])
   meta = {
       'num_records': sum(s['count'] for s in shards),
       'shards': shards,
@@ -226,8 +222,8 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'first_stage_weights': config.first_stage.weights,
       'source': {**wanted['source'], 'path': config.data.path},
       'num_images': len(images),
-      'num_validation_images': int(np.load(os.path.join(
-          workdir, data_sources.LATENTS_VALIDATION), mmap_mode='r').shape[0]),
+      'num_validation_images': data_sources.npy_shape(
+          workdir / data_sources.LATENTS_VALIDATION)[0],
   }
   _atomic_json(meta_path, meta)
   return meta

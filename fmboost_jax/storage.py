@@ -14,9 +14,13 @@ and emulators alike.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault('EPATH_USE_TF', 'false')
@@ -44,6 +48,17 @@ def path(value: PathLike) -> epath.Path:
   """`value` as a Path: a bucket path as it is, a local path made absolute (Orbax needs that)."""
   text = os.fspath(value)
   return epath.Path(text if is_remote(text) else os.path.abspath(text))
+
+
+def relative(file: PathLike, root: PathLike) -> str:
+  """`file`'s path below the folder `root`, '/'-separated (local paths resolved as os.path does)."""
+  file, root = os.fspath(file), os.fspath(root)
+  if is_remote(file) or is_remote(root):
+    prefix = root.rstrip('/') + '/'
+    if not file.startswith(prefix):
+      raise ValueError(f'{file} is not below {root}')
+    return file[len(prefix):]
+  return os.path.relpath(file, root).replace(os.sep, '/')
 
 
 def join(base: PathLike, *parts: str) -> str:
@@ -83,6 +98,21 @@ def read_bytes(source: PathLike, offset: int = 0, size: int | None = None) -> by
 def open_binary(source: PathLike) -> io.BufferedIOBase | Any:
   """`source` opened for reading bytes (a local file, or a bucket object read in ranges)."""
   return path(source).open('rb')
+
+
+@contextlib.contextmanager
+def local_copy(source: PathLike) -> Iterator[str]:
+  """A local file name holding `source`'s bytes: `source` itself when local, else a temporary copy
+  (for readers that need a real file, e.g. safetensors' memory map), removed afterwards."""
+  if not is_remote(source):
+    yield os.fspath(source)
+    return
+  name = path(source).name
+  with tempfile.TemporaryDirectory(prefix='fmboost_jax-') as folder:
+    local = os.path.join(folder, name)
+    with open_binary(source) as f, open(local, 'wb') as out:
+      shutil.copyfileobj(f, out, 16 << 20)
+    yield local
 
 
 def check_bucket(value: PathLike, what: str) -> None:

@@ -6,7 +6,6 @@ sampling.py, upsampling.py and models/.
 
 import dataclasses
 import json
-import os
 import signal
 import time
 from typing import Any
@@ -20,7 +19,6 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from fmboost_jax import (
   accelerators,
@@ -32,10 +30,12 @@ from fmboost_jax import (
   input_pipeline,
   metrics,
   sharding,
+  storage,
   summaries,
   trained_model,
   upsampling,
 )
+from fmboost_jax import images as images_lib
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import backends, layers
 
@@ -321,7 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   programs = step_programs(config, mesh, first_stage_graphdef, first_stage_params,
                            first_stage.channels, tx, init_key, train_key)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  checkpointer = checkpointing.Checkpointer(storage.join(workdir, 'checkpoints'),
                                             keep=config.train.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -403,15 +403,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
       grid = image_grid(grid_columns)
       writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
-      os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-      Image.fromarray(grid).save(os.path.join(workdir, 'samples', f'step_{step:07d}.png'))
-      with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump({'step': step, 'num_images': len(val_images), **scores}, f, indent=2)
-      with open(os.path.join(workdir, 'results.md'), 'w') as f:
-        f.write(f'Held-out images: {len(val_images)}, step {step}, solver '
-                f'{config.sample.solver} with {config.sample.nfe} NFE, '
-                f"{'EMA' if config.ema.use_for_sampling else 'online'} weights.\n\n")
-        f.write(results_table(scores) + '\n')
+      storage.path(storage.join(workdir, 'samples')).mkdir(parents=True, exist_ok=True)
+      images_lib.write_png(storage.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
+      storage.path(storage.join(workdir, 'results.json')).write_text(json.dumps(
+          {'step': step, 'num_images': len(val_images), **scores}, indent=2))
+      storage.path(storage.join(workdir, 'results.md')).write_text(
+          f'Held-out images: {len(val_images)}, step {step}, solver '
+          f'{config.sample.solver} with {config.sample.nfe} NFE, '
+          f"{'EMA' if config.ema.use_for_sampling else 'online'} weights.\n\n"
+          + results_table(scores) + '\n')
     return scores
 
   def save():
@@ -425,7 +425,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     while step < config.train.num_steps:
       if step == profile_start and config.train.profile_steps > 0:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        jax.profiler.start_trace(storage.join(workdir, 'profile'))
       batch = sharding.global_batch(next(train_iter), mesh)  # The step's one host-to-device copy.
       # Inputs already on the devices: an implicit transfer (a hidden host sync) is an error.
       with jax.transfer_guard('disallow'):
@@ -435,7 +435,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         logging.info('Wrote a profiler trace of steps %d-%d to %s.', profile_start + 1, step,
-                     os.path.join(workdir, 'profile'))
+                     storage.join(workdir, 'profile'))
       pending.append(measurements)
       if step == profile_start:  # The throughput clock starts once the first step has run.
         jax.block_until_ready(measurements)

@@ -43,6 +43,7 @@ from fmboost_jax import (
   metrics,
   sampling,
   sharding,
+  storage,
   upsampling,
 )
 from fmboost_jax.errors import UserError
@@ -141,7 +142,7 @@ class TrainedModel:
       raise UserError(f'export dtype {dtype!r} is unknown; use float32 or bfloat16.')
     params = jax.tree.map(lambda x: x.astype(dtype), self.params)
     checkpointing.write_export(directory, params, self.config,
-                               {'step': self.step, 'source': os.path.abspath(self.path),
+                               {'step': self.step, 'source': os.fspath(storage.path(self.path)),
                                 'dtype': dtype})
     return directory
 
@@ -165,7 +166,7 @@ def with_first_stage_weights(config: ml_collections.ConfigDict, weights: str, pa
   if weights:
     config.first_stage.weights = weights
   elif (must_exist and config.first_stage.name != 'identity' and config.first_stage.weights
-        and not os.path.exists(config.first_stage.weights)):
+        and not storage.path(config.first_stage.weights).exists()):
     raise UserError(
         f'{path} was trained with the first-stage weights {config.first_stage.weights}, which '
         f'no longer exist there; pass the same autoencoder with {WEIGHTS_FLAG}=PATH.')
@@ -185,7 +186,7 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
     saved_config, info = checkpointing.read_export_config(path)
     step = info['step']
   else:
-    directory = os.path.join(path, 'checkpoints')
+    directory = storage.join(path, 'checkpoints')
     step = checkpointing.latest_step(directory)
     if step is None:
       raise UserError(f'{path} holds no checkpoint (nothing in {directory}); point --workdir (or a '

@@ -36,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
-from fmboost_jax import errors, orbax_logs, torch_files
+from fmboost_jax import errors, orbax_logs, storage, torch_files
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import inception, layers
 
@@ -123,22 +124,22 @@ def _listing(keys: list[str], limit: int = 6) -> str:
   return f'{shown}{more}'
 
 
-def _resolve_path(path: str | os.PathLike) -> str:
-  path = os.fspath(path)
-  if os.path.isdir(path):
+def _resolve_path(value: str | os.PathLike) -> str:
+  path = epath.Path(os.fspath(value))
+  if path.is_dir():
     # The float32 file first; the hub's float16 variant (widened to float32) only when it is alone.
-    for folder in (path, os.path.join(path, 'vae')):
+    for folder in (path, path / 'vae'):
       for name in (DIFFUSERS_FILENAME, DIFFUSERS_FP16_FILENAME):
-        if os.path.isfile(os.path.join(folder, name)):
-          return os.path.join(folder, name)
-    raise UserError(f'weights directory {path} holds no {DIFFUSERS_FILENAME} or '
+        if (folder / name).is_file():
+          return os.fspath(folder / name)
+    raise UserError(f'weights directory {value} holds no {DIFFUSERS_FILENAME} or '
                     f'{DIFFUSERS_FP16_FILENAME} (nor a vae/ folder with one); point '
                     'config.first_stage.weights at the .ckpt or .safetensors file itself.')
-  if not os.path.isfile(path):
-    raise UserError(f'autoencoder weights file {path} does not exist; set '
+  if not path.is_file():
+    raise UserError(f'autoencoder weights file {value} does not exist; set '
                     'config.first_stage.weights to an SD VAE .ckpt or diffusers '
                     f'{DIFFUSERS_FILENAME}.')
-  return path
+  return os.fspath(path)
 
 
 def _is_safetensors(path: str) -> bool:
@@ -174,12 +175,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     The state dict (unwrapped from `'state_dict'`), with numpy arrays for tensors.
   """
   path = _resolve_path(path)
-  if _is_safetensors(path):
-    return _read_safetensors(path)
-  if path.endswith('.safetensors'):
-    raise UserError(f'{path} is not a safetensors file (its header is not a safetensors header); '
-                    'the file may be truncated or corrupt, so download or convert it again.')
-  return torch_files.read_torch(path)
+  with storage.local_copy(path) as local:
+    if _is_safetensors(local):
+      return _read_safetensors(local)
+    if path.endswith('.safetensors'):
+      raise UserError(f'{path} is not a safetensors file (its header is not a safetensors '
+                      'header); the file may be truncated or corrupt, so download or convert it '
+                      'again.')
+    return torch_files.read_torch(local)
 
 
 def autoencoder_state_dict(raw: Mapping[str, Any],
@@ -268,7 +271,7 @@ def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: A
   target = model_or_abstract_state
   if isinstance(target, nnx.Module):
     target = nnx.state(target, nnx.Param)
-  if os.path.isfile(os.path.join(os.fspath(path), ORBAX_MARKER)):
+  if (storage.path(path) / ORBAX_MARKER).is_file():
     return _load_flax_checkpoint(os.fspath(path), target)
   flat = list(nnx.to_flat_state(target))
   down = {p[2] for p, _ in flat if p[:2] == ('encoder', 'down') and len(p) > 2}
@@ -296,20 +299,20 @@ def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
 
   The directory must not exist or be empty, so a conversion never overwrites anything.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(directory) and os.listdir(directory):
+  directory = storage.path(directory)
+  if directory.exists() and any(directory.iterdir()):
     raise UserError(f'the output directory {directory} is not empty; choose a new --workdir for '
                     'the converted weights.')
-  if os.path.isdir(directory):
-    os.rmdir(directory)  # Orbax writes the directory itself.
+  if directory.is_dir():
+    directory.rmdir()  # Orbax writes the directory itself.
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, nnx.to_pure_dict(state))
-  return directory
+  return os.fspath(directory)
 
 
 def _load_flax_checkpoint(directory: str, target: nnx.State) -> nnx.State:
   """Restores a `save_flax_checkpoint` directory onto the structure and shapes of `target`."""
-  directory = os.path.abspath(directory)
+  directory = storage.path(directory)
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
                           nnx.to_pure_dict(target))
   # Restored as host arrays, whatever devices saved them: in any process of any job.
@@ -370,7 +373,7 @@ def load_inception_weights(path: str | os.PathLike, model_or_abstract_state: Any
   if isinstance(target, nnx.Module):
     target = nnx.state(target)
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise UserError(f'Inception weights file {path} does not exist; {_INCEPTION_HINT}.')
   raw = read_state_dict(path)
   state = {k: v for k, v in raw.items() if not _inception_ignored(k)}
