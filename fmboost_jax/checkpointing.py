@@ -165,7 +165,7 @@ class Checkpointer:
       self._pending = None
       return
     step, self._pending = self._pending, None
-    if not (self._path / str(step)).is_dir():
+    if step not in _steps(self._path):
       self._fail(step, self._background.first)
 
   def wait(self) -> None:
@@ -206,17 +206,15 @@ class Checkpointer:
 
 
 def latest_step(directory: str) -> int | None:
-  """The newest complete checkpoint in `directory` (Orbax renames a step's directory to its number
-  only once it is fully written), or None."""
+  """The newest complete checkpoint in `directory`, or None."""
   steps = _steps(storage.path(directory))
   return steps[-1] if steps else None
 
 
 def _steps(directory: storage.Path) -> list[int]:
-  """The complete checkpoints' steps in `directory`, ascending."""
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  """The finished checkpoints' steps in `directory`, ascending (Orbax's test: a renamed step folder
+  on disks, a commit marker in buckets)."""
+  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def restore_config(directory: str, step: int) -> ml_collections.ConfigDict:
