@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -450,3 +451,28 @@ def test_one_process_saves_replicated_arrays_without_slicing_programs(tmp_path, 
   restored = checkpointing.restore_subtree(str(tmp_path), 1, 'ema_params', abstract)
   for k, v in params.items():
     np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))
+
+
+@pytest.mark.slow
+def test_the_readmes_own_images_command_trains_on_a_folder_of_photographs(tmp_path):
+  """README's "Your own images" command, cut to 2 steps, on three bundled photographs written as
+  JPEGs into nested folders plus one too small: it trains the demo's 16 -> 32 px crops on them."""
+  from PIL import Image  # noqa: PLC0415
+
+  from fmboost_jax import images  # noqa: PLC0415
+
+  photos = tmp_path / 'photos'
+  (photos / 'trip').mkdir(parents=True)
+  for name, image in images.load_skimage_photos()[:3]:
+    Image.fromarray(image).save(photos / 'trip' / f'{name}.jpg')
+  Image.new('RGB', (40, 40)).save(photos / 'tiny.png')  # Below 64x32 px: skipped and counted.
+  [command] = runs.readme_commands('own images')
+  argv = [a.replace('/data/photos', str(photos)).replace('workdirs/mine', str(tmp_path / 'mine'))
+          for a in command]
+  assert argv[:2] == ['.venv/bin/python', 'main.py']
+  proc = subprocess.run([sys.executable, *argv[1:], '--config.train.num_steps=2', runs.NO_EVAL],
+                        cwd=runs.ROOT, env=runs.env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f'Image folder {photos}: 3 usable, 0 unreadable, 1 too small (below 64x32 px'
+          in proc.stderr)
+  assert runs.checkpoint_steps(tmp_path / 'mine') == [2]
