@@ -90,12 +90,13 @@ def upsample_held_out(graphdef: nnx.GraphDef, params, first_stage: first_stages.
                       targets: jax.Array,
                       key: jax.Array) -> tuple[jax.Array, jax.Array, sampling.Solution]:
   """Held-out images [B, S, S, 3] -> (their low-res input, the model's [B, S, S, 3], Solution),
-  as `config` trained, with `sample`'s solver settings; a pure function to jit."""
+  as `config` trained, with `sample`'s solver settings; a pure function to jit. The model's latents
+  are decoded as sampling decodes them, in tiles (bounded memory at 1024 px and above)."""
   low_res = upsampling.low_res_images(targets, config.data.low_res_size)
   grid = (targets.shape[1] // first_stage.factor, targets.shape[2] // first_stage.factor)
   solution = lift(graphdef, params, first_stage, config, sample, grid, key,
                   low_res_images=low_res)
-  return low_res, first_stage.decode(solution.x1), solution
+  return low_res, first_stage.decode_tiled(solution.x1), solution
 
 
 # ----------------------------------------------------------------------------- restoring
