@@ -65,3 +65,10 @@ def test_compile_targets_benchmark_tables_what_fits(tmp_path):
   assert r['largest_batches'] == [
       f'- h100:1, fsdp=1, remat=none: {slope / 2**30:.2f} GiB per sample; at most about '
       f'{estimate} per device fit.']
+
+
+def test_summaries_benchmark_stores_the_grid_downscaled(tmp_path):
+  r = _run('summaries.py', '--height=4096', '--width=2048', '--repeats=1', tmp_path=tmp_path)
+  assert r['grid'] == '4096x2048' and r['stored_image_width_height'] == [[1024, 2048]]
+  assert 0 < r['write_images_s'] <= r['written_s']
+  assert r['crc_native_mb_s'] > r['crc_python_mb_s'] > 0
