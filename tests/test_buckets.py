@@ -66,6 +66,12 @@ def emulator(tmp_path_factory):
   server.close()
 
 
+def _json(emulator, name: str):
+  """The JSON object gs://runs/NAME, read from the emulator's storage."""
+  with open(emulator.object('runs', name)) as f:
+    return json.load(f)
+
+
 def _main(mode: str, *flags: str) -> list[str]:
   return [sys.executable, 'main.py', f'--mode={mode}', '--config=configs/default.py', *flags]
 
@@ -100,7 +106,7 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   assert os.path.isfile(emulator.object('runs', 'weights/sd_vae/_CHECKPOINT_METADATA'))
   # 2. Precompute in 2 processes from the bucket's photographs into the bucket.
   run('precompute', command(1))
-  meta = json.loads(open(emulator.object('runs', 'latents/photos/metadata.json')).read())
+  meta = _json(emulator, 'latents/photos/metadata.json')
   assert meta['num_records'] == meta['num_images'] == 7 - len(held)
   assert meta['latent_shape'] == [16, 16, 4] and meta['source']['path'] == 'gs://data/photos'
   assert np.load(emulator.object('runs', 'latents/photos/validation_images.npy')).shape == (
@@ -130,7 +136,7 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
              '--config.first_stage.weights=gs://runs/weights/sd_vae'),
       *SIZES['train'], *SMALL, '--config.train.num_steps=2', '--config.train.eval_every=2',
       '--config.train.checkpoint_every=2'])
-  scores = json.loads(open(emulator.object('runs', 'workdirs/images/results.json')).read())
+  scores = _json(emulator, 'workdirs/images/results.json')
   assert scores['step'] == 2 and scores['num_images'] == 2 and np.isfinite(scores['psnr_model'])
   grid = Image.open(emulator.object('runs', 'workdirs/images/samples/step_0000002.png'))
   assert grid.size == (4 * 128, 2 * 128)
@@ -139,13 +145,13 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   assert events
   # 4. Evaluate the bucket workdir on the bucket's held-out latents.
   run('evaluate', command(3))
-  results = json.loads(open(emulator.object('runs', 'workdirs/paper/eval/results.json')).read())
+  results = _json(emulator, 'workdirs/paper/eval/results.json')
   assert [r['method'] for r in results['rows']] == ['bilinear', 'CFM']
   assert results['num_images'] == 2 and results['image_size'] == 128
   assert os.path.isfile(emulator.object('runs', 'workdirs/paper/eval/figure.png'))
   # Export the workdir into the bucket (the second stage of the cascade below).
   run('export', _main('export', '--workdir=gs://runs/workdirs/paper', '--outdir=gs://runs/export'))
-  info = json.loads(open(emulator.object('runs', 'export/export.json')).read())
+  info = _json(emulator, 'export/export.json')
   assert info['step'] == 6 and info['source'] == 'gs://runs/workdirs/paper'
   # 5. Sample the bucket's 64 px image and 8^2 latent to 128 px into the bucket.
   run('sample', command(4))
@@ -153,7 +159,7 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
     assert Image.open(emulator.object('runs', f'boosted/1024/{name}.png')).size == (128, 128)
   # 6. The cascade of the workdir and the export: 64 -> 128 -> 256 px.
   run('cascade', command(5))
-  summary = json.loads(open(emulator.object('runs', 'boosted/2048/summary.json')).read())
+  summary = _json(emulator, 'boosted/2048/summary.json')
   assert [s['workdir'] for s in summary['stages']] == ['gs://runs/workdirs/paper',
                                                       'gs://runs/export']
   assert Image.open(emulator.object('runs', 'boosted/2048/astronaut.png')).size == (256, 256)
