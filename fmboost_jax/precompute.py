@@ -102,8 +102,8 @@ def _check_output(workdir: str, wanted: dict) -> bool:
   or empty; a UserError for anything else (read-only: every process checks the same)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'the output {workdir} is a file; choose a folder for --workdir.')
-  if not os.path.isdir(workdir) or not os.listdir(workdir):
-    return False
+  if not os.path.isdir(workdir) or not set(os.listdir(workdir)) - {data_sources.INDEX_FOLDER}:
+    return False  # New, or holding only the index of the image folder (config.data.index_dir).
   path = os.path.join(workdir, MANIFEST)
   if not os.path.isfile(path):
     raise UserError(f'the output directory {workdir} is not empty and holds no {MANIFEST} of a '

@@ -65,3 +65,12 @@ def test_compile_targets_benchmark_tables_what_fits(tmp_path):
   assert r['largest_batches'] == [
       f'- h100:1, fsdp=1, remat=none: {slope / 2**30:.2f} GiB per sample; at most about '
       f'{estimate} per device fit.']
+
+
+def test_folder_scan_benchmark_reads_no_header_at_a_warm_start(tmp_path):
+  r = _run('folder_scan.py', '--smoke', f'--tmp={tmp_path}', tmp_path=tmp_path)
+  assert r['index'] and r['num_images'] == 40
+  assert {row['case']: row['probed'] for row in r['rows']} == {
+      'cold': [40], 'warm': [0], 'one changed': [1]}
+  assert all(row['seconds_median'] > 0 for row in r['rows'])
+  assert [p.name for p in tmp_path.iterdir()] == ['folder_scan.py.json']  # Its files are gone.
