@@ -287,6 +287,8 @@ def main(argv):
       config_checks.check_platform(FLAGS.config.train.get('platform', 'any'), backend, kind)
     check_paths(FLAGS.config, FLAGS.mode)
     created = ensure_writable(outdir)
+    if FLAGS.mode in ('train', 'evaluate', 'precompute') and not FLAGS.config.data.index_dir:
+      FLAGS.config.data.index_dir = outdir  # The folder source's index of image sizes.
     if FLAGS.mode == 'train':
       from fmboost_jax import train  # noqa: PLC0415
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -16,13 +16,15 @@ if [[ $EUID -ne 0 ]]; then
   echo "error: .ci/newest_stack.sh needs root (debootstrap, chroot, mount); run it as root." >&2
   exit 1
 fi
-if [[ ! -x $root/usr/bin/python3 ]]; then
+if [[ ! -x $root/usr/bin/python3 || ! -x $root/usr/bin/strace ]]; then
   command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
   # Debian's mirror as this machine's apt uses it.
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null \
            || true)
   rm -rf "$root"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+  # strace and iproute2: the bucket tests' loopback-only network namespace (tests/buckets.py).
+  debootstrap --variant=minbase \
+    --include=python3,python3-venv,python3-pip,ca-certificates,strace,iproute2 \
     trixie "$root" "${mirror:-http://deb.debian.org/debian}" >/dev/null
 fi
 # Name resolution (gloo looks up the host name; pip the package index) and this machine's CAs.

@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.resize_small = False
   # Images with more pixels are skipped (and counted) without being decoded.
   config.data.max_pixels = 64_000_000
+  # Where the folder source keeps its index of image sizes, so that a restart reads the headers of
+  # new and changed files only (local or gs://); '' = the --workdir of train, evaluate and
+  # precompute (main.py), none elsewhere.
+  config.data.index_dir = ''
   config.data.high_res_size = 1024
   config.data.low_res_size = 512
   config.data.batch_size = 64  # Global, over all processes and devices.

@@ -17,10 +17,12 @@ Images above `config.data.max_pixels` are skipped and counted without ever being
 Sources (`config.data.source`):
   * 'skimage': colour and grayscale photographs bundled inside scikit-image (no download), decoded
     once and cached in memory.
-  * 'folder': every .jpg/.jpeg/.png/.webp/.bmp file under `config.data.path` (recursive,
-    case-insensitive, symlinks followed). Each file is fully decoded once at start-up to drop
-    unreadable (non-image, corrupt, truncated), too small and too large files; training decodes
-    lazily.
+  * 'folder': every .jpg/.jpeg/.png/.webp/.bmp file under `config.data.path` (a local folder or a
+    gs:// URL; recursive, case-insensitive, local symlinks followed). At start-up the header of
+    each file (size, mode; nothing is decoded) sorts out non-images and too small and too large
+    images; an index in `config.data.index_dir` (main.py: the workdir) keeps the sizes, so a restart
+    reads the headers of new and changed files only. Training decodes lazily; a file whose pixel
+    data turns out truncated or corrupt is replaced by another image and counted.
   * 'tfds': `tfds.data_source(config.data.tfds_name, ...)` (random access, ArrayRecord), its 'image'
     feature, decoded lazily; too small images are skipped on the fly. Nothing is ever downloaded.
   * 'latents': the (x1, x_up) shards written by `main.py --mode=precompute` (`_LatentRecords`),
@@ -32,10 +34,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import json
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -51,6 +53,9 @@ from fmboost_jax import errors, images, storage
 SOURCES = ('skimage', 'folder', 'tfds', 'latents')
 HOLDOUTS = ('images', 'strips')
 LATENTS_METADATA = 'metadata.json'
+# The folder of `config.data.index_dir` (by default the workdir) that holds the folder source's
+# indexes of image sizes (`scan_image_folder`).
+INDEX_FOLDER = 'folder_index'
 LATENTS_VALIDATION = 'validation_images.npy'
 # The first-stage settings a precomputed dataset must share with the config that trains on it.
 LATENTS_FIRST_STAGE_FIELDS = ('name', 'ch', 'ch_mult', 'num_res_blocks', 'z_channels',
@@ -156,10 +161,14 @@ class FolderScan:
   Attributes:
     root: The scanned folder.
     usable: [(path, height, width)] of usable images (`Geometry.usable`), sorted by path.
-    unreadable: [(path, error message)] of files with an image extension that failed to decode.
-    too_small: [(path, height, width)] of decodable images below the geometry's minimum.
-    too_large: [(path, height, width)] of images above `max_pixels` (never decoded).
-    num_ignored: Files without an image extension (not decoded).
+    unreadable: [(path, error message)] of files with an image extension whose header Pillow
+      cannot read (not an image, or not one it knows).
+    too_small: [(path, height, width)] of images below the geometry's minimum.
+    too_large: [(path, height, width)] of images above `max_pixels`.
+    num_ignored: Files without an image extension (never opened).
+    num_probed: Files whose header this scan read; the others' sizes came from the index (or from
+      this process's earlier scan).
+    index: The index file read and written ('' without one).
   """
   root: str
   usable: list[tuple[str, int, int]]
@@ -167,6 +176,8 @@ class FolderScan:
   too_small: list[tuple[str, int, int]]
   too_large: list[tuple[str, int, int]]
   num_ignored: int
+  num_probed: int = 0
+  index: str = ''
 
   def summary(self, geometry: Geometry, max_pixels: int) -> str:
     return (f'{len(self.usable)} usable, {len(self.unreadable)} unreadable, {len(self.too_small)} '
@@ -174,8 +185,18 @@ class FolderScan:
             f'config.data.max_pixels={max_pixels}), {self.num_ignored} non-image files ignored')
 
 
-def _list_folder(root: str) -> tuple[list[str], int]:
-  """Recursively lists image files (sorted) and counts other files; follows symlinks once."""
+# A listed file: (path, size in bytes, version); the version is the mtime in ns on a local disk, the
+# object's generation in a bucket. A file whose size and version are unchanged is not read again.
+_Listed = tuple[str, int, Any]
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(images.IMAGE_EXTENSIONS)
+
+
+def _list_local(root: str) -> tuple[list[_Listed], int]:
+  """Recursively lists image files with their sizes and mtimes and counts other files; follows
+  symlinks, each real folder once (a symlink cycle ends)."""
   files, num_ignored, seen = [], 0, set()
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     real = os.path.realpath(dirpath)
@@ -184,45 +205,138 @@ def _list_folder(root: str) -> tuple[list[str], int]:
       continue
     seen.add(real)
     for filename in filenames:
-      if filename.lower().endswith(images.IMAGE_EXTENSIONS):
-        files.append(os.path.join(dirpath, filename))
-      else:
+      if not _is_image(filename):
         num_ignored += 1
-  return sorted(files), num_ignored
+        continue
+      path = os.path.join(dirpath, filename)
+      try:
+        st = os.stat(path)
+        files.append((path, st.st_size, st.st_mtime_ns))
+      except OSError:  # A dangling symlink: listed, and unreadable when probed.
+        files.append((path, -1, -1))
+  return files, num_ignored
 
 
-def _probe_file(path: str, max_pixels: int) -> tuple[str, Any]:
-  """('size', (height, width)) of a fully decodable image, ('too_large', (height, width)) of one
-  above `max_pixels` (read from its header, never decoded), or ('unreadable', message)."""
+def _list_remote(root: str) -> tuple[list[_Listed], int]:
+  """The same for a bucket: one listing of every object under `root` with its size and generation
+  (a request per thousand objects, none per object)."""
+  import fsspec  # noqa: PLC0415  (bucket roots only; epath's gs:// client)
+
+  fs, prefix = fsspec.core.url_to_fs(root)
+  protocol = root.split('://', 1)[0]
+  files, num_ignored = [], 0
+  for name, info in fs.find(prefix, detail=True).items():
+    if info.get('type') == 'directory' or name.endswith('/'):
+      continue
+    if not _is_image(name):
+      num_ignored += 1
+      continue
+    version = info.get('generation') or info.get('etag') or str(info.get('mtime', ''))
+    files.append((f'{protocol}://{name}', int(info.get('size') or 0), version))
+  return files, num_ignored
+
+
+def _probe_file(path: str) -> tuple[int, int] | str:
+  """(height, width) of an image as `images.decode_image_file` returns it (EXIF orientation
+  applied), from its header alone; or the error message of a file Pillow cannot open.
+
+  The pixel data is not read: a file whose header is fine and whose data is corrupt or truncated
+  passes here and fails when it is decoded (`_FolderImages`, which skips it).
+  """
   try:
     with warnings.catch_warnings():  # Pillow warns about large images; the limit is ours.
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      with Image.open(path) as img:
+      with storage.open_binary(path) as f, Image.open(f) as img:
         width, height = img.size
-      if height * width > max_pixels:
-        return 'too_large', (height, width)
-      image = images.decode_image_file(path)
+        # EXIF that the header holds (JPEG, WebP; PNG's before the pixel data). `getexif` of a PNG
+        # without it would decode the image to look for one after the pixels.
+        orientation = img.getexif().get(_ORIENTATION, 1) if 'exif' in img.info else 1
   except Exception as e:  # pylint: disable=broad-except
-    return 'unreadable', f'{type(e).__name__}: {e}'
-  return 'size', (image.shape[0], image.shape[1])
+    return f'{type(e).__name__}: {e}'
+  return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-_SCAN_CACHE: dict[Any, FolderScan] = {}
+_ORIENTATION = 0x0112  # The EXIF tag; values 5-8 turn the image by 90 degrees.
+_INDEX_FORMAT = 'fmboost_jax folder index'
+_INDEX_VERSION = 1
+_PROBE_CHUNK = 32  # Files per thread-pool task.
+_SCAN_CACHE: dict[Any, tuple[dict[str, Any], int]] = {}
+
+
+def index_file(index_dir: str, root: str) -> str:
+  """Where the index of the folder `root` lives in `index_dir`: INDEX_FOLDER/NAME-HASH.json (the
+  folder's name and a hash of its absolute path)."""
+  root = os.fspath(storage.path(root))
+  name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in os.path.basename(
+      root.rstrip('/')))[:40]
+  digest = hashlib.sha256(root.encode('utf-8')).hexdigest()[:16]
+  return storage.join(index_dir, INDEX_FOLDER, f'{name}-{digest}.json')
+
+
+def _read_index(path: str, root: str) -> dict[str, list]:
+  """The index's entries {relative path: [size, version, height, width] or [size, version,
+  message]}; empty when there is none or it belongs to another folder or format."""
+  try:
+    text = storage.path(path).read_text()
+  except FileNotFoundError:
+    return {}
+  except Exception as e:  # pylint: disable=broad-except  (an unreachable index: scan it all)
+    logging.warning('Cannot read the folder index %s (%s: %s); reading every header.', path,
+                    type(e).__name__, e)
+    return {}
+  try:
+    index = json.loads(text)
+    if (index.get('format'), index.get('version'), index.get('root')) == (
+        _INDEX_FORMAT, _INDEX_VERSION, os.fspath(storage.path(root))):
+      return dict(index['files'])
+  except (ValueError, TypeError, AttributeError, KeyError):
+    pass
+  logging.warning('Ignoring the folder index %s: not an index of %s in this format.', path, root)
+  return {}
+
+
+def _write_index(path: str, root: str, entries: dict[str, list]) -> None:
+  """Writes the index atomically (readers see the old or the new one). A failure is logged, not
+  raised: the index only saves time."""
+  text = json.dumps({'format': _INDEX_FORMAT, 'version': _INDEX_VERSION,
+                     'root': os.fspath(storage.path(root)), 'files': entries},
+                    separators=(',', ':'))
+  try:
+    storage.path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_text_atomically(path, text)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Cannot write the folder index %s (%s: %s); the next start reads every header '
+                    'again.', path, type(e).__name__, e)
+
+
+def _writes_index() -> bool:
+  """Whether this process writes indexes: process 0 of a JAX job (every process scans the same
+  folder and finds the same sizes; one writer, so that no two replace the file at once). A process
+  that has not imported JAX is no part of a job."""
+  jax = sys.modules.get('jax')
+  return jax is None or jax.process_index() == 0
 
 
 def scan_image_folder(root: str, geometry: Geometry, num_threads: int = 8,
-                      max_pixels: int = 2**62) -> FolderScan:
-  """Decodes every image file under `root` once (thread pool) and sorts the files by usability.
+                      max_pixels: int = 2**62, index_dir: str | None = None) -> FolderScan:
+  """Reads the header (size, mode) of every image file under `root` and sorts the files by
+  usability; no image is decoded.
 
-  Images above `max_pixels` are counted from their header and never decoded. Results are cached
-  per process while no file changes (same paths, sizes and mtimes), so the training iterator and
-  the validation images share one scan.
+  With `index_dir`, the sizes are kept in an index file there (`index_file`): relative path, file
+  size and mtime (a bucket object's generation) -> height and width, or the error of an unreadable
+  file. A later scan reads the headers of new and changed files only and drops deleted ones;
+  process 0 writes the updated index. Results are also cached per process while no file changes,
+  so the training iterator and the validation images share one scan.
+
+  A file whose header is valid and whose pixel data is not (truncated, corrupt) is usable here; it
+  fails when it is decoded and the training stream replaces it (`_FolderImages`).
 
   Args:
-    root: Folder to scan recursively.
+    root: Folder to scan recursively: a local path or a gs:// URL.
     geometry: The crop size and size rules (`Geometry`).
-    num_threads: Decoding threads (0 means 1).
+    num_threads: Threads reading headers (0 means 1).
     max_pixels: Larger images are skipped.
+    index_dir: Folder of the index (local or gs://; e.g. the workdir); None keeps none.
 
   Returns:
     A `FolderScan`.
@@ -230,50 +344,82 @@ def scan_image_folder(root: str, geometry: Geometry, num_threads: int = 8,
   Raises:
     DataError: If `root` is not a folder or holds no file with an image extension.
   """
-  if not os.path.isdir(root):
+  remote = storage.is_remote(root)
+  if not (storage.path(root).is_dir() if remote else os.path.isdir(root)):
     raise DataError(
         f'Image folder {root!r} does not exist or is not a folder; set config.data.path to an '
         'existing folder of images.')
-  files, num_ignored = _list_folder(root)
+  files, num_ignored = _list_remote(root) if remote else _list_local(root)
+  files.sort()
   if not files:
     raise DataError(
         f'Image folder {root!r} holds no {"/".join(images.IMAGE_EXTENSIONS)} files (searched '
         f'recursively, {num_ignored} other files); put images there or point config.data.path '
         'at a folder of images.')
-  stats = []
-  for path in files:
-    try:
-      st = os.stat(path)
-      stats.append((path, st.st_size, st.st_mtime_ns))
-    except OSError:
-      stats.append((path, -1, -1))
-  key = (os.path.realpath(root), geometry, max_pixels, num_ignored, tuple(stats))
+  index = index_file(index_dir, root) if index_dir else ''
+  key = (os.fspath(storage.path(root)) if remote else os.path.realpath(root), index,
+         tuple(files))
   if key in _SCAN_CACHE:
-    return _SCAN_CACHE[key]
+    entries, num_probed = _SCAN_CACHE[key][0], 0
+  else:
+    known = _read_index(index, root) if index else {}
+    entries, todo = {}, []
+    for path, size, version in files:
+      relative = storage.relative(path, root)
+      entry = known.get(relative)
+      if isinstance(entry, list) and len(entry) in (3, 4) and entry[:2] == [size, version]:
+        entries[relative] = entry
+      else:
+        todo.append((relative, path, size, version))
+    if todo:  # Threads for slow storage (a bucket, a network disk), in chunks of files.
+      paths = [path for _, path, _, _ in todo]
+      chunks = [paths[i:i + _PROBE_CHUNK] for i in range(0, len(paths), _PROBE_CHUNK)]
+      with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_threads, 32))) as pool:
+        probed = [r for chunk in pool.map(lambda c: [_probe_file(p) for p in c], chunks)
+                  for r in chunk]
+      for (relative, _, size, version), result in zip(todo, probed):
+        entries[relative] = [size, version, *result] if isinstance(result, tuple) else [
+            size, version, result]
+    num_probed = len(todo)
+    if index and (todo or len(known) != len(entries)) and _writes_index():
+      _write_index(index, root, entries)
+    if len(_SCAN_CACHE) >= 4:
+      _SCAN_CACHE.pop(next(iter(_SCAN_CACHE)))
+    _SCAN_CACHE[key] = (entries, num_probed)
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_threads, 32))) as pool:
-    results = list(pool.map(functools.partial(_probe_file, max_pixels=max_pixels), files))
   found = {'usable': [], 'unreadable': [], 'too_small': [], 'too_large': []}
-  for path, (kind, value) in zip(files, results):
-    if kind == 'size':
-      kind = 'usable' if geometry.usable(*value) else 'too_small'
-    found[kind].append((path, value) if kind == 'unreadable' else (path, *value))
-  scan = FolderScan(root, num_ignored=num_ignored, **found)
-  if len(_SCAN_CACHE) >= 4:
-    _SCAN_CACHE.pop(next(iter(_SCAN_CACHE)))
-  _SCAN_CACHE[key] = scan
-  return scan
+  for path, _, _ in files:
+    entry = entries[storage.relative(path, root)]
+    if len(entry) == 3:
+      found['unreadable'].append((path, entry[2]))
+      continue
+    height, width = entry[2:]
+    kind = ('too_large' if height * width > max_pixels else
+            'usable' if geometry.usable(height, width) else 'too_small')
+    found[kind].append((path, height, width))
+  return FolderScan(root, num_ignored=num_ignored, num_probed=num_probed, index=index, **found)
 
 
 class _FolderImages:
-  """Random access to the usable images of a scanned folder, decoded on every access."""
+  """Random access to the usable images of a scanned folder, decoded on every access.
+
+  An image that fails to decode (its header read fine at the scan; its pixel data is truncated or
+  corrupt, or the file changed since) is None: the training stream replaces it with another image,
+  the validation crops skip it. Each such file is logged once and counted (`skipped`).
+  """
 
   def __init__(self, paths: Sequence[str]):
     self._paths = list(paths)
+    self._skipped: set[str] = set()
 
   @property
   def paths(self) -> list[str]:
     return list(self._paths)
+
+  @property
+  def skipped(self) -> list[str]:
+    """The files that failed to decode so far, sorted."""
+    return sorted(self._skipped)
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -281,10 +427,16 @@ class _FolderImages:
   def __getitem__(self, index: int) -> np.ndarray | None:
     path = self._paths[index]
     try:
+      if storage.is_remote(path):
+        with storage.open_binary(path) as f:
+          return images.decode_image_file(f)
       return images.decode_image_file(path)
     except Exception as e:  # pylint: disable=broad-except
-      # The file decoded at start-up, so it changed on disk during training: skip it, loudly.
-      logging.warning('Skipping %s, which no longer decodes (%s: %s).', path, type(e).__name__, e)
+      if path not in self._skipped:
+        self._skipped.add(path)
+        logging.warning('Skipping %s, which does not decode (%s: %s); another image replaces it '
+                        '(files skipped so far: %d).', path, type(e).__name__, e,
+                        len(self._skipped))
       return None
 
 
@@ -396,13 +548,15 @@ def open_images(config: ml_collections.ConfigDict,
     root = data.val_path if held_out and not by_hash and not geometry.strips else data.path
     if data.val_path and not geometry.strips:
       _check_separate(data.path, data.val_path)
-    scan = scan_image_folder(root, geometry, data.num_threads, data.max_pixels)
+    scan = scan_image_folder(root, geometry, data.num_threads, data.max_pixels,
+                             index_dir=data.index_dir or None)
     paths = [path for path, _, _ in scan.usable]
     if by_hash:
       paths = [p for p in paths if is_held_out(storage.relative(p, root), data.val_fraction)
                == held_out]
-    logging.info('Image folder %s: %s; %d %s images.', root,
-                 scan.summary(geometry, data.max_pixels), len(paths), what)
+    logging.info('Image folder %s: %s; %d %s images (headers read: %d; index: %s).', root,
+                 scan.summary(geometry, data.max_pixels), len(paths), what, scan.num_probed,
+                 scan.index or 'none, config.data.index_dir is empty')
     if scan.unreadable:
       logging.warning('Unreadable files (first %d of %d): %s', min(5, len(scan.unreadable)),
                       len(scan.unreadable), '; '.join(f'{p} ({m})' for p, m in scan.unreadable[:5]))

@@ -153,8 +153,9 @@ def _train_example(index: int, rng: np.random.Generator, *, source: Sequence[Any
                    geometry: Geometry | None) -> dict[str, np.ndarray]:
   """random_map transform of one global stream position: the record at `index` (precomputed latents
   as they are; images randomly cropped in the training region and flipped). A missing or unusable
-  image (tfds checks sizes lazily) is replaced by a deterministic substitute, so that every stream
-  position yields an example and the stream never depends on how it is split over processes."""
+  image (None: a file that fails to decode; tfds checks sizes lazily) is replaced by a deterministic
+  substitute, so that every stream position yields an example and the stream never depends on how
+  it is split over processes."""
   for attempt in range(_MAX_SUBSTITUTES):
     record = source[(index + attempt * _SUBSTITUTE_STRIDE) % len(source)]
     if geometry is None:
@@ -165,7 +166,8 @@ def _train_example(index: int, rng: np.random.Generator, *, source: Sequence[Any
         crop = crop[:, ::-1]
       return {'image': crop}
   raise DataError(f'{_MAX_SUBSTITUTES} images in a row near record {index} are all smaller than '
-                  f'{geometry.minimum()}; lower config.data.high_res_size or use larger images.')
+                  f'{geometry.minimum()} or fail to decode (the log names those); lower '
+                  'config.data.high_res_size, use larger images or remove the broken files.')
 
 
 def create_train_dataset(config: ml_collections.ConfigDict) -> grain.IterDataset:

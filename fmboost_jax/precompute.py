@@ -100,8 +100,8 @@ def _check_output(workdir: storage.Path, wanted: dict) -> bool:
   or empty; a UserError for anything else (read-only: every process checks the same)."""
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f'the output {workdir} is a file; choose a folder for --workdir.')
-  if not workdir.is_dir() or not any(workdir.iterdir()):
-    return False
+  if not workdir.is_dir() or not {p.name for p in workdir.iterdir()} - {data_sources.INDEX_FOLDER}:
+    return False  # New, or holding only the index of the image folder (config.data.index_dir).
   path = workdir / MANIFEST
   if not path.is_file():
     raise UserError(f'the output directory {workdir} is not empty and holds no {MANIFEST} of a '

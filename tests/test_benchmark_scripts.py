@@ -72,3 +72,11 @@ def test_summaries_benchmark_stores_the_grid_downscaled(tmp_path):
   assert r['grid'] == '4096x2048' and r['stored_image_width_height'] == [[1024, 2048]]
   assert 0 < r['write_images_s'] <= r['written_s']
   assert r['crc_native_mb_s'] > r['crc_python_mb_s'] > 0
+
+def test_folder_scan_benchmark_reads_no_header_at_a_warm_start(tmp_path):
+  r = _run('folder_scan.py', '--smoke', f'--tmp={tmp_path}', tmp_path=tmp_path)
+  assert r['index'] and r['num_images'] == 40
+  assert {row['case']: row['probed'] for row in r['rows']} == {
+      'cold': [40], 'warm': [0], 'one changed': [1]}
+  assert all(row['seconds_median'] > 0 for row in r['rows'])
+  assert [p.name for p in tmp_path.iterdir()] == ['folder_scan.py.json']  # Its files are gone.

@@ -1,7 +1,9 @@
 """Tests for fmboost_jax/data_sources.py: held-out geometry and split, folder and tfds sources."""
 
+import json
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +11,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fmboost_jax import data_sources as ds
-from fmboost_jax import images
+from fmboost_jax import errors, images
 from fmboost_jax import input_pipeline as ip
+from tests import buckets
 from tests.data_helpers import coded_image, image_ids, make_config, to_uint8
 
 
@@ -157,18 +160,23 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
   (tmp_path / 'README.md').write_text('docs')
 
   scan = ds.scan_image_folder(str(tmp_path), ds.Geometry(size, strips=True), num_threads=2)
-  assert [os.path.basename(p) for p, _, _ in scan.usable] == ['good.png']
-  assert sorted(os.path.basename(p) for p, _ in scan.unreadable) == [
-      'corrupt.jpg', 'text.png', 'truncated.JPEG', 'truncated.png']
+  # The scan reads headers only: the truncated files' headers are whole, so they count as usable
+  # here and fail when they are decoded (replaced in training, skipped in validation).
+  assert [os.path.basename(p) for p, _, _ in scan.usable] == [
+      'good.png', 'truncated.JPEG', 'truncated.png']
+  assert sorted(os.path.basename(p) for p, _ in scan.unreadable) == ['corrupt.jpg', 'text.png']
   assert sorted(os.path.basename(p) for p, _, _ in scan.too_small) == ['narrow.jpg', 'small.png']
-  assert scan.num_ignored == 1
+  assert scan.num_ignored == 1 and scan.num_probed == 7
 
   config = make_config('folder', size=size, batch_size=2, num_val_images=1, path=str(tmp_path))
   caplog.set_level(logging.INFO)
-  batch = next(ip.create_train_iterator(config))['image']
-  assert ('1 usable, 4 unreadable, 2 too small (below 32x16 px (H x W: 16 px crops above a '
+  it = ip.create_train_iterator(config)
+  assert ('3 usable, 2 unreadable, 2 too small (below 32x16 px (H x W: 16 px crops above a '
           'held-out strip)), 0 too large') in caplog.text
-  check_held_out(batch, {0: 40}, size)
+  for _ in range(6):  # Every crop comes from good.png: the truncated files are replaced.
+    check_held_out(next(it)['image'], {0: 40}, size)
+  assert caplog.text.count('which does not decode') == 2  # Once per file.
+  assert 'files skipped so far: 2' in caplog.text
   np.testing.assert_array_equal(to_uint8(ip.validation_images(config))[0, :, 0, 1],
                                 np.arange(24, 40))
 
@@ -176,9 +184,14 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
   with pytest.raises(ds.DataError, match='Only 1 validation crops .*num_val_images=2'):
     ip.validation_images(config)
 
+  # Only the truncated files left: the stream finds nothing to replace them with.
   (tmp_path / 'good.png').unlink()
+  with pytest.raises(ds.DataError, match=r'64 images in a row .* fail to decode'):
+    next(ip.create_train_iterator(config))
+  for name in ('truncated.JPEG', 'truncated.png'):
+    (tmp_path / name).unlink()
   with pytest.raises(
-      ds.DataError, match=r'no usable image \(0 usable, 4 unreadable, 2 too small \(below 32x16'):
+      ds.DataError, match=r'no usable image \(0 usable, 2 unreadable, 2 too small \(below 32x16'):
     ip.create_train_iterator(config)
 
 
@@ -193,6 +206,227 @@ def test_folder_missing_or_empty(tmp_path):
     ip.create_train_iterator(config)
   with pytest.raises(ds.DataError, match='holds no'):
     ip.validation_images(config)
+
+
+@pytest.fixture
+def counted_probes(monkeypatch):
+  """The files whose header each scan reads (basenames, in call order; cleared with .clear())."""
+  probed = []
+  probe = ds._probe_file
+  monkeypatch.setattr(ds, '_probe_file', lambda path: probed.append(os.path.basename(path)) or
+                      probe(path))
+  return probed
+
+
+def rescan(root, index_dir, size=16):
+  """A scan as a new process does it: the in-process cache cleared."""
+  ds._SCAN_CACHE.clear()
+  return ds.scan_image_folder(str(root), ds.Geometry(size), num_threads=2,
+                              index_dir=str(index_dir))
+
+
+def test_folder_index_rereads_only_new_and_changed_files(tmp_path, counted_probes, caplog):
+  root, workdir = tmp_path / 'photos', tmp_path / 'workdir'
+  (root / 'sub').mkdir(parents=True)
+  for k, name in enumerate(['a.png', 'b.jpg', 'sub/c.png', 'sub/d.webp']):
+    Image.fromarray(coded_image(k, 20 + k, 30)).save(root / name)
+  Image.fromarray(coded_image(4, 8, 30)).save(root / 'small.png')
+  (root / 'text.png').write_text('not a png')
+  (root / 'notes.txt').write_text('ignored')
+
+  cold = rescan(root, workdir)
+  assert sorted(counted_probes) == ['a.png', 'b.jpg', 'c.png', 'd.webp', 'small.png', 'text.png']
+  assert cold.num_probed == 6 and cold.index == ds.index_file(str(workdir), str(root))
+  index_path = workdir / 'folder_index' / os.path.basename(cold.index)
+  index = json.loads(index_path.read_text())
+  assert index['root'] == str(root) and sorted(index['files']) == [
+      'a.png', 'b.jpg', 'small.png', 'sub/c.png', 'sub/d.webp', 'text.png']
+  st = os.stat(root / 'sub' / 'c.png')
+  assert index['files']['sub/c.png'] == [st.st_size, st.st_mtime_ns, 22, 30]
+  assert index['files']['text.png'][:2] == [9, os.stat(root / 'text.png').st_mtime_ns]
+  assert 'UnidentifiedImageError' in index['files']['text.png'][2]
+  summary = ([(os.path.relpath(p, root), h, w) for p, h, w in cold.usable],
+             [os.path.relpath(p, root) for p, _ in cold.unreadable],
+             [os.path.relpath(p, root) for p, _, _ in cold.too_small], cold.num_ignored)
+  assert summary == ([('a.png', 20, 30), ('b.jpg', 21, 30), ('sub/c.png', 22, 30),
+                      ('sub/d.webp', 23, 30)], ['text.png'], ['small.png'], 1)
+
+  # A restart with nothing changed reads no header and finds the same.
+  counted_probes.clear()
+  warm = rescan(root, workdir)
+  assert counted_probes == [] and warm.num_probed == 0
+  assert (warm.usable, warm.unreadable, warm.too_small, warm.num_ignored) == (
+      cold.usable, cold.unreadable, cold.too_small, cold.num_ignored)
+  written = index_path.stat().st_mtime_ns
+  # In one process a second scan (the validation images') reads nothing either.
+  assert ds.scan_image_folder(str(root), ds.Geometry(16), index_dir=str(workdir)).num_probed == 0
+
+  # A touched file (same bytes, new mtime) is read again, and only it.
+  os.utime(root / 'b.jpg', ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  scan = rescan(root, workdir)
+  assert counted_probes == ['b.jpg'] and scan.num_probed == 1
+  assert index_path.stat().st_mtime_ns != written
+
+  # A changed file: the new size is found.
+  counted_probes.clear()
+  Image.fromarray(coded_image(0, 40, 50)).save(root / 'a.png')
+  scan = rescan(root, workdir)
+  assert counted_probes == ['a.png'] and scan.usable[0][1:] == (40, 50)
+  # A new file, then a deleted one (dropped from the scan and the index, nothing read).
+  counted_probes.clear()
+  Image.fromarray(coded_image(5, 30, 30)).save(root / 'sub' / 'e.png')
+  assert [os.path.basename(p) for p, _, _ in rescan(root, workdir).usable][-1] == 'e.png'
+  assert counted_probes == ['e.png']
+  counted_probes.clear()
+  (root / 'sub' / 'd.webp').unlink()
+  scan = rescan(root, workdir)
+  assert counted_probes == [] and len(scan.usable) == 4
+  assert 'sub/d.webp' not in json.loads(index_path.read_text())['files']
+  assert len(json.loads(index_path.read_text())['files']) == 6
+
+  # Without an index directory nothing is written; a garbled index is ignored (and rewritten).
+  ds._SCAN_CACHE.clear()
+  assert ds.scan_image_folder(str(root), ds.Geometry(16)).index == ''
+  assert sorted(os.listdir(workdir)) == ['folder_index']
+  assert os.listdir(workdir / 'folder_index') == [index_path.name]
+  index_path.write_text('{"truncated')
+  counted_probes.clear()
+  caplog.set_level(logging.WARNING)
+  assert rescan(root, workdir).num_probed == 6 and len(counted_probes) == 6
+  assert 'Ignoring the folder index' in caplog.text
+  assert rescan(root, workdir).num_probed == 0
+
+
+def test_folder_index_is_written_by_process_zero_only(tmp_path, counted_probes, monkeypatch):
+  root, workdir = tmp_path / 'photos', tmp_path / 'workdir'
+  root.mkdir()
+  for k in range(3):
+    Image.fromarray(coded_image(k, 20, 20)).save(root / f'{k}.png')
+  monkeypatch.setattr(ds, '_writes_index', lambda: False)  # A process other than 0.
+  assert rescan(root, workdir).num_probed == 3 and not workdir.exists()
+  monkeypatch.setattr(ds, '_writes_index', lambda: True)
+  assert rescan(root, workdir).num_probed == 3 and workdir.exists()
+  monkeypatch.setattr(ds, '_writes_index', lambda: False)  # Reads what process 0 wrote.
+  counted_probes.clear()
+  assert rescan(root, workdir).num_probed == 0 and counted_probes == []
+
+
+# A folder and an index in a bucket of the Cloud Storage emulator, in a process of its own inside
+# the emulator's loopback-only network namespace (tests/buckets.py).
+_BUCKET_SCAN = """
+import io, os
+import numpy as np
+from PIL import Image
+from fmboost_jax import data_sources as ds, storage
+def png(height, width):
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((height, width, 3), 9, np.uint8)).save(buffer, 'PNG')
+  return buffer.getvalue()
+for k in range(4):
+  storage.write_bytes_atomically(f'gs://bucket/photos/sub{k % 2}/{k}.png', png(40 + k, 30))
+storage.write_bytes_atomically('gs://bucket/photos/bad.jpg', b'not a jpeg')
+storage.write_bytes_atomically('gs://bucket/photos/notes.txt', b'x')
+probed = []
+probe = ds._probe_file
+ds._probe_file = lambda path: probed.append(path) or probe(path)
+def scan():
+  ds._SCAN_CACHE.clear()
+  probed.clear()
+  return ds.scan_image_folder('gs://bucket/photos', ds.Geometry(16), 4, index_dir='gs://bucket/w')
+cold = scan()
+assert [(p, h, w) for p, h, w in cold.usable] == [
+    ('gs://bucket/photos/sub0/0.png', 40, 30), ('gs://bucket/photos/sub0/2.png', 42, 30),
+    ('gs://bucket/photos/sub1/1.png', 41, 30), ('gs://bucket/photos/sub1/3.png', 43, 30)]
+assert [p for p, _ in cold.unreadable] == ['gs://bucket/photos/bad.jpg'], cold.unreadable
+assert cold.num_ignored == 1 and cold.num_probed == 5 and len(probed) == 5
+assert cold.index.startswith('gs://bucket/w/folder_index/photos-')
+assert storage.path(cold.index).exists()
+warm = scan()
+assert probed == [] and warm.usable == cold.usable
+storage.write_bytes_atomically('gs://bucket/photos/sub0/0.png', png(50, 60))
+changed = scan()
+assert probed == ['gs://bucket/photos/sub0/0.png'] and changed.usable[0][1:] == (50, 60)
+source = ds._FolderImages([p for p, _, _ in changed.usable])
+assert source[0].shape == (50, 60, 3) and source[3].shape == (43, 30, 3)
+print('bucket scan ok')
+"""
+
+
+def test_folder_and_index_in_a_bucket(tmp_path):
+  reason = buckets.unavailable()
+  if reason:
+    pytest.skip(reason)
+  (tmp_path / 'seed' / 'bucket').mkdir(parents=True)
+  (tmp_path / 'seed' / 'bucket' / 'README').write_text('the bucket of the test')
+  emulator = buckets.Emulator(tmp_path, tmp_path / 'seed')
+  try:
+    proc, found = emulator.run([sys.executable, '-c', _BUCKET_SCAN], emulator.env(), timeout=300)
+  finally:
+    emulator.close()
+  assert proc.returncode == 0 and 'bucket scan ok' in proc.stdout, proc.stderr[-3000:]
+  assert ('AF_INET', '127.0.0.1') in found
+  assert {c for c in found if c[0] in ('AF_INET', 'AF_INET6')} == {('AF_INET', '127.0.0.1')}
+  # The objects are in the emulator's storage.
+  assert os.path.isfile(emulator.object('bucket', 'photos/sub1/3.png'))
+
+
+def test_a_precompute_output_holding_only_the_folder_index_counts_as_new(tmp_path):
+  from fmboost_jax import precompute  # noqa: PLC0415
+
+  # main.py keeps the index of --config.data.path in the precompute's --workdir, written by the
+  # scan before the output is checked.
+  (tmp_path / 'out' / ds.INDEX_FOLDER).mkdir(parents=True)
+  (tmp_path / 'out' / ds.INDEX_FOLDER / 'photos-0123.json').write_text('{}')
+  assert precompute._check_output(str(tmp_path / 'out'), {}) is False
+  (tmp_path / 'out' / 'notes.txt').write_text('something else')
+  with pytest.raises(errors.UserError, match='is not empty and holds no precompute.json'):
+    precompute._check_output(str(tmp_path / 'out'), {})
+
+
+def test_folder_scan_reads_sizes_turned_by_exif_from_the_header(tmp_path, counted_probes,
+                                                                 monkeypatch):
+  decoded = []
+  decode = images.decode_image_file
+  monkeypatch.setattr(images, 'decode_image_file', lambda p: decoded.append(p) or decode(p))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Rotated by 90 degrees: the decoded image is 40 x 20 (H x W).
+  Image.fromarray(coded_image(0, 20, 40)).save(tmp_path / 'turned.jpg', exif=exif.tobytes())
+  Image.fromarray(coded_image(1, 20, 40)).save(tmp_path / 'plain.jpg')
+  scan = rescan(tmp_path, tmp_path / 'workdir')
+  assert [(os.path.basename(p), h, w) for p, h, w in scan.usable] == [
+      ('plain.jpg', 20, 40), ('turned.jpg', 40, 20)]
+  assert decoded == []  # Headers only.
+  assert images.decode_image_file(str(tmp_path / 'turned.jpg')).shape == (40, 20, 3)
+
+
+def test_a_valid_header_with_corrupt_pixels_is_replaced_in_training_and_counted(tmp_path,
+                                                                                caplog):
+  size, root = 16, tmp_path / 'photos'
+  root.mkdir()
+  for k in range(2):
+    Image.fromarray(coded_image(k, 40, 24)).save(root / f'{k}.png')
+  Image.fromarray(coded_image(2, 64, 64)).save(root / 'whole.jpg', quality=95)
+  data = (root / 'whole.jpg').read_bytes()
+  (root / '2-truncated.jpg').write_bytes(data[:len(data) * 2 // 3])  # Header intact.
+  (root / 'whole.jpg').unlink()
+  config = make_config('folder', size=size, batch_size=4, num_val_images=2, path=str(root),
+                       index_dir=str(tmp_path / 'workdir'))
+
+  source = ds.open_images(config, 'train')
+  assert [os.path.basename(p) for p in source.paths] == ['0.png', '1.png', '2-truncated.jpg']
+  assert source[2] is None and source.skipped == [str(root / '2-truncated.jpg')]
+  assert source[0].shape == (40, 24, 3) and source[2] is None and len(source.skipped) == 1
+
+  caplog.clear()
+  caplog.set_level(logging.INFO)
+  it = ip.create_train_iterator(config)
+  ids = [k for _ in range(6) for k in image_ids(next(it)['image'])]
+  assert len(ids) == 24 and set(ids) == {0, 1}  # 8 epochs of 3 images: the broken one replaced.
+  assert caplog.text.count('2-truncated.jpg, which does not decode') == 1  # Logged once.
+  assert 'files skipped so far: 1' in caplog.text
+  assert '3 usable, 0 unreadable, 0 too small' in caplog.text
+  # Validation skips it: the strips of the two good images.
+  np.testing.assert_array_equal(image_ids(ip.validation_images(config)), [0, 1])
 
 
 # ----------------------------------------------------------------------------------------------
