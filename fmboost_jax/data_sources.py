@@ -427,10 +427,7 @@ class _FolderImages:
   def __getitem__(self, index: int) -> np.ndarray | None:
     path = self._paths[index]
     try:
-      if storage.is_remote(path):
-        with storage.open_binary(path) as f:
-          return images.decode_image_file(f)
-      return images.decode_image_file(path)
+      return images.decode_image_file(path)  # A local file or a bucket object.
     except Exception as e:  # pylint: disable=broad-except
       if path not in self._skipped:
         self._skipped.add(path)

@@ -91,6 +91,10 @@ class Emulator:
                          capture_output=True).returncode != 0:
       assert self._server.poll() is None and time.time() < deadline, 'the emulator did not start'
       time.sleep(0.2)
+    # Seeded: every bucket of `seed` is in the emulator's storage.
+    while not all(os.path.isdir(os.path.join(self.root, b)) for b in os.listdir(seed)):
+      assert self._server.poll() is None and time.time() < deadline, 'the emulator seeded nothing'
+      time.sleep(0.2)
     self._count = 0
 
   def env(self, emulator: bool = True, **extra) -> dict[str, str]:

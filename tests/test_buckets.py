@@ -89,8 +89,8 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
     line = [re.sub(pattern, lambda m: where[m.group()], a) for a in commands[index]]
     mode = next((a.split('=')[1] for a in line if a.startswith('--mode=')), 'train')
     line = [sys.executable, *line[1:]] if line[0].endswith('python') else ['bash', *line]
-    return [*line, *SIZES[mode], *(SMALL if mode in ('precompute', 'train', 'evaluate') else ()),
-            *extra]
+    small = {'precompute': SMALL, 'train': SMALL, 'evaluate': [*SMALL, '--config.eval.crop_size=64']}
+    return [*line, *SIZES[mode], *small.get(mode, ()), *extra]
 
   def run(name: str, line: list[str]) -> subprocess.CompletedProcess:
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
     assert proc.returncode == 0, f'{name}: {line}\n{proc.stderr[-3000:]}'
     return proc
 
-  held = [n for n in sorted(os.listdir(emulator.root + '/data/photos'))
+  held = [n for n in sorted(os.listdir(os.path.join(emulator.folder, 'seed', 'data', 'photos')))
           if n != 'small.jpg' and data_sources.is_held_out(n, 0.3)]
   # 1. Convert the autoencoder file of one bucket into a Flax checkpoint in another.
   run('convert', command(0))
