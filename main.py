@@ -308,8 +308,8 @@ def main(argv):
                                  with_first_stage=False)
       model.export(outdir, FLAGS.export_dtype)
       from fmboost_jax import storage  # noqa: PLC0415
-      size = sum(p.stat().st_size for p in storage.path(outdir).rglob('*') if p.is_file())
       if jax.process_index() == 0:
+        size = sum(p.stat().length for p in storage.files_under(outdir))
         print(f'Exported step {model.step} of {FLAGS.workdir} ({FLAGS.export_dtype}, '
               f'{size / 2**20:.1f} MiB) to {outdir}; sample with --workdir={outdir}.')
     elif FLAGS.mode == 'evaluate':

@@ -125,7 +125,7 @@ def _files(paths: list[str]) -> list[str]:
   files = []
   for path in paths:
     if storage.path(path).is_dir():
-      found = sorted(os.fspath(p) for p in storage.path(path).rglob('*')
+      found = sorted(os.fspath(p) for p in storage.files_under(path)
                      if p.name.lower().endswith(IMAGE_EXTENSIONS + LATENT_EXTENSIONS))
       if not found:
         raise UserError(f'the input folder {path} holds no images ({", ".join(IMAGE_EXTENSIONS)}) '
