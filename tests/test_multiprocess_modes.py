@@ -106,3 +106,27 @@ def test_processes_with_different_held_out_data_are_refused_in_one_line(tiny_cfm
                    'differs from process 0 in num_val_images); start every process with the '
                    'same flags.'], errors
   assert 'Traceback' not in ''.join(errors)
+
+
+def test_two_processes_convert_the_autoencoder_weights_once(tmp_path):
+  from flax import nnx  # noqa: PLC0415
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  from fmboost_jax import weights  # noqa: PLC0415
+  from fmboost_jax.models import autoencoder, layers  # noqa: PLC0415
+  from tests.test_autoencoder import random_model  # noqa: PLC0415
+  from tests.test_latent_training import VAE, vae_flags  # noqa: PLC0415
+  from tests.test_weights import _ldm_state  # noqa: PLC0415
+
+  source = tmp_path / 'vae.safetensors'
+  save_file(_ldm_state(random_model(seed=7, **VAE)), str(source))
+  out = tmp_path / 'converted'
+  proc = _two_processes(out, 'convert', *vae_flags(source))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count(f'--config.first_stage.weights={out}') == 1
+  abstract = layers.abstract(autoencoder.AutoencoderKL, **VAE)
+  original, converted = (runs.flat(nnx.to_pure_dict(weights.load_autoencoder_weights(p, abstract)))
+                         for p in (source, out))
+  assert original.keys() == converted.keys() and len(original) > 20
+  for k in original:
+    np.testing.assert_array_equal(original[k], converted[k], err_msg=k)
