@@ -242,7 +242,9 @@ def remove_if_empty(directory: str, created: str | None) -> None:
 
 
 def convert(config, workdir: str) -> None:
-  """Loads the autoencoder weights strictly and writes them as a Flax (Orbax) checkpoint."""
+  """Loads the autoencoder weights strictly and writes them as a Flax (Orbax) checkpoint (every
+  process of a multi-process run reads them; Orbax writes them once)."""
+  import jax  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
   from fmboost_jax import config_checks, first_stages, weights  # noqa: PLC0415
@@ -250,7 +252,8 @@ def convert(config, workdir: str) -> None:
   config_checks.check(config, 'convert')
   first_stage = first_stages.first_stage_from_config(config)
   path = weights.save_flax_checkpoint(nnx.state(first_stage, nnx.Param), workdir)
-  print(f'Wrote {path}; train with --config.first_stage.weights={path}')
+  if jax.process_index() == 0:
+      print(f'Wrote {path}; train with --config.first_stage.weights={path}')
 
 
 def main(argv):
@@ -289,6 +292,9 @@ def main(argv):
     created = ensure_writable(outdir)
     if FLAGS.mode in ('train', 'evaluate', 'precompute') and not FLAGS.config.data.index_dir:
       FLAGS.config.data.index_dir = outdir  # The folder source's index of image sizes.
+    if jax.process_count() > 1:  # Every process has probed the output folder before any uses it.
+      from fmboost_jax import sharding  # noqa: PLC0415
+      sharding.wait_for_all_processes(f'{FLAGS.mode}: output checked', 600)
     if FLAGS.mode == 'train':
       from fmboost_jax import train  # noqa: PLC0415
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -304,9 +310,10 @@ def main(argv):
                                  with_first_stage=False)
       model.export(outdir, FLAGS.export_dtype)
       from fmboost_jax import storage  # noqa: PLC0415
-      size = sum(p.stat().st_size for p in storage.path(outdir).rglob('*') if p.is_file())
-      print(f'Exported step {model.step} of {FLAGS.workdir} ({FLAGS.export_dtype}, '
-            f'{size / 2**20:.1f} MiB) to {outdir}; sample with --workdir={outdir}.')
+      if jax.process_index() == 0:
+        size = sum(p.stat().length for p in storage.files_under(outdir))
+        print(f'Exported step {model.step} of {FLAGS.workdir} ({FLAGS.export_dtype}, '
+              f'{size / 2**20:.1f} MiB) to {outdir}; sample with --workdir={outdir}.')
     elif FLAGS.mode == 'evaluate':
       from fmboost_jax import evaluate  # noqa: PLC0415
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
@@ -324,7 +331,9 @@ def main(argv):
   except UserError as e:
     # The first line only: JAX appends a note on its traceback filtering to errors raised while
     # tracing.
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    from fmboost_jax.errors import ReportedElsewhere  # noqa: PLC0415
+    if not isinstance(e, ReportedElsewhere):  # Process 0 prints that one.
+      print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
     if jax.process_index() == 0:  # No empty output folder is left behind.
       remove_if_empty(outdir, created)
     if jax.process_count() > 1:  # Leave together if all hit it (a diverged loss, a bad config).

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fmboost_jax import errors, orbax_logs, storage
+from fmboost_jax import errors, orbax_logs, sharding, storage
 from fmboost_jax.errors import UserError
 
 if TYPE_CHECKING:  # grain is imported where a data iterator is saved or restored, so that
@@ -40,6 +40,10 @@ orbax_logs.quiet()
 
 class CheckpointSaveError(UserError):
   """A checkpoint could not be written (e.g. the disk is full)."""
+
+
+# How long the processes of a multi-process export wait for each other between its steps.
+EXPORT_BARRIER_SECONDS = 600
 
 
 def _quiet_closed_loop(excepthook, unraisablehook, thread_excepthook):
@@ -244,26 +248,34 @@ def write_export(directory: str, params, config: ml_collections.ConfigDict,
 
   A local export is written under a temporary name and renamed when complete; in a bucket (no
   renaming of folders there) `export.json` is written last, so only a complete export is one.
+  In a multi-process run every process calls this with the same global arrays: Orbax writes the
+  weights once, process 0 everything else.
   """
   target = storage.path(directory)
   if target.exists() and (not target.is_dir() or any(target.iterdir())):
     raise UserError(f'{directory} already exists; export into a new directory (or remove it).')
   remote = storage.is_remote(target)
   partial = target if remote else target.parent / f'{target.name}.partial'
-  if not remote:
-    partial.rmtree(missing_ok=True)
-  partial.mkdir(parents=True, exist_ok=True)
+  writer = jax.process_index() == 0
+  sharding.wait_for_all_processes('export: output checked', EXPORT_BARRIER_SECONDS)
+  if writer:
+    if not remote:
+      partial.rmtree(missing_ok=True)
+    partial.mkdir(parents=True, exist_ok=True)
+  sharding.wait_for_all_processes('export: folder made', EXPORT_BARRIER_SECONDS)
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     checkpointer.save(partial / 'config',
                       args=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(partial / 'params', params)
-  (partial / EXPORT_INFO).write_text(
-      json.dumps({'format': 'fmboost_jax export', 'version': 1, **info}, indent=2))
-  if not remote:
-    if target.is_dir():
-      target.rmdir()
-    partial.rename(target)
+  if writer:
+    (partial / EXPORT_INFO).write_text(
+        json.dumps({'format': 'fmboost_jax export', 'version': 1, **info}, indent=2))
+    if not remote:
+      if target.is_dir():
+        target.rmdir()
+      partial.rename(target)
+  sharding.wait_for_all_processes('export: written', EXPORT_BARRIER_SECONDS)
 
 
 def read_export_config(directory: str) -> tuple[ml_collections.ConfigDict, dict]:

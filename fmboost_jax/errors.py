@@ -9,6 +9,11 @@ class UserError(Exception):
   """A problem with the user's input; the message names the problem and the fix."""
 
 
+class ReportedElsewhere(UserError):
+  """A UserError of a multi-process run that process 0 reports: this process exits with it
+  without printing it again, so the run's output holds its line once."""
+
+
 def short(error: BaseException) -> str:
   """An exception as one short line: its type and the start of its first line."""
   text = str(error).strip().splitlines()

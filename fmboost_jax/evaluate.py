@@ -145,7 +145,7 @@ class Evaluator:
       chunk = self.images[start:start + self.batch_size]
       n = len(chunk)
       padded = sharding.pad_batch(chunk, self.batch_size)
-      yield start, n, jax.device_put(padded, self.batch)
+      yield start, n, sharding.put(padded, self.batch)  # Each process places its share.
 
   def features(self, images: np.ndarray, start: int) -> dict[str, np.ndarray]:
     """Inception features of images [n, S, S, 3] (held-out indices start .. start + n) and of
@@ -171,14 +171,15 @@ class Evaluator:
                                             sample, images, key)
       return pred, solution.nfe, solution.ok
 
+    # The outputs stay split over the devices as the batch is; the host gathers them.
     step_fn = jax.jit(upsample,
                       in_shardings=(self.replicated, self.batch, self.replicated, self.replicated),
-                      out_shardings=self.replicated)
+                      out_shardings=(self.batch, self.replicated, self.replicated))
     acc, kept, oks = _Accumulator(), [], []
     key = jax.random.key(self.config.eval.seed)
     for start, n, images in self._batches():
-      pred, nfe, ok = jax.device_get(step_fn(stage.params, images, fs_params,
-                                             jax.random.fold_in(key, start)))
+      pred, nfe, ok = sharding.to_host(step_fn(stage.params, images, fs_params,
+                                               jax.random.fold_in(key, start)))
       pred = pred[:n]
       measured = jax.device_get(self._measure(pred, self.images[start:start + n]))
       acc.add({**measured, 'nfe': np.full((n,), float(nfe))}, self.features(pred, start), pred)
@@ -330,9 +331,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the models of `config.eval.checkpoints` (default: `workdir`) on the held-out
   images; writes WORKDIR/eval/{results.md, results.json, nfe_sweep.png, figure.png}."""
   config_checks.check(config, 'evaluate')
-  if jax.process_count() > 1:
-    raise UserError('--mode=evaluate runs in one process on all of its devices; start it without '
-                    'the multi-process flags.')
+  # Every process reads the held-out images and upsamples its devices' share of each batch;
+  # process 0 writes the tables and figures.
+  sharding.check_same_in_all_processes(config.data.to_dict(), '--config.data')
+  writer = sharding.is_writer()
   mesh = sharding.make_mesh(config.mesh)
   paths = list(config.eval.checkpoints) or [workdir]
   stages = [load(path, sample=config.sample, first_stage_weights=config.first_stage.weights,
@@ -340,7 +342,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for stage in stages:
     _check_compatible(stage, config)
   outdir = storage.join(workdir, 'eval')
-  storage.path(outdir).mkdir(parents=True, exist_ok=True)
   # The held-out images of --config.data, read as the first checkpoint's first stage and flow
   # expect (precomputed latents are checked against what that checkpoint was trained with).
   data_config = ml_collections.ConfigDict(stages[0].config.to_dict())
@@ -358,7 +359,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sweeps, failed = {}, 0
   for stage in stages:
     label = _label(stage, taken)
-    print(f'evaluating {label} ({stage.path}, step {stage.step})', file=sys.stderr, flush=True)
+    if writer:
+      print(f'evaluating {label} ({stage.path}, step {stage.step})', file=sys.stderr, flush=True)
     acc, kept, oks = evaluator.run(stage, stage.sample, keep)
     failed += oks.count(False)
     row = {'method': label, 'checkpoint': stage.path, 'step': stage.step,
@@ -393,6 +395,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'rows': rows,
       'nfe_sweep_nfe': list(config.eval.nfe_sweep), 'nfe_sweep': sweeps,
   }
+  if not writer:
+    return results
+  storage.path(outdir).mkdir(parents=True, exist_ok=True)
   storage.path(storage.join(outdir, 'results.json')).write_text(json.dumps(results, indent=2))
   table = markdown(results)
   storage.path(storage.join(outdir, 'results.md')).write_text(table)

@@ -23,7 +23,6 @@ import os
 import sys
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -126,7 +125,7 @@ def _files(paths: list[str]) -> list[str]:
   files = []
   for path in paths:
     if storage.path(path).is_dir():
-      found = sorted(os.fspath(p) for p in storage.path(path).rglob('*')
+      found = sorted(os.fspath(p) for p in storage.files_under(path)
                      if p.name.lower().endswith(IMAGE_EXTENSIONS + LATENT_EXTENSIONS))
       if not found:
         raise UserError(f'the input folder {path} holds no images ({", ".join(IMAGE_EXTENSIONS)}) '
@@ -187,6 +186,17 @@ def collect_inputs(paths: list[str], first_stage, sample_config) -> list[Input]:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested dict of settings as {'a.b': value}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
 def _progress(done: int, total: int, seconds: float) -> None:
   width = 30
   filled = width * done // total
@@ -214,17 +224,21 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
   `outdir`; returns the summary."""
   s = config.sample
   config_checks.check(config, 'sample')
-  if jax.process_count() > 1:
-    raise UserError('--mode=sample runs in one process on all of its devices; start it without '
-                    'the multi-process flags.')
+  # Every process reads every input and places its devices' share of each batch; process 0
+  # writes the outputs.
+  sharding.check_same_in_all_processes(
+      {'inputs': list(input_paths), 'outdir': outdir, **_flat(config.sample.to_dict())},
+      '--inputs, --outdir or --config.sample')
+  writer = sharding.is_writer()
   mesh = sharding.make_mesh(config.mesh)
   models = [trained_model.load(path, sample=settings, mesh=mesh,
                                first_stage_weights=config.first_stage.weights)
             for path, settings in stage_settings(s, workdir)]
   cascade = trained_model.Cascade(models)
   inputs = collect_inputs(input_paths, cascade.first_stage, s)
-  storage.path(storage.join(outdir, 'figures') if s.figure else outdir).mkdir(parents=True,
-                                                                              exist_ok=True)
+  if writer:
+    storage.path(storage.join(outdir, 'figures') if s.figure else outdir).mkdir(parents=True,
+                                                                                exist_ok=True)
 
   records: list[dict[str, Any]] = [{} for _ in inputs]
   done, total_seconds = 0, 0.0
@@ -234,7 +248,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
     items = [inputs[i] for i in ids]
     total_seconds += batch.seconds
     for j, item in enumerate(items):
-      _save_png(storage.join(outdir, f'{item.name}.png'), batch.images[j])
+      if writer:
+        _save_png(storage.join(outdir, f'{item.name}.png'), batch.images[j])
       records[ids[j]] = {
           'input': item.source, 'output': f'{item.name}.png', 'kind': item.kind,
           'input_size': list(item.array.shape[:2]), 'output_size': list(batch.images.shape[1:3]),
@@ -243,15 +258,16 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
     if s.figure:
       low_res = np.stack([item.array for item in items])
       if items[0].kind == 'latent':
-        low_res = np.asarray(cascade.decode(low_res, tiled=False))
-      for j, item in enumerate(items):
+        low_res = sharding.to_host(cascade.decode(low_res, tiled=False))
+      for j, item in enumerate(items if writer else ()):
         _save_png(storage.join(outdir, 'figures', f'{item.name}.png'),
                   _figure(low_res[j], batch.images[j], [f[j] for f in batch.trajectory]))
     done += len(items)
-    _progress(done, len(inputs), total_seconds)
+    if writer:
+      _progress(done, len(inputs), total_seconds)
 
   failed = [r['input'] for r in records if not all(r['solver_ok'])]
-  if failed:
+  if failed and writer:
     print(f'warning: the solver stopped before t=1 for {len(failed)} images (first: {failed[0]}); '
           'raise config.sample.max_steps or loosen rtol/atol.', file=sys.stderr)
   summary = {
@@ -264,6 +280,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, input_paths: list[st
       'mean_nfe': [float(np.mean([r['nfe'][k] for r in records])) for k in range(len(models))],
       'images': records,
   }
+  if not writer:
+    return summary
   storage.path(storage.join(outdir, 'summary.json')).write_text(json.dumps(summary, indent=2))
   print(f'Boosted {len(inputs)} inputs into {outdir} ({summary["seconds_per_image"]:.3f} s/image '
         f'after {cascade.compile_seconds:.1f} s of compilation, mean NFE {summary["mean_nfe"]}); '

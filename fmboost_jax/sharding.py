@@ -5,16 +5,18 @@ and so are the large parameter, optimizer and EMA arrays, which XLA gathers wher
 With fsdp=1 every array of the state is replicated and training is plain data parallelism.
 """
 
+import hashlib
 import math
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fmboost_jax.errors import UserError
+from fmboost_jax.errors import ReportedElsewhere, UserError
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
@@ -121,3 +123,54 @@ def wait_for_all_processes(name: str, timeout_seconds: int) -> None:
   apart). A no-op in one process."""
   if jax.process_count() > 1:
     ocp.multihost.sync_global_processes(f'fmboost_jax: {name}', timeout=timeout_seconds)
+
+
+def put(x, target: NamedSharding) -> jax.Array:
+  """`x` (a host array that every process holds whole, or a jax.Array) laid out by `target`, a
+  sharding over the global mesh: each process places the parts of its own devices."""
+  if isinstance(x, jax.Array):
+    return jax.device_put(x, target)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def to_host(tree):
+  """The arrays of `tree` (laid out over the global mesh) whole, as NumPy arrays, in every
+  process: one gather across the processes of a multi-process run."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_writer() -> bool:
+  """Whether this process writes the outputs of a run (process 0 does; the others compute)."""
+  return jax.process_index() == 0
+
+
+def check_same_in_all_processes(values: dict[str, object], what: str) -> None:
+  """Raises UserError when the processes of a run got different `values` (a flat dict of
+  settings, such as a config section), naming the ones that differ; only process 0 reports it
+  (the others raise `ReportedElsewhere`). A no-op in one process."""
+  if jax.process_count() == 1:
+    return
+  digest = lambda text: np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+  keys = sorted(values)
+  mine = np.stack([digest(repr(keys)), digest(repr([(k, values[k]) for k in keys]))])
+  gathered = multihost_utils.process_allgather(mine)  # [processes, 2, 8]
+  if (gathered == gathered[:1]).all():
+    return
+  same_keys = (gathered[:, 0] == gathered[0, 0]).all()
+  differing = 'its fields'
+  if same_keys:
+    per_field = multihost_utils.process_allgather(
+        np.stack([digest(repr(values[k])) for k in keys]))  # [processes, fields, 8]
+    names = [k for i, k in enumerate(keys) if not (per_field[:, i] == per_field[0, i]).all()]
+    differing = ', '.join(names)
+  processes = [p for p in range(len(gathered)) if not (gathered[p] == gathered[0]).all()]
+  who = (f'process {processes[0]} differs' if len(processes) == 1
+         else f'processes {", ".join(map(str, processes))} differ')
+  message = (f'the processes of this run got different {what} ({who} from process 0 in '
+             f'{differing}); start every process with the same flags.')
+  if not is_writer():
+    raise ReportedElsewhere(message)
+  raise UserError(message)

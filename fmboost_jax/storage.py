@@ -54,6 +54,16 @@ def path(value: PathLike) -> epath.Path:
   return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
+def files_under(root: PathLike) -> list[epath.Path]:
+  """Every file below the folder `root`, at any depth, folder by folder (epath's recursive glob is
+  refused for buckets and, without TensorFlow, for local paths too)."""
+  found, folders = [], [path(root)]
+  while folders:
+    for entry in folders.pop().iterdir():
+      (folders if entry.is_dir() else found).append(entry)
+  return sorted(found, key=os.fspath)
+
+
 def relative(file: PathLike, root: PathLike) -> str:
   """`file`'s path below the folder `root`, '/'-separated (local paths resolved as os.path does)."""
   file, root = os.fspath(file), os.fspath(root)

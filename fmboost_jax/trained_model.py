@@ -307,8 +307,8 @@ class Cascade:
   def decode(self, latents, tiled: bool = True) -> jax.Array:
     """Latents [n, h, w, C] -> images [n, h f, w f, 3] (padded to fill the devices and cropped)."""
     n = len(latents)
-    padded = jax.device_put(sharding.pad_batch(latents, sharding.round_up(n, self.devices)),
-                            self.batch_sharding)
+    padded = sharding.put(sharding.pad_batch(latents, sharding.round_up(n, self.devices)),
+                          self.batch_sharding)
     return self._compiled(('decode', padded.shape, tiled), self.decode_program(tiled),
                           nnx.state(self.first_stage), padded)[:n]
 
@@ -318,7 +318,7 @@ class Cascade:
     n = len(x)
     padded = sharding.pad_batch(x, sharding.round_up(n, self.devices))
     compile_before, t0 = self.compile_seconds, time.perf_counter()
-    z = jax.device_put(padded, self.batch_sharding)
+    z = sharding.put(padded, self.batch_sharding)  # Each process places its devices' share.
     pixels = tuple(d * (1 if kind == 'image' else self.first_stage.factor) for d in x.shape[1:3])
     nfes, oks, solution = [], [], None
     for k, model in enumerate(self.models):
@@ -334,7 +334,7 @@ class Cascade:
     frames = [] if solution.trajectory is None else [
         self.decode(s[:, :grid[0], :grid[1]])[:, :pixels[0], :pixels[1]]
         for s in solution.trajectory]
-    decoded, z, nfes, oks, frames = jax.device_get((decoded, z, nfes, oks, frames))
+    decoded, z, nfes, oks, frames = sharding.to_host((decoded, z, nfes, oks, frames))
     seconds = time.perf_counter() - t0 - (self.compile_seconds - compile_before)
     return Batch(images=decoded[:n], latents=z[:n], nfe=[v[:n] for v in nfes],
                  ok=[v[:n] for v in oks], trajectory=[f[:n] for f in frames], seconds=seconds)

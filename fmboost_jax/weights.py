@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from fmboost_jax import errors, orbax_logs, storage, torch_files
+from fmboost_jax import errors, orbax_logs, sharding, storage, torch_files
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import inception, layers
 
@@ -49,6 +49,8 @@ AUTOENCODER_PREFIXES = ('encoder.', 'decoder.', 'quant_conv.', 'post_quant_conv.
 FULL_MODEL_PREFIX = 'first_stage_model.'
 DIFFUSERS_FILENAME = 'diffusion_pytorch_model.safetensors'
 DIFFUSERS_FP16_FILENAME = 'diffusion_pytorch_model.fp16.safetensors'
+# How long the processes of a multi-process conversion wait for each other between its steps.
+BARRIER_SECONDS = 600
 ORBAX_MARKER = '_CHECKPOINT_METADATA'  # Present in every finished Orbax checkpoint directory.
 
 _ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out',
@@ -303,10 +305,16 @@ def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
   if directory.exists() and any(directory.iterdir()):
     raise UserError(f'the output directory {directory} is not empty; choose a new --workdir for '
                     'the converted weights.')
-  if directory.is_dir():
+  params = nnx.to_pure_dict(state)
+  if jax.process_count() > 1:  # Every process saves the same global arrays; Orbax writes once.
+    sharding.wait_for_all_processes('convert: output checked', BARRIER_SECONDS)
+    replicated = sharding.replicated(sharding.data_mesh())
+    params = jax.tree.map(lambda x: sharding.put(np.asarray(x), replicated), params)
+  if directory.is_dir() and sharding.is_writer():
     directory.rmdir()  # Orbax writes the directory itself.
+  sharding.wait_for_all_processes('convert: output ready', BARRIER_SECONDS)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory, nnx.to_pure_dict(state))
+    checkpointer.save(directory, params)
   return os.fspath(directory)
 
 

@@ -9,7 +9,11 @@
 #                   [--partition=P] [--account=A] -- [main.py flags...]
 #   launch/slurm.sh --nodes=4 --gpus-per-node=8 --time=24:00:00 -- --config=configs/default.py \
 #       --workdir=/shared/runs/paper --config.first_stage.weights=/shared/sd_vae
+#   launch/slurm.sh --nodes=4 --gpus-per-node=8 --time=1:00:00 -- --mode=evaluate \
+#       --config=configs/default.py --workdir=/shared/runs/paper
 #
+# Every mode runs in the job (train, precompute, evaluate, sample, export, convert): each process
+# computes its share, process 0 writes.
 # The job first makes sure every node's JAX sees the GPUs (launch/setup_host.sh; it installs
 # requirements.txt with jax[cuda13] into .venv when missing) and sets XLA's GPU flags for overlapping
 # collectives with compute. --dry-run prints the batch script and the sbatch command instead of

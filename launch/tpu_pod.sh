@@ -6,7 +6,11 @@
 #   launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE [main.py flags...]
 #   launch/tpu_pod.sh my-v4-32 us-central2-b --config=configs/default.py \
 #       --workdir=/mnt/shared/paper --config.first_stage.weights=/mnt/shared/sd_vae
+#   launch/tpu_pod.sh my-v4-32 us-central2-b --mode=evaluate --config=configs/default.py \
+#       --workdir=/mnt/shared/paper
 #
+# Every mode runs on the slice (train, precompute, evaluate, sample, export, convert): each worker
+# computes its share, process 0 writes.
 # Every worker needs this repository at $REPO_DIR (default ~/fmboost_jax); its .venv is created
 # there on the first launch (launch/setup_host.sh: requirements.txt and jax[tpu]). The workdir must
 # be on storage all workers share. $PROJECT, if set, is passed to gcloud. --dry-run prints the command instead of running it.
