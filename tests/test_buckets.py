@@ -89,7 +89,8 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
     line = [re.sub(pattern, lambda m: where[m.group()], a) for a in commands[index]]
     mode = next((a.split('=')[1] for a in line if a.startswith('--mode=')), 'train')
     line = [sys.executable, *line[1:]] if line[0].endswith('python') else ['bash', *line]
-    small = {'precompute': SMALL, 'train': SMALL, 'evaluate': [*SMALL, '--config.eval.crop_size=64']}
+    small = {'precompute': SMALL, 'train': SMALL,
+             'evaluate': [*SMALL, '--config.eval.crop_size=64']}
     return [*line, *SIZES[mode], *small.get(mode, ()), *extra]
 
   def run(name: str, line: list[str]) -> subprocess.CompletedProcess:
