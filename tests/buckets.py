@@ -53,6 +53,15 @@ def unavailable() -> str | None:
   return None
 
 
+# Loopback, as strace shows it (gloo's sockets give IPv4 addresses IPv6-mapped).
+LOOPBACK = {('AF_INET', '127.0.0.1'), ('AF_INET6', '::1'), ('AF_INET6', '::ffff:127.0.0.1')}
+
+
+def outside_loopback(found: list[tuple[str, str]]) -> set[tuple[str, str]]:
+  """The internet connections among `found` that did not go to this machine's loopback."""
+  return {c for c in found if c[0] in ('AF_INET', 'AF_INET6')} - LOOPBACK
+
+
 CONNECT = re.compile(r'connect\(\d+, \{([^}]*)\}')
 ADDRESS = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"')
 

@@ -43,7 +43,8 @@ def tiny_cfm_workdir(tmp_path_factory) -> str:
 # 2026-12-02: 1069, 894, 546, 461, 389, 337, 228). They start first, so that no worker is left
 # with a ten-minute file while the other has finished (xdist's own order puts the files with the
 # most tests first, which started the demo and the paper rehearsal last).
-HEAVIEST_FIRST = ('test_demo.py', 'test_paper_workflow.py', 'test_train.py', 'test_sample.py',
+HEAVIEST_FIRST = ('test_demo.py', 'test_paper_workflow.py', 'test_buckets.py', 'test_train.py',
+                  'test_sample.py',
                   'test_compile.py', 'test_multiprocess.py', 'test_latent_training.py',
                   'test_evaluate.py')
 

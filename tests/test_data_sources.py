@@ -365,7 +365,7 @@ def test_folder_and_index_in_a_bucket(tmp_path):
     emulator.close()
   assert proc.returncode == 0 and 'bucket scan ok' in proc.stdout, proc.stderr[-3000:]
   assert ('AF_INET', '127.0.0.1') in found
-  assert {c for c in found if c[0] in ('AF_INET', 'AF_INET6')} == {('AF_INET', '127.0.0.1')}
+  assert not buckets.outside_loopback(found), found
   # The objects are in the emulator's storage.
   assert os.path.isfile(emulator.object('bucket', 'photos/sub1/3.png'))
 
