@@ -402,7 +402,7 @@ def test_orbax_progress_stays_out_of_the_log_unless_debug_output_is_asked_for(tm
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from fmboost_jax import checkpointing  # noqa: PLC0415
+  from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
 
   state = {'ema_params': {'w': jnp.arange(4.0)}, 'step': jnp.asarray(1)}
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -414,7 +414,7 @@ def test_orbax_progress_stays_out_of_the_log_unless_debug_output_is_asked_for(tm
                       ml_collections.ConfigDict({'seed': 0}))
     checkpointer.wait()
     checkpointer.close()
-    return checkpointing.restore_subtree(str(workdir), 1, 'ema_params', abstract)['w']
+    return model_files.restore_subtree(str(workdir), 1, 'ema_params', abstract)['w']
 
   orbax = lambda: [r for r in caplog.records if '/orbax/' in r.pathname]  # noqa: E731
   caplog.set_level(logging.INFO, logger='absl')
@@ -433,7 +433,7 @@ def test_one_process_saves_replicated_arrays_without_slicing_programs(tmp_path, 
   import grain  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from fmboost_jax import checkpointing  # noqa: PLC0415
+  from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
 
   replicated = jax.sharding.NamedSharding(jax.make_mesh((8,), ('data',)),
                                           jax.sharding.PartitionSpec())
@@ -448,7 +448,7 @@ def test_one_process_saves_replicated_arrays_without_slicing_programs(tmp_path, 
   assert [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()] == []
   abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
               for k, v in params.items()}
-  restored = checkpointing.restore_subtree(str(tmp_path), 1, 'ema_params', abstract)
+  restored = model_files.restore_subtree(str(tmp_path), 1, 'ema_params', abstract)
   for k, v in params.items():
     np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))
 
