@@ -15,7 +15,9 @@ background (a full disk) is noticed without waiting, at the first `check` after 
 manager's `wait_until_finished` re-raises the background error), and becomes one
 `CheckpointSaveError` naming the directory and its free space; its temporary directory is removed
 and the earlier checkpoints stay as they are. Orbax's own log lines about it (and its progress
-lines, unless `--verbosity=1` asks for debug output) are kept short by `orbax_logs`.
+lines, unless `--verbosity=1` asks for debug output) are kept short by `orbax_logs`, and the
+`Event loop is closed` reports of the writes still in flight are left out
+(`orbax_logs.hide_closed_loop_reports`).
 """
 
 import json
@@ -71,6 +73,7 @@ class Checkpointer:
     self.directory = os.fspath(directory)
     self._path = directory
     self._pending: int | None = None  # The step of the save in flight, until checked.
+    orbax_logs.hide_closed_loop_reports()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -3,6 +3,7 @@ Orbax calls `quiet()` when it loads."""
 
 import logging
 import os
+import sys
 
 from fmboost_jax import errors
 
@@ -37,3 +38,27 @@ def quiet() -> None:
   """Installs the filter on absl's logger, where Orbax logs (once: the same filter is not added
   twice)."""
   logging.getLogger('absl').addFilter(_FILTER)
+
+
+def _closed_loop(report) -> bool:
+  error = report.exc_value
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def hide_closed_loop_reports() -> None:
+  """Leaves out of the output the reports of one unraisable error from then on (once: the hook is
+  not wrapped twice): `RuntimeError: Event loop is closed`, raised by the completion callbacks of
+  the writes still in flight when a background save failed (a full disk), one per file, after
+  Orbax closed the event loop that awaited them; they can arrive until the process ends. Python
+  reports such errors through `sys.unraisablehook` only; every other report passes on to the hook
+  installed before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'hides_closed_loop_reports', False):
+    return
+
+  def hook(report) -> None:
+    if not _closed_loop(report):
+      previous(report)
+
+  hook.hides_closed_loop_reports = True
+  sys.unraisablehook = hook

@@ -359,6 +359,55 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
     subprocess.run(['umount', str(disk)], check=True)
 
 
+def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_record(
+    tmp_path, caplog, monkeypatch):
+  """Checkpoints of 1.5 MB (incompressible) on a 4 MB tmpfs, in this process: the save that fails
+  in the background raises one CheckpointSaveError (from the manager's own report of the failed
+  save), Orbax's records of the failure are one line each, the completion callbacks of the writes
+  still in flight report nothing, the temporary directory is gone and the earlier steps stay."""
+  import time  # noqa: PLC0415
+
+  import grain  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
+
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip('mounting a small tmpfs is not permitted on this machine')
+  reports = []
+  monkeypatch.setattr(sys, 'unraisablehook', reports.append)
+  caplog.set_level(logging.ERROR, logger='absl')
+  rng = np.random.default_rng(0)
+  state = {f'w{i}': jnp.asarray(rng.standard_normal(4000, dtype=np.float32)) for i in range(96)}
+  try:
+    checkpointer = checkpointing.Checkpointer(str(disk / 'c'), keep=0)
+    with pytest.raises(checkpointing.CheckpointSaveError) as failed:
+      for step in range(1, 10):
+        checkpointer.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
+                          ml_collections.ConfigDict({'seed': 0}))
+        checkpointer.check()
+      checkpointer.wait()
+    checkpointer.close()
+    time.sleep(1)  # Late completion callbacks of the failed writes.
+    message = str(failed.value)
+    step = int(re.match(r'saving the checkpoint of step (\d+) ', message)[1])
+    assert step >= 2 and '\n' not in message
+    assert 'failed (no space left on device); ' in message
+    assert message.endswith(f'resume from step {step - 1} (the checkpoints of steps '
+                            f'{", ".join(str(s) for s in range(1, step))} are intact).')
+    assert model_files.finished_steps(disk / 'c') == list(range(1, step))
+    assert sorted(os.listdir(disk / 'c')) == sorted(str(s) for s in range(1, step))
+    assert [r for r in reports if 'Event loop is closed' in str(r.exc_value)] == []
+    orbax = [r for r in caplog.records if '/orbax/' in r.pathname]
+    assert orbax and all(r.exc_info is None and '\n' not in r.getMessage() for r in orbax)
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)
+
+
 def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_stpes=5', timeout=120)
   assert proc.returncode == 2
