@@ -350,7 +350,7 @@ def _load_flax_checkpoint(directory: str, target: nnx.State) -> nnx.State:
                     f'{len(bad)} shape mismatches: {_listing(bad)}.')
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract))
+      restored = checkpointer.restore(directory, abstract)
   except Exception as e:  # pylint: disable=broad-except
     raise refused(errors.short(e)) from None
   state = jax.tree.map(lambda v: v, target)
