@@ -51,6 +51,14 @@ def _write_replicated_arrays_whole() -> None:
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+def _position_record(data_iterator: grain.DatasetIterator) -> dict:
+  """The `position` item: the number of processes and the iterator position they share (None where
+  their positions differ)."""
+  position = data_iterator.get_state()
+  same = sharding.same_in_all_processes(json.dumps(position, sort_keys=True))
+  return {'process_count': jax.process_count(), 'position': position if same else None}
+
+
 class Checkpointer:
   """Saves and restores `{'state': pytree, 'data': grain iterator, 'config': JSON}` by step."""
 
@@ -83,14 +91,12 @@ class Checkpointer:
     """Starts an asynchronous save of `state`, the iterator position and `config` at `step`
     (after the previous one has finished and been checked)."""
     self.wait()
-    position = data_iterator.get_state()
-    same = sharding.same_in_all_processes(json.dumps(position, sort_keys=True))
+    position = _position_record(data_iterator)
     self._pending = step
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
-        position=ocp.args.JsonSave({'process_count': jax.process_count(),
-                                    'position': position if same else None}),
+        position=ocp.args.JsonSave(position),
         config=model_files.config_item(config)), force=True)
 
   def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):

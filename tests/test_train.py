@@ -408,6 +408,42 @@ def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_r
     subprocess.run(['umount', str(disk)], check=True)
 
 
+def test_a_checkpoint_resumes_with_another_process_count_from_its_shared_position(
+    tmp_path, monkeypatch):
+  """A checkpoint saved by 2 processes at one position resumes in this one from that position;
+  one whose processes were at different positions is refused in one line."""
+  import grain  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from fmboost_jax import checkpointing  # noqa: PLC0415
+
+  state = {'w': jnp.arange(4.0)}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32, sharding=device)}
+  iterator = lambda: iter(grain.MapDataset.range(10).to_iter_dataset())  # noqa: E731
+  for name, position in (('same', {'next_index': 3}), ('different', None)):
+    monkeypatch.setattr(checkpointing, '_position_record',
+                        lambda _, p=position: {'process_count': 2, 'position': p})
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / name), keep=0)
+    checkpointer.save(1, state, iterator(), ml_collections.ConfigDict({'seed': 0}))
+    checkpointer.wait()
+    checkpointer.close()
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'same'), keep=0)
+  resumed = iterator()
+  restored = checkpointer.restore(1, abstract, resumed)
+  checkpointer.close()
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  assert next(resumed) == 3
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'different'), keep=0)
+  with pytest.raises(UserError) as refused:
+    checkpointer.restore(1, abstract, iterator())
+  checkpointer.close()
+  assert str(refused.value) == (
+      f'the checkpoint at step 1 in {tmp_path / "different"} holds different data-iterator '
+      'positions for its 2 processes, so it cannot resume with 1; resume with the same number of '
+      'processes.')
+
+
 def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_stpes=5', timeout=120)
   assert proc.returncode == 2
