@@ -45,7 +45,8 @@ def _write_replicated_arrays_whole() -> None:
   In a multi-process run each process writes a part of a replicated array (replica-parallel
   saving, Orbax's default); one process writes them whole, without the slicing programs that
   saving in parts compiles at the first save, one per array shape (184, 8 s, for the tiny demo on
-  8 CPU devices).
+  8 CPU devices). The handler is Orbax's with its defaults otherwise, less the per-process array
+  metadata files (their store is not part of Orbax's public API; restoring does not need them).
   """
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
@@ -60,7 +61,8 @@ def _position_record(data_iterator: grain.DatasetIterator) -> dict:
 
 
 class Checkpointer:
-  """Saves and restores `{'state': pytree, 'data': grain iterator, 'config': JSON}` by step."""
+  """Saves and restores `{'state': pytree, 'data': grain iterator, 'position': JSON, 'config':
+  JSON}` by step."""
 
   def __init__(self, directory: str, *, keep: int):
     """`keep` latest checkpoints are preserved; 0 keeps all."""
