@@ -147,6 +147,15 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def same_in_all_processes(text: str) -> bool:
+  """Whether every process holds the same `text` (True in one process): one gather of a digest."""
+  if jax.process_count() == 1:
+    return True
+  mine = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+  gathered = multihost_utils.process_allgather(mine)  # [processes, 8]
+  return bool((gathered == gathered[:1]).all())
+
+
 def check_same_in_all_processes(values: dict[str, object], what: str) -> None:
   """Raises UserError when the processes of a run got different `values` (a flat dict of
   settings, such as a config section), naming the ones that differ; only process 0 reports it

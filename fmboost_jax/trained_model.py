@@ -36,11 +36,11 @@ from flax import nnx
 from PIL import Image
 
 from fmboost_jax import (
-  checkpointing,
   first_stages,
   flow,
   images,
   metrics,
+  model_files,
   sampling,
   sharding,
   storage,
@@ -142,7 +142,7 @@ class TrainedModel:
     if dtype not in ('float32', 'bfloat16'):
       raise UserError(f'export dtype {dtype!r} is unknown; use float32 or bfloat16.')
     params = jax.tree.map(lambda x: x.astype(dtype), self.params)
-    checkpointing.write_export(directory, params, self.config,
+    model_files.write_export(directory, params, self.config,
                                {'step': self.step, 'source': os.fspath(storage.path(self.path)),
                                 'dtype': dtype})
     return directory
@@ -182,19 +182,19 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
   `with_first_stage=False` leaves the first stage's weights unread (its parameters abstract): for
   what needs only the network's, such as an export."""
   mesh = mesh or sharding.data_mesh()
-  exported = checkpointing.is_export(path)
+  exported = model_files.is_export(path)
   if exported:
-    saved_config, info = checkpointing.read_export_config(path)
+    saved_config, info = model_files.read_export_config(path)
     step = info['step']
   else:
     directory = storage.join(path, 'checkpoints')
-    step = checkpointing.latest_step(directory)
+    step = model_files.latest_step(directory)
     if step is None:
       raise UserError(f'{path} holds no checkpoint (nothing in {directory}); point --workdir (or a '
                       'stage of config.sample.stages) at the workdir of a --mode=train run or at '
                       f'a --mode=export directory, or train it first with --mode=train '
                       f'--workdir={path}.')
-    saved_config = checkpointing.restore_config(directory, step)
+    saved_config = model_files.restore_config(directory, step)
   config = with_first_stage_weights(saved_config, first_stage_weights, path,
                                     must_exist=with_first_stage)
   sampling_config = ml_collections.ConfigDict((sample or config.sample).to_dict())
@@ -205,10 +205,10 @@ def load(path: str, *, sample: ml_collections.ConfigDict | None = None,
   first_stage = first_stages.first_stage_from_config(config, weights_loaded=with_first_stage)
   graphdef, abstract = abstract_network(config, first_stage.channels, mesh)
   if exported:
-    params = checkpointing.read_export_params(path, abstract)
+    params = model_files.read_export_params(path, abstract)
   else:
     name = 'ema_params' if config.ema.use_for_sampling else 'params'
-    params = checkpointing.restore_subtree(directory, step, name, abstract)
+    params = model_files.restore_subtree(directory, step, name, abstract)
   return TrainedModel(path=path, step=step, config=config, sample=sampling_config,
                       first_stage=first_stage, graphdef=graphdef, params=params, mesh=mesh)
 

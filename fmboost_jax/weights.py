@@ -51,7 +51,6 @@ DIFFUSERS_FILENAME = 'diffusion_pytorch_model.safetensors'
 DIFFUSERS_FP16_FILENAME = 'diffusion_pytorch_model.fp16.safetensors'
 # How long the processes of a multi-process conversion wait for each other between its steps.
 BARRIER_SECONDS = 600
-ORBAX_MARKER = '_CHECKPOINT_METADATA'  # Present in every finished Orbax checkpoint directory.
 
 _ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out',
                'query': 'q', 'key': 'k', 'value': 'v', 'proj_attn': 'proj_out'}
@@ -273,7 +272,7 @@ def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: A
   target = model_or_abstract_state
   if isinstance(target, nnx.Module):
     target = nnx.state(target, nnx.Param)
-  if (storage.path(path) / ORBAX_MARKER).is_file():
+  if storage.path(path).is_dir() and ocp.path.format_utils.is_orbax_checkpoint(storage.path(path)):
     return _load_flax_checkpoint(os.fspath(path), target)
   flat = list(nnx.to_flat_state(target))
   down = {p[2] for p, _ in flat if p[:2] == ('encoder', 'down') and len(p) > 2}
@@ -319,30 +318,52 @@ def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
 
 
 def _load_flax_checkpoint(directory: str, target: nnx.State) -> nnx.State:
-  """Restores a `save_flax_checkpoint` directory onto the structure and shapes of `target`."""
+  """Restores a `save_flax_checkpoint` directory onto the structure and shapes of `target`.
+
+  The arrays' names and shapes are compared with the saved metadata first; the weights are then
+  read onto this process's first device, whatever devices saved them: in any process of any job.
+  """
   directory = storage.path(directory)
-  abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32),
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=device),
                           nnx.to_pure_dict(target))
-  # Restored as host arrays, whatever devices saved them: in any process of any job.
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+
+  def refused(reason: str) -> UserError:
+    return UserError(f'{directory} is not a converted checkpoint of this autoencoder ({reason}); '
+                     'convert the weights again with --mode=convert and the same '
+                     'config.first_stage settings.')
+
   try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=restore_args))
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = _shapes(checkpointer.metadata(directory).item_metadata.tree)
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'{directory} is not a converted checkpoint of this autoencoder '
-                    f'({errors.short(e)}); convert the weights again with --mode=convert and the '
-                    'same config.first_stage settings.') from None
-  bad = [f'{"/".join(map(str, p))} (file {list(a.shape)}, model {list(b.shape)})'
-         for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
-                                   jax.tree_util.tree_flatten_with_path(abstract)[0])
-         if a.shape != b.shape]
+    raise refused(errors.short(e)) from None
+  wanted = _shapes(abstract)
+  if saved.keys() != wanted.keys():
+    names = sorted(saved.keys() ^ wanted.keys())
+    raise refused(f'{len(names)} arrays in one of the checkpoint and the model only: '
+                  f'{_listing(names, 3)}')
+  bad = [f'{k} (file {list(saved[k])}, model {list(wanted[k])})' for k in sorted(wanted)
+         if saved[k] != wanted[k]]
   if bad:
     raise UserError(f'{directory} does not match the autoencoder of config.first_stage: '
                     f'{len(bad)} shape mismatches: {_listing(bad)}.')
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory, abstract)
+  except Exception as e:  # pylint: disable=broad-except
+    raise refused(errors.short(e)) from None
   state = jax.tree.map(lambda v: v, target)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
+  nnx.replace_by_pure_dict(state, restored)
   return state
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'encoder/conv_in/kernel' -> shape, for every array of a tree or its Orbax metadata."""
+  def name(key):
+    return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # --- FID Inception-v3 (pt_inception-2015-12-05) -------------------------------------------------

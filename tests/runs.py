@@ -111,6 +111,16 @@ def restore_state(workdir, step: int) -> dict:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
+def saved_position(workdir, step: int) -> dict:
+  """The `position` item of a checkpoint: {'process_count': N, 'position': the iterator state}."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.Composite(
+        position=ocp.args.JsonRestore()))['position']
+
+
 def flat(tree) -> dict[str, np.ndarray]:
   import jax  # noqa: PLC0415
   return {jax.tree_util.keystr(p): np.asarray(x)

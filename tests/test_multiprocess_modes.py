@@ -73,15 +73,15 @@ def test_two_processes_sample_the_same_images_as_one(tiny_cfm_workdir, tmp_path)
 
 @pytest.mark.slow
 def test_two_processes_export_the_same_weights_as_one(tiny_cfm_workdir, tmp_path):
-  from fmboost_jax import checkpointing, trained_model  # noqa: PLC0415
+  from fmboost_jax import model_files, trained_model  # noqa: PLC0415
 
   one, two, proc = _both(tmp_path, 'export', model=tiny_cfm_workdir)
   assert proc.stdout.count('Exported step 2') == 1
   infos = [json.loads((d / 'export.json').read_text()) for d in (one, two)]
   assert infos[0] == infos[1]
-  config, _ = checkpointing.read_export_config(str(two))
+  config, _ = model_files.read_export_config(str(two))
   _, abstract = trained_model.abstract_network(config, 3, trained_model.sharding.data_mesh())
-  a, b = (runs.flat(checkpointing.read_export_params(str(d), abstract)) for d in (one, two))
+  a, b = (runs.flat(model_files.read_export_params(str(d), abstract)) for d in (one, two))
   assert a.keys() == b.keys() and len(a) > 10
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -359,6 +359,91 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
     subprocess.run(['umount', str(disk)], check=True)
 
 
+def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_record(
+    tmp_path, caplog, monkeypatch):
+  """Checkpoints of 1.5 MB (incompressible) on a 4 MB tmpfs, in this process: the save that fails
+  in the background raises one CheckpointSaveError (from the manager's own report of the failed
+  save), Orbax's records of the failure are one line each, the completion callbacks of the writes
+  still in flight report nothing, the temporary directory is gone and the earlier steps stay."""
+  import time  # noqa: PLC0415
+
+  import grain  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
+
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip('mounting a small tmpfs is not permitted on this machine')
+  reports = []
+  monkeypatch.setattr(sys, 'unraisablehook', reports.append)
+  caplog.set_level(logging.ERROR, logger='absl')
+  rng = np.random.default_rng(0)
+  state = {f'w{i}': jnp.asarray(rng.standard_normal(4000, dtype=np.float32)) for i in range(96)}
+  try:
+    checkpointer = checkpointing.Checkpointer(str(disk / 'c'), keep=0)
+    with pytest.raises(checkpointing.CheckpointSaveError) as failed:
+      for step in range(1, 10):
+        checkpointer.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
+                          ml_collections.ConfigDict({'seed': 0}))
+        checkpointer.check()
+      checkpointer.wait()
+    checkpointer.close()
+    time.sleep(1)  # Late completion callbacks of the failed writes.
+    message = str(failed.value)
+    step = int(re.match(r'saving the checkpoint of step (\d+) ', message)[1])
+    assert step >= 2 and '\n' not in message
+    assert 'failed (no space left on device); ' in message
+    assert message.endswith(f'resume from step {step - 1} (the checkpoints of steps '
+                            f'{", ".join(str(s) for s in range(1, step))} are intact).')
+    assert model_files.finished_steps(disk / 'c') == list(range(1, step))
+    assert sorted(os.listdir(disk / 'c')) == sorted(str(s) for s in range(1, step))
+    assert [r for r in reports if 'Event loop is closed' in str(r.exc_value)] == []
+    orbax = [r for r in caplog.records if '/orbax/' in r.pathname]
+    assert orbax and all(r.exc_info is None and '\n' not in r.getMessage() for r in orbax)
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_checkpoint_resumes_with_another_process_count_from_its_shared_position(
+    tmp_path, monkeypatch):
+  """A checkpoint saved by 2 processes at one position resumes in this one from that position;
+  one whose processes were at different positions is refused in one line."""
+  import grain  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from fmboost_jax import checkpointing  # noqa: PLC0415
+
+  state = {'w': jnp.arange(4.0)}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32, sharding=device)}
+  iterator = lambda: iter(grain.MapDataset.range(10).to_iter_dataset())  # noqa: E731
+  for name, position in (('same', {'next_index': 3}), ('different', None)):
+    monkeypatch.setattr(checkpointing, '_position_record',
+                        lambda _, p=position: {'process_count': 2, 'position': p})
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / name), keep=0)
+    checkpointer.save(1, state, iterator(), ml_collections.ConfigDict({'seed': 0}))
+    checkpointer.wait()
+    checkpointer.close()
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'same'), keep=0)
+  resumed = iterator()
+  restored = checkpointer.restore(1, abstract, resumed)
+  checkpointer.close()
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  assert next(resumed) == 3
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'different'), keep=0)
+  with pytest.raises(UserError) as refused:
+    checkpointer.restore(1, abstract, iterator())
+  checkpointer.close()
+  assert str(refused.value) == (
+      f'the checkpoint at step 1 in {tmp_path / "different"} holds different data-iterator '
+      'positions for its 2 processes, so it cannot resume with 1; resume with the same number of '
+      'processes.')
+
+
 def test_a_typo_in_a_nested_override_is_one_readable_line(tmp_path):
   proc = runs.run_main(tmp_path, '--config.train.num_stpes=5', timeout=120)
   assert proc.returncode == 2
@@ -402,7 +487,7 @@ def test_orbax_progress_stays_out_of_the_log_unless_debug_output_is_asked_for(tm
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from fmboost_jax import checkpointing  # noqa: PLC0415
+  from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
 
   state = {'ema_params': {'w': jnp.arange(4.0)}, 'step': jnp.asarray(1)}
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -414,7 +499,7 @@ def test_orbax_progress_stays_out_of_the_log_unless_debug_output_is_asked_for(tm
                       ml_collections.ConfigDict({'seed': 0}))
     checkpointer.wait()
     checkpointer.close()
-    return checkpointing.restore_subtree(str(workdir), 1, 'ema_params', abstract)['w']
+    return model_files.restore_subtree(str(workdir), 1, 'ema_params', abstract)['w']
 
   orbax = lambda: [r for r in caplog.records if '/orbax/' in r.pathname]  # noqa: E731
   caplog.set_level(logging.INFO, logger='absl')
@@ -433,7 +518,7 @@ def test_one_process_saves_replicated_arrays_without_slicing_programs(tmp_path, 
   import grain  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from fmboost_jax import checkpointing  # noqa: PLC0415
+  from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
 
   replicated = jax.sharding.NamedSharding(jax.make_mesh((8,), ('data',)),
                                           jax.sharding.PartitionSpec())
@@ -448,7 +533,7 @@ def test_one_process_saves_replicated_arrays_without_slicing_programs(tmp_path, 
   assert [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()] == []
   abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
               for k, v in params.items()}
-  restored = checkpointing.restore_subtree(str(tmp_path), 1, 'ema_params', abstract)
+  restored = model_files.restore_subtree(str(tmp_path), 1, 'ema_params', abstract)
   for k, v in params.items():
     np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))
 
