@@ -72,3 +72,27 @@ def first_stage_from_config(config, *, weights_loaded: bool = True) -> FirstStag
   if not weights_loaded:
     return abstract
   return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))
+
+
+def weights_fingerprint(config) -> str | None:
+  """The fingerprint of config.first_stage's weights (`weights.fingerprint`: the sha256 of the
+  weights file, or the one a converted checkpoint records); None for the identity first stage,
+  unset weights, and a checkpoint converted without a fingerprint."""
+  c = config.first_stage
+  if c.name != 'sd_vae' or not c.weights:
+    return None
+  return weights.fingerprint(c.weights)
+
+
+def check_fingerprint(config, made_with: str | None, made_with_weights: str | None,
+                      what: str) -> None:
+  """Raises UserError when `what` (e.g. the latents in DIR) was made with autoencoder weights whose
+  fingerprint `made_with` differs from that of config.first_stage.weights; one line naming both."""
+  if not made_with:
+    return
+  mine = weights_fingerprint(config)
+  if mine is not None and mine != made_with:
+    raise UserError(
+        f'{what} were made with the autoencoder {made_with_weights or "?"} (sha256 '
+        f'{made_with[:12]}), but config.first_stage.weights={config.first_stage.weights} is '
+        f'another one (sha256 {mine[:12]}); use the autoencoder they were made with.')

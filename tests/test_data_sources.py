@@ -377,7 +377,7 @@ def test_a_precompute_output_holding_only_the_folder_index_counts_as_new(tmp_pat
   # scan before the output is checked.
   (tmp_path / 'out' / ds.INDEX_FOLDER).mkdir(parents=True)
   (tmp_path / 'out' / ds.INDEX_FOLDER / 'photos-0123.json').write_text('{}')
-  assert precompute._check_output(str(tmp_path / 'out'), {}) is False
+  assert precompute._check_output(str(tmp_path / 'out'), {}) == 'new'
   (tmp_path / 'out' / 'notes.txt').write_text('something else')
   with pytest.raises(errors.UserError, match='is not empty and holds no precompute.json'):
     precompute._check_output(str(tmp_path / 'out'), {})

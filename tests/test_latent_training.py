@@ -186,8 +186,8 @@ def test_precompute_resumes_after_a_kill_and_refuses_another_datasets_shards(tmp
   # Another dataset's (here: other settings') shards are never mixed in or touched.
   other = config.copy_and_resolve_references()
   other.seed = 1
-  with pytest.raises(UserError, match=r'holds the latents of another dataset or other settings '
-                     r'\(precompute.json differs in seed\); nothing was changed'):
+  with pytest.raises(UserError, match=r'holds the finished latents of other files or settings of '
+                     r'this dataset \(precompute.json differs in seed\); nothing was changed'):
     precompute.precompute(other, out)
   for name, array in reference.items():
     np.testing.assert_array_equal(np.load(os.path.join(out, name)), array, err_msg=name)
