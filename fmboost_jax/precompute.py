@@ -259,10 +259,10 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.raise_once(error)
   images, held_out, validation, first_stage, wanted, action = prepared
   process, count = jax.process_index(), jax.process_count()
-  names = held_out_names(held_out)
-  if names:
-    logging.info('Held out (never trained on): %d images of %s: %s%s', len(names), held_out.root,
-                 ', '.join(names[:10]), ', ...' if len(names) > 10 else '')
+  held_names = held_out_names(held_out)
+  if held_names:
+    logging.info('Held out (never trained on): %d images of %s: %s%s', len(held_names),
+                 held_out.root, ', '.join(held_names[:10]), ', ...' if len(held_names) > 10 else '')
   multihost_utils.sync_global_devices('precompute: output checked')
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -344,7 +344,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'data_root': wanted['data_root'],
       'source': {**wanted['source'], 'path': config.data.path},
       'held_out_root': getattr(held_out, 'root', ''),
-      'held_out_files': names,
+      'held_out_files': held_names,
       'num_images': len(images),
       'num_validation_images': data_sources.npy_shape(
           workdir / data_sources.LATENTS_VALIDATION)[0],
