@@ -115,6 +115,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.data.val_fraction={data.val_fraction} must lie strictly between 0 and 1 (the '
         'share of images held out, e.g. 0.02), or set config.data.val_path to a folder of '
         'held-out images.')
+  if data.source == 'tfds' and data.holdout == 'strips' and data.tfds_val_split:
+    raise DataError(
+        f'config.data.tfds_val_split={data.tfds_val_split!r} is not used with config.data.holdout='
+        "'strips' (the held-out set is the bottom strip of every image of config.data.tfds_split); "
+        "clear it with --config.data.tfds_val_split='', or set holdout=images to hold that split "
+        'out.')
   if data.val_path and data.source != 'folder':
     raise DataError(f"config.data.val_path is set but config.data.source={data.source!r}; it "
                     "holds the held-out images of source='folder' only, so clear it.")
@@ -315,8 +321,16 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
       more = 'add images to config.data.val_path'
     else:
       more = 'raise config.data.val_fraction'
+    most, batch = len(tiles), data.batch_size
+    fit = most - most % batch
+    while_training = (
+        '' if fit == most else
+        f' ({fit} for evaluation while training, a multiple of config.data.batch_size={batch})'
+        if fit else
+        f' (evaluation while training needs a multiple of config.data.batch_size={batch}: '
+        'set config.train.eval_every=0 to train without it)')
     raise DataError(
-        f'Only {len(tiles)} validation crops of {size}x{size} px come {where} the {num_images} '
+        f'Only {most} validation crops of {size}x{size} px come {where} the {num_images} '
         f'usable held-out images, fewer than config.data.num_val_images={wanted}; lower '
-        f'num_val_images to at most {len(tiles)} or {more}.')
+        f'num_val_images to at most {most}{while_training} or {more}.')
   return np.stack(tiles)

@@ -7,15 +7,24 @@ are stored scaled, float32, in .npy shards (memory-mapped by training: the faste
 measured, benchmarks/results.md), with `metadata.json` and the held-out validation crops. Training
 reads them back with `--config.data.source=latents --config.data.path=DIR`.
 
+Every check runs first, in every process, before any image is encoded (`_prepare`): the config,
+the output folder, the training and held-out images (which files, how many), the validation crops
+and the autoencoder; a problem is one error line, printed by one process.
+
 A job at scale: run it in every process of a `jax.distributed` job (the same flags as training;
 DIR on storage that every host sees). The images are cut into shards of whole images (shard j holds
 the crops of images [j m, (j + 1) m), m = max(1, shard_size // crops_per_image)); process p encodes
 the shards j = p, p + P, ..., batched over its own devices, and writes each one under a temporary
 name that is renamed when complete (in a bucket, an object appears only when complete). A killed
-precompute started again resumes: finished shards are
-kept and skipped. `precompute.json`, written before any shard, names the dataset (its files) and
-every setting the latents depend on; a DIR holding another dataset's or setting's shards is refused.
-After a barrier, process 0 checks that every shard is there and writes `metadata.json`.
+precompute started again resumes: finished shards are kept and skipped. `precompute.json`, written
+before any shard, records what the latents depend on (`manifest`): the data root, every training and
+held-out image's relative path, size and modification time, the held-out choice, the sizes, the
+upsampling mode, the first stage and its weights' fingerprint, the precompute's settings. A DIR
+holding another dataset's latents, or finished latents of other files or settings, is refused with
+nothing changed; an unfinished precompute of the same data root with other files or settings (one
+killed, or stopped by a setting since corrected) is replaced, and the log says so. After a barrier,
+process 0 checks that every shard is there and writes `metadata.json`, which also names the
+held-out files.
 """
 
 import concurrent.futures
