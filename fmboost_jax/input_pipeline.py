@@ -115,12 +115,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'config.data.val_fraction={data.val_fraction} must lie strictly between 0 and 1 (the '
         'share of images held out, e.g. 0.02), or set config.data.val_path to a folder of '
         'held-out images.')
-  if data.source == 'tfds' and data.holdout == 'strips' and data.tfds_val_split:
-    raise DataError(
-        f'config.data.tfds_val_split={data.tfds_val_split!r} is not used with config.data.holdout='
-        "'strips' (the held-out set is the bottom strip of every image of config.data.tfds_split); "
-        "clear it with --config.data.tfds_val_split='', or set holdout=images to hold that split "
-        'out.')
   if data.val_path and data.source != 'folder':
     raise DataError(f"config.data.val_path is set but config.data.source={data.source!r}; it "
                     "holds the held-out images of source='folder' only, so clear it.")
@@ -131,6 +125,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise DataError(
         "config.data.tfds_name is empty but config.data.source='tfds'; set it to a prepared TFDS "
         "dataset name such as 'oxford_flowers102'.")
+  if data.source == 'tfds' and data.holdout == 'strips' and data.tfds_val_split:
+    raise DataError(
+        f'config.data.tfds_val_split={data.tfds_val_split!r} is not used with config.data.holdout='
+        "'strips' (the held-out set is the bottom strip of every image of config.data.tfds_split); "
+        "clear it with --config.data.tfds_val_split='', or set holdout=images to hold that split "
+        'out.')
   if not 0 <= config.seed < 2**63:
     raise DataError(f'config.seed={config.seed} must be a non-negative integer; set it to e.g. 0.')
 
