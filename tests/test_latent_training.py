@@ -81,6 +81,9 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
   assert original.keys() == converted.keys() and len(original) > 20
   for k in original:
     np.testing.assert_array_equal(original[k], converted[k], err_msg=k)
+  # The checkpoint carries the fingerprint of the file it was converted from.
+  assert weights_lib.fingerprint(out) == weights_lib.file_sha256(source) == weights_lib.fingerprint(
+      source)
 
   # Converting into a non-empty directory never overwrites it.
   proc = runs.run_main(out, *vae_flags(source), mode='convert', timeout=300)
