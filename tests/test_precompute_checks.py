@@ -219,3 +219,22 @@ def test_a_converted_checkpoint_carries_the_fingerprint_of_its_file(tmp_path, tw
   restored = weights.load_autoencoder_weights(converted, abstract)  # The extra file is no hurdle.
   for (path, a), (_, b) in zip(nnx.to_flat_state(state), nnx.to_flat_state(restored)):
     np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+
+def test_training_records_its_autoencoder_and_refuses_another_on_resume(tmp_path, two_autoencoders):
+  from configs import demo  # noqa: PLC0415
+  from fmboost_jax import first_stages  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  first, second = two_autoencoders
+  config = demo.get_config('tiny')
+  config.first_stage.name, config.first_stage.weights = 'sd_vae', first
+  workdir = str(tmp_path / 'run')
+  first_stages.record_fingerprint(config, workdir)
+  recorded = json.loads((tmp_path / 'run' / first_stages.RECORD).read_text())
+  assert recorded == {'weights': first, 'sha256': _file_sha256(first)}
+  first_stages.record_fingerprint(config, workdir)  # The same one: accepted.
+  config.first_stage.weights = second
+  with pytest.raises(UserError, match=f'was trained with the autoencoder {first} .*'
+                     f'config.first_stage.weights={second} is another one'):
+    first_stages.record_fingerprint(config, workdir)
