@@ -325,8 +325,12 @@ def fingerprint(path: str | os.PathLike) -> str | None:
     recorded = directory / FINGERPRINT_FILE
     return json.loads(recorded.read_text())['sha256'] if recorded.is_file() else None
   resolved = _resolve_path(path)
-  info = storage.path(resolved).stat()
-  key = (resolved, info.length, info.mtime)
+  if storage.is_remote(resolved):
+    info = storage.path(resolved).stat()
+    key = (resolved, info.length, info.mtime)
+  else:
+    info = os.stat(resolved)
+    key = (resolved, info.st_size, info.st_mtime_ns)
   if key not in _FINGERPRINTS:
     _FINGERPRINTS[key] = file_sha256(resolved)
   return _FINGERPRINTS[key]
