@@ -200,6 +200,20 @@ def test_latents_of_another_autoencoder_are_refused(tmp_path, two_autoencoders):
   _refused(proc, f'the latents in {str(out)!r} were made with the autoencoder {first}',
            f'config.first_stage.weights={second} is another one')
 
+  # Evaluation reads the held-out crops through the same check, with the checkpoint's autoencoder.
+  from configs import demo  # noqa: PLC0415
+  from fmboost_jax import input_pipeline  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+  from tests.test_latent_training import VAE  # noqa: PLC0415
+
+  config = demo.get_config('tiny')
+  config.first_stage.update(name='sd_vae', weights=first, **VAE)
+  config.data.update(source='latents', path=str(out), num_val_images=2)
+  assert input_pipeline.validation_images(config).shape == (2, 16, 16, 3)
+  config.first_stage.weights = second
+  with pytest.raises(UserError, match='were made with the autoencoder'):
+    input_pipeline.validation_images(config)
+
 
 def test_a_converted_checkpoint_carries_the_fingerprint_of_its_file(tmp_path, two_autoencoders):
   from flax import nnx  # noqa: PLC0415
