@@ -510,7 +510,8 @@ def test_tfds_source(tmp_path):
 
 
 def test_tfds_unknown_or_unprepared(tmp_path):
-  config = make_config('tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path))
+  config = make_config('tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path),
+                       tfds_val_split='')
   with pytest.raises(ds.DataError, match="'no_such_dataset_xyz'.*could not be opened.*check "
                      "config.data.tfds_name.*tfds build"):
     ip.create_train_iterator(config)
