@@ -172,12 +172,17 @@ def _read_manifest(workdir: storage.Path) -> dict | None:
 def _refuse_other_dataset(workdir: storage.Path, found: dict | None, root: str) -> None:
   """Refuses a folder holding the latents of another dataset (another data root), before that
   dataset is scanned."""
-  if found is not None and found.get('data_root') != root:
-    finished = (workdir / data_sources.LATENTS_METADATA).is_file()
+  if found is None or found.get('data_root') == root:
+    return
+  finished = (workdir / data_sources.LATENTS_METADATA).is_file()
+  what = f'{"" if finished else "unfinished "}latents'
+  if 'data_root' not in found:
     raise UserError(
-        f'{workdir} holds the {"" if finished else "unfinished "}latents of another dataset '
-        f'({found.get("data_root") or "of an unrecorded data root"}, not {root}); nothing was '
-        'changed there: choose a new --workdir.')
+        f'{workdir} holds {what} whose {MANIFEST} records no data root (an older format); nothing '
+        'was changed there: choose a new --workdir, or delete that folder to precompute again.')
+  raise UserError(
+      f'{workdir} holds the {what} of another dataset ({found["data_root"]}, not {root}); '
+      'nothing was changed there: choose a new --workdir.')
 
 
 def _check_output(workdir: storage.PathLike, wanted: dict) -> str:

@@ -252,3 +252,17 @@ def test_training_records_its_autoencoder_and_refuses_another_on_resume(tmp_path
   with pytest.raises(UserError, match=f'was trained with the autoencoder {first} .*'
                      f'config.first_stage.weights={second} is another one'):
     first_stages.record_fingerprint(config, workdir)
+
+
+def test_latents_of_an_older_format_are_refused_with_nothing_changed(tmp_path):
+  from fmboost_jax import precompute  # noqa: PLC0415
+  from fmboost_jax.errors import UserError  # noqa: PLC0415
+
+  out = tmp_path / 'latents'
+  out.mkdir()
+  (out / 'precompute.json').write_text(json.dumps({'files_sha256': '0' * 64, 'num_images': 3}))
+  (out / 'x1-00000.npy').write_bytes(b'shard')
+  before = _tree_hash(out)
+  with pytest.raises(UserError, match='records no data root .*delete that folder'):
+    precompute._check_output(out, {'data_root': str(tmp_path / 'photos')})
+  assert _tree_hash(out) == before
