@@ -251,7 +251,8 @@ def convert(config, workdir: str) -> None:
 
   config_checks.check(config, 'convert')
   first_stage = first_stages.first_stage_from_config(config)
-  path = weights.save_flax_checkpoint(nnx.state(first_stage, nnx.Param), workdir)
+  path = weights.save_flax_checkpoint(nnx.state(first_stage, nnx.Param), workdir,
+                                      first_stages.weights_fingerprint(config))
   if jax.process_index() == 0:
       print(f'Wrote {path}; train with --config.first_stage.weights={path}')
 

@@ -63,8 +63,9 @@ def check(config: ml_collections.ConfigDict, mode: str) -> None:
   elif mode == 'evaluate':
     _check_sampler(config.sample)
     _check_eval(config)
-  elif mode == 'precompute':
+  elif mode == 'precompute':  # Every rule before the first image is encoded.
     _check_precompute(config)
+    input_pipeline.check_config(config)
     upsampling.check_mode(config.flow.upsampling_mode)
   elif mode == 'convert' and config.first_stage.name != 'sd_vae':
     raise UserError('--mode=convert converts the SD autoencoder; set '

@@ -169,6 +169,8 @@ class FolderScan:
     num_probed: Files whose header this scan read; the others' sizes came from the index (or from
       this process's earlier scan).
     index: The index file read and written ('' without one).
+    stats: {path: (size in bytes, version)} of every listed image file, as the listing found them
+      (the version is the mtime in ns on a local disk, the object's generation in a bucket).
   """
   root: str
   usable: list[tuple[str, int, int]]
@@ -178,6 +180,7 @@ class FolderScan:
   num_ignored: int
   num_probed: int = 0
   index: str = ''
+  stats: dict[str, tuple[int, Any]] = dataclasses.field(default_factory=dict)
 
   def summary(self, geometry: Geometry, max_pixels: int) -> str:
     return (f'{len(self.usable)} usable, {len(self.unreadable)} unreadable, {len(self.too_small)} '
@@ -397,7 +400,8 @@ def scan_image_folder(root: str, geometry: Geometry, num_threads: int = 8,
     kind = ('too_large' if height * width > max_pixels else
             'usable' if geometry.usable(height, width) else 'too_small')
     found[kind].append((path, height, width))
-  return FolderScan(root, num_ignored=num_ignored, num_probed=num_probed, index=index, **found)
+  return FolderScan(root, num_ignored=num_ignored, num_probed=num_probed, index=index,
+                    stats={path: (size, version) for path, size, version in files}, **found)
 
 
 class _FolderImages:
@@ -408,13 +412,22 @@ class _FolderImages:
   the validation crops skip it. Each such file is logged once and counted (`skipped`).
   """
 
-  def __init__(self, paths: Sequence[str]):
+  def __init__(self, paths: Sequence[str], root: str = '',
+               stats: dict[str, tuple[int, Any]] | None = None):
     self._paths = list(paths)
     self._skipped: set[str] = set()
+    self.root = root
+    self.stats = stats or {}
 
   @property
   def paths(self) -> list[str]:
     return list(self._paths)
+
+  def identity(self) -> list[str]:
+    """One line per image: its path relative to the folder, its size in bytes and its version
+    (mtime in ns, or a bucket object's generation) as the scan listed them; no file is read."""
+    return [f'{storage.relative(p, self.root)}\t{self.stats.get(p, ("?", "?"))[0]}\t'
+            f'{self.stats.get(p, ("?", "?"))[1]}' for p in self._paths]
 
   @property
   def skipped(self) -> list[str]:
@@ -567,7 +580,7 @@ def open_images(config: ml_collections.ConfigDict,
       raise DataError(
           f'Image folder {root!r} has no {what} image ({scan.summary(geometry, data.max_pixels)}'
           f'{", val_fraction=" + str(data.val_fraction) if by_hash else ""}); {fix}.')
-    return _FolderImages(paths)
+    return _FolderImages(paths, root=root, stats={p: scan.stats[p] for p in paths})
   name = data.tfds_val_split if held_out and not geometry.strips else data.tfds_split
   return _open_tfds(config, name)
 
@@ -687,4 +700,8 @@ def latents_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
         list(wanted) if isinstance(wanted, (list, tuple)) else wanted):
       raise DataError(f'the latents in {config.data.path!r} were made with first_stage.{field}='
                       f'{made}, but config.first_stage.{field}={wanted}; use the same first stage.')
+  from fmboost_jax import first_stages  # noqa: PLC0415  (the autoencoder's weights: only here)
+  first_stages.check_fingerprint(config, meta.get('first_stage_sha256'),
+                                 meta.get('first_stage_weights'),
+                                 f'the latents in {config.data.path!r}')
   return meta

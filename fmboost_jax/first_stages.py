@@ -5,12 +5,13 @@ Images are float32 NHWC in [-1, 1]. A first stage maps images [B, H, W, 3] to la
 KL-f8 autoencoder (models/autoencoder.py, weights from weights.py) plugs into the same interface.
 """
 
+import json
 from typing import Protocol
 
 import jax
 from flax import nnx
 
-from fmboost_jax import weights
+from fmboost_jax import sharding, storage, weights
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import autoencoder, layers
 
@@ -72,3 +73,57 @@ def first_stage_from_config(config, *, weights_loaded: bool = True) -> FirstStag
   if not weights_loaded:
     return abstract
   return nnx.merge(nnx.graphdef(abstract), weights.load_autoencoder_weights(c.weights, abstract))
+
+
+def weights_fingerprint(config) -> str | None:
+  """The fingerprint of config.first_stage's weights (`weights.fingerprint`: the sha256 of the
+  weights file, or the one a converted checkpoint records); None for the identity first stage,
+  unset weights, and a checkpoint converted without a fingerprint."""
+  c = config.first_stage
+  if c.name != 'sd_vae' or not c.weights:
+    return None
+  return weights.fingerprint(c.weights)
+
+
+def check_fingerprint(config, made_with: str | None, made_with_weights: str | None,
+                      what: str) -> None:
+  """Raises UserError when `what` (e.g. the latents in DIR) was made with autoencoder weights whose
+  fingerprint `made_with` differs from that of config.first_stage.weights; one line naming both."""
+  if not made_with:
+    return
+  mine = weights_fingerprint(config)
+  if mine is not None and mine != made_with:
+    raise UserError(
+        f'{what} were made with the autoencoder {made_with_weights or "?"} (sha256 '
+        f'{made_with[:12]}), but config.first_stage.weights={config.first_stage.weights} is '
+        f'another one (sha256 {mine[:12]}); use the autoencoder they were made with.')
+
+
+# The file of a training workdir that records the autoencoder it was trained with.
+RECORD = 'first_stage.json'
+
+
+def record_fingerprint(config, workdir: str) -> None:
+  """Records config.first_stage's weights and their fingerprint in WORKDIR/RECORD (process 0), or,
+  when a run there recorded them already, checks that they are the same: a run resumed with
+  another autoencoder is one UserError naming both, printed by one process."""
+  mine = weights_fingerprint(config)
+  if mine is None:
+    return
+  path = storage.path(workdir) / RECORD
+  error = None
+  try:
+    found = json.loads(path.read_text()) if path.is_file() else None
+    if found is not None and found.get('sha256') not in (None, mine):
+      raise UserError(
+          f'{workdir} was trained with the autoencoder {found.get("weights")} (sha256 '
+          f'{found["sha256"][:12]}), but config.first_stage.weights={config.first_stage.weights} '
+          f'is another one (sha256 {mine[:12]}); use the autoencoder it was trained with, or a '
+          'new --workdir.')
+  except UserError as e:
+    error = e
+  sharding.raise_once(error)
+  if found is None and sharding.is_writer():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_text_atomically(path, json.dumps(
+        {'weights': config.first_stage.weights, 'sha256': mine}, indent=2))

@@ -125,6 +125,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise DataError(
         "config.data.tfds_name is empty but config.data.source='tfds'; set it to a prepared TFDS "
         "dataset name such as 'oxford_flowers102'.")
+  if data.source == 'tfds' and data.holdout == 'strips' and data.tfds_val_split:
+    raise DataError(
+        f'config.data.tfds_val_split={data.tfds_val_split!r} is not used with config.data.holdout='
+        "'strips' (the held-out set is the bottom strip of every image of config.data.tfds_split); "
+        "clear it with --config.data.tfds_val_split='', or set holdout=images to hold that split "
+        'out.')
   if not 0 <= config.seed < 2**63:
     raise DataError(f'config.seed={config.seed} must be a non-negative integer; set it to e.g. 0.')
 
@@ -315,8 +321,16 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
       more = 'add images to config.data.val_path'
     else:
       more = 'raise config.data.val_fraction'
+    most, batch = len(tiles), data.batch_size
+    fit = most - most % batch
+    while_training = (
+        '' if fit == most else
+        f' ({fit} for evaluation while training, a multiple of config.data.batch_size={batch})'
+        if fit else
+        f' (evaluation while training needs a multiple of config.data.batch_size={batch}: '
+        'set config.train.eval_every=0 to train without it)')
     raise DataError(
-        f'Only {len(tiles)} validation crops of {size}x{size} px come {where} the {num_images} '
+        f'Only {most} validation crops of {size}x{size} px come {where} the {num_images} '
         f'usable held-out images, fewer than config.data.num_val_images={wanted}; lower '
-        f'num_val_images to at most {len(tiles)} or {more}.')
+        f'num_val_images to at most {most}{while_training} or {more}.')
   return np.stack(tiles)

@@ -183,3 +183,21 @@ def check_same_in_all_processes(values: dict[str, object], what: str) -> None:
   if not is_writer():
     raise ReportedElsewhere(message)
   raise UserError(message)
+
+
+def raise_once(error: UserError | None) -> None:
+  """After checks that every process of a run makes alike: raises in every process when any of
+  them found a problem (`error`, or None), so that they stop together; the line is printed once,
+  by the first process that found it (process 0 when all did; the others raise
+  `ReportedElsewhere`). Raises `error` itself in one process."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  failed = multihost_utils.process_allgather(np.array([error is not None], np.int32)).reshape(-1)
+  if not failed.any():
+    return
+  first = int(np.argmax(failed))
+  if jax.process_index() == first:
+    raise error
+  raise ReportedElsewhere(str(error) if error is not None else f'process {first} stopped the run')

@@ -311,6 +311,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(config.data.batch_size, mesh)
   logging.info('Device mesh %s.', dict(mesh.shape))
   first_stage = first_stages.first_stage_from_config(config)
+  first_stages.record_fingerprint(config, workdir)
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
   tx = make_optimizer(config.optim)
   init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)

@@ -26,6 +26,8 @@ GroupNorm weight -> scale; biases unchanged. Every array becomes float32.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import struct
@@ -51,6 +53,9 @@ DIFFUSERS_FILENAME = 'diffusion_pytorch_model.safetensors'
 DIFFUSERS_FP16_FILENAME = 'diffusion_pytorch_model.fp16.safetensors'
 # How long the processes of a multi-process conversion wait for each other between its steps.
 BARRIER_SECONDS = 600
+# Written into a converted checkpoint's directory: the fingerprint of the weights it holds.
+FINGERPRINT_FILE = 'fmboost_fingerprint.json'
+_FINGERPRINTS: dict[tuple[str, int, Any], str] = {}
 
 _ATTN_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out',
                'query': 'q', 'key': 'k', 'value': 'v', 'proj_attn': 'proj_out'}
@@ -295,10 +300,49 @@ def load_autoencoder_weights(path: str | os.PathLike, model_or_abstract_state: A
   return nnx.from_flat_state(values)
 
 
-def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+  """The sha256 of a file's bytes (local or in a bucket), read in 16 MiB pieces."""
+  digest = hashlib.sha256()
+  with storage.open_binary(path) as f:
+    while piece := f.read(1 << 24):
+      digest.update(piece)
+  return digest.hexdigest()
+
+
+def fingerprint(path: str | os.PathLike) -> str | None:
+  """The fingerprint of the autoencoder weights at `path`: the sha256 of the weights file's bytes
+  (of the file a diffusers folder holds), or, for a checkpoint written by `save_flax_checkpoint`,
+  the fingerprint of the file it was converted from, recorded then in its FINGERPRINT_FILE. None
+  for a converted checkpoint without one. A file is hashed once per process while its size and
+  modification time are unchanged.
+
+  Raises:
+    UserError: When `path` is not a weights file, a diffusers folder or a converted checkpoint.
+  """
+  directory = storage.path(path)
+  if directory.is_dir() and ocp.path.format_utils.is_orbax_checkpoint(directory):
+    recorded = directory / FINGERPRINT_FILE
+    return json.loads(recorded.read_text())['sha256'] if recorded.is_file() else None
+  resolved = _resolve_path(path)
+  if storage.is_remote(resolved):
+    info = storage.path(resolved).stat()
+    key = (resolved, info.length, info.mtime)
+  else:
+    info = os.stat(resolved)
+    key = (resolved, info.st_size, info.st_mtime_ns)
+  if key not in _FINGERPRINTS:
+    _FINGERPRINTS[key] = file_sha256(resolved)
+  return _FINGERPRINTS[key]
+
+
+def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike,
+                         source_fingerprint: str | None = None) -> str:
   """Writes autoencoder parameters (Flax layouts) as an Orbax checkpoint; returns its path.
 
-  The directory must not exist or be empty, so a conversion never overwrites anything.
+  The directory must not exist or be empty, so a conversion never overwrites anything. With
+  `source_fingerprint` (the `fingerprint` of the file the parameters were read from), the
+  checkpoint carries it in FINGERPRINT_FILE, so that latents and runs made with either are known
+  to share the autoencoder.
   """
   directory = storage.path(directory)
   if directory.exists() and any(directory.iterdir()):
@@ -314,6 +358,9 @@ def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike) -> str:
   sharding.wait_for_all_processes('convert: output ready', BARRIER_SECONDS)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, params)
+  if source_fingerprint and sharding.is_writer():
+    storage.write_text_atomically(directory / FINGERPRINT_FILE,
+                                  json.dumps({'sha256': source_fingerprint}))
   return os.fspath(directory)
 
 

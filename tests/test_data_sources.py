@@ -183,6 +183,12 @@ def test_folder_skips_bad_and_small_files(tmp_path, caplog):
   config.data.num_val_images = 2
   with pytest.raises(ds.DataError, match='Only 1 validation crops .*num_val_images=2'):
     ip.validation_images(config)
+  # The advice leads to a value that training accepts too (a multiple of the batch size).
+  config.data.num_val_images, config.data.batch_size = 8, 4
+  with pytest.raises(ds.DataError, match=r'at most 1 \(evaluation while training needs a multiple '
+                     r'of config.data.batch_size=4: set config.train.eval_every=0'):
+    ip.validation_images(config)
+  config.data.num_val_images, config.data.batch_size = 2, 2
 
   # Only the truncated files left: the stream finds nothing to replace them with.
   (tmp_path / 'good.png').unlink()
@@ -377,7 +383,7 @@ def test_a_precompute_output_holding_only_the_folder_index_counts_as_new(tmp_pat
   # scan before the output is checked.
   (tmp_path / 'out' / ds.INDEX_FOLDER).mkdir(parents=True)
   (tmp_path / 'out' / ds.INDEX_FOLDER / 'photos-0123.json').write_text('{}')
-  assert precompute._check_output(str(tmp_path / 'out'), {}) is False
+  assert precompute._check_output(str(tmp_path / 'out'), {}) == 'new'
   (tmp_path / 'out' / 'notes.txt').write_text('something else')
   with pytest.raises(errors.UserError, match='is not empty and holds no precompute.json'):
     precompute._check_output(str(tmp_path / 'out'), {})
@@ -464,6 +470,11 @@ def test_tfds_source(tmp_path):
   config = make_config('tfds', size=size, batch_size=4, num_val_images=4,
                        tfds_name='fmboost_test_photos', tfds_data_dir=data_dir)
   assert config.data.tfds_val_split == 'validation'
+  # Held-out strips come from the training split: a held-out split is refused, not ignored.
+  with pytest.raises(ds.DataError, match="tfds_val_split='validation' is not used with "
+                     "config.data.holdout='strips'"):
+    ip.create_train_iterator(config)
+  config.data.tfds_val_split = ''
   it = ip.create_train_iterator(config)
   heights = {k: h for k, (h, _) in enumerate(_TFDS_SHAPES)}
   seen = set()
@@ -483,7 +494,7 @@ def test_tfds_source(tmp_path):
   np.testing.assert_array_equal(val[3], coded_image(0, 40, 32)[24:40, 16:32])
 
   # Whole held-out images: the validation split, centre crops, the too small one skipped.
-  config.data.holdout = 'images'
+  config.data.holdout, config.data.tfds_val_split = 'images', 'validation'
   with pytest.raises(ds.DataError, match="Only 2 validation crops .*larger config.data."
                      "tfds_val_split than 'validation'"):
     ip.validation_images(config)
@@ -499,7 +510,8 @@ def test_tfds_source(tmp_path):
 
 
 def test_tfds_unknown_or_unprepared(tmp_path):
-  config = make_config('tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path))
+  config = make_config('tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path),
+                       tfds_val_split='')
   with pytest.raises(ds.DataError, match="'no_such_dataset_xyz'.*could not be opened.*check "
                      "config.data.tfds_name.*tfds build"):
     ip.create_train_iterator(config)

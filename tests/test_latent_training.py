@@ -81,6 +81,9 @@ def test_convert_writes_a_flax_checkpoint_that_loads_like_the_original(tmp_path)
   assert original.keys() == converted.keys() and len(original) > 20
   for k in original:
     np.testing.assert_array_equal(original[k], converted[k], err_msg=k)
+  # The checkpoint carries the fingerprint of the file it was converted from.
+  assert weights_lib.fingerprint(out) == weights_lib.file_sha256(source) == weights_lib.fingerprint(
+      source)
 
   # Converting into a non-empty directory never overwrites it.
   proc = runs.run_main(out, *vae_flags(source), mode='convert', timeout=300)
@@ -186,8 +189,8 @@ def test_precompute_resumes_after_a_kill_and_refuses_another_datasets_shards(tmp
   # Another dataset's (here: other settings') shards are never mixed in or touched.
   other = config.copy_and_resolve_references()
   other.seed = 1
-  with pytest.raises(UserError, match=r'holds the latents of another dataset or other settings '
-                     r'\(precompute.json differs in seed\); nothing was changed'):
+  with pytest.raises(UserError, match=r'holds the finished latents of other files or settings of '
+                     r'this dataset \(precompute.json differs in seed\); nothing was changed'):
     precompute.precompute(other, out)
   for name, array in reference.items():
     np.testing.assert_array_equal(np.load(os.path.join(out, name)), array, err_msg=name)
