@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from fmboost_jax import evaluate, input_pipeline, metrics, upsampling
+from fmboost_jax import evaluate, held_out, input_pipeline, metrics, upsampling
 from fmboost_jax.errors import UserError
 from tests import runs
 
@@ -73,7 +73,7 @@ def test_evaluate_writes_table_sweep_and_figure(checkpoints, tmp_path):
   assert json.loads((out / 'results.json').read_text()) == json.loads(json.dumps(results))
   table = (out / 'results.md').read_text()
   assert '| method | FID | p-FID | SSIM | PSNR (dB) |' in table
-  needs = f'needs `{evaluate.FID_FLAG}`'
+  needs = f'needs `{held_out.FID_FLAG}`'
   assert f"| CFM | {needs} | {needs} | {cfm['ssim']:.4f} |" in table
   assert 'NFE sweep (Euler, 12 images)' in table
   # Figure: 4 images x (full row + zoomed-crop row), 5 columns, 16 px enlarged 8x to 128 px,
@@ -150,7 +150,7 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   images = input_pipeline.validation_images(config)
   model = weights.inception_from_weights(path)
   up = upsampling.resize(upsampling.low_res_images(images, 8), (16, 16), 'linear')
-  features = lambda x: evaluate.inception_features(model, np.asarray(x), 8)  # noqa: E731
+  features = lambda x: held_out.inception_features(model, np.asarray(x), 8)  # noqa: E731
   np.testing.assert_allclose(bilinear['fid'], metrics.fid(features(images), features(up)),
                              rtol=1e-3)
   boxes = metrics.crop_boxes(0, 8, 16, 16, 8, 1)
