@@ -160,3 +160,32 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   assert l2['fid'] > 0 and l2['pfid'] > 0
   table = (tmp_path / 'eval' / 'results.md').read_text()
   assert f"| L2 | {l2['fid']:.2f} | {l2['pfid']:.2f} |" in table
+
+
+def test_training_validation_is_the_same_evaluator_as_evaluate(tmp_path):
+  """Training's held-out evaluation at its last step and --mode=evaluate of that checkpoint are one
+  evaluator: the same rows (with the same batch size, the same numbers), results.md's table
+  layout, and the val/* scalars of its rows."""
+  from fmboost_jax import train  # noqa: PLC0415
+
+  config = demo.get_config('tiny')
+  config.train.num_steps = config.train.eval_every = 2
+  workdir = tmp_path / 'train'
+  trained = train.train_and_evaluate(config, str(workdir))
+  assert [r['method'] for r in trained['rows']] == ['bilinear', 'CFM']
+  assert trained['rows'][1]['step'] == 2 and trained['rows'][1]['checkpoint'] == str(workdir)
+  assert json.loads((workdir / 'results.json').read_text()) == json.loads(json.dumps(trained))
+  assert (workdir / 'samples' / 'step_0000002.png').exists()
+  bilinear, model = trained['rows']
+  for key in ('psnr', 'ssim', 'mse'):
+    assert runs.scalars(workdir, f'val/{key}_model')[2] == pytest.approx(model[key], rel=1e-6)
+    assert runs.scalars(workdir, f'val/{key}_bilinear')[2] == pytest.approx(bilinear[key],
+                                                                             rel=1e-6)
+  assert runs.scalars(workdir, 'val/nfe') == {2: config.sample.nfe}
+
+  config.eval.checkpoints = (str(workdir),)
+  config.sample.batch_size = config.data.batch_size
+  evaluated = evaluate.evaluate(config, str(tmp_path))
+  assert evaluated['rows'] == trained['rows']
+  table = lambda path: path.read_text().split('\n\n')[1]  # noqa: E731
+  assert table(workdir / 'results.md') == table(tmp_path / 'eval' / 'results.md')
