@@ -362,8 +362,8 @@ class Validation:
   --mode=evaluate's format (the bilinear row and the model's)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
-               upsample, first_stage_params, writer: summaries.SummaryWriter):
-    self.config, self.workdir, self.writer = config, workdir, writer
+               upsample, first_stage_params):
+    self.config, self.workdir = config, workdir
     self.upsample, self.first_stage_params = upsample, first_stage_params
     self.images = input_pipeline.validation_images(config)
     self.evaluator = held_out.Evaluator(config, self.images, mesh, config.data.batch_size)
@@ -371,7 +371,8 @@ class Validation:
   def due(self, step: int) -> bool:
     return step % self.config.train.eval_every == 0 or step == self.config.train.num_steps
 
-  def __call__(self, step: int, state: TrainState) -> dict[str, Any]:
+  def __call__(self, step: int, state: TrainState,
+               writer: summaries.SummaryWriter) -> dict[str, Any]:
     """Evaluates the state's sampling weights; returns the results (held_out.results)."""
     config, n = self.config, self.config.train.num_grid_images
     params = state.ema_params if config.ema.use_for_sampling else state.params
@@ -383,12 +384,12 @@ class Validation:
     scalars = {f'val/{k}_bilinear': v for k, v in bilinear.items() if isinstance(v, float)}
     scalars.update({'val/nfe' if k == 'nfe' else f'val/{k}_model': v for k, v in model.items()
                     if isinstance(v, float)})
-    self.writer.write_scalars(step, scalars)
+    writer.write_scalars(step, scalars)
     if sharding.is_writer():
       targets = self.images[:n]
       grid = image_grid([self.evaluator.low_res(targets, 'nearest'),
                          self.evaluator.low_res(targets, 'linear'), kept, targets])
-      self.writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
+      writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
       storage.path(storage.join(self.workdir, 'samples')).mkdir(parents=True, exist_ok=True)
       images_lib.write_png(storage.join(self.workdir, 'samples', f'step_{step:07d}.png'), grid)
       held_out.write(results, self.workdir)
@@ -446,10 +447,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _log_parameter_overview(state.params)
   first_stage_params = jax.device_put(
       first_stage_params, jax.tree.map(lambda x: x.sharding, programs.first_stage_params))
-  writer = summaries.SummaryWriter(workdir, enabled=sharding.is_writer())
-  validation = (Validation(config, workdir, mesh, programs.evaluate, first_stage_params, writer)
+  validation = (Validation(config, workdir, mesh, programs.evaluate, first_stage_params)
                 if config.train.eval_every > 0 else None)
   lowered_step, compiled_step = compile_train_step(programs, config)
+  writer = summaries.SummaryWriter(workdir, enabled=sharding.is_writer())
   progress = summaries.Progress(writer, config.train.num_steps)
   throughput = throughput_meter(config, costs.flops(lowered_step))
   buffer = MetricsBuffer(writer, throughput, saver)
@@ -476,7 +477,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if validation and validation.due(step):
         buffer.flush(step)
         with progress.paused(), throughput.paused():
-          results = validation(step, state)
+          results = validation(step, state, writer)
       if saver.due(step):
         with throughput.paused():
           saver.save(step, state, buffer)
@@ -489,7 +490,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         break
     buffer.flush(step)
     if validation and not results and not stopped:
-      results = validation(step, state)
+      results = validation(step, state, writer)
   finally:
     try:
       saver.close()
