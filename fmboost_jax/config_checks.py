@@ -44,6 +44,8 @@ def check(config: ml_collections.ConfigDict, mode: str) -> None:
     if config.train.eval_every and config.data.num_val_images % config.data.batch_size:
       raise UserError(f'config.data.num_val_images={config.data.num_val_images} must be a '
                       f'multiple of config.data.batch_size={config.data.batch_size}.')
+    if config.train.eval_every and config.eval.inception_weights:
+      _check_fid(config)  # The held-out evaluation's FID and p-FID.
   elif mode == 'compile':  # The programs' rules, on the target's platform; no data is read.
     _check_method(config)
     _check_train(config)
@@ -135,13 +137,18 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
   if not e.nfe_sweep or any(not isinstance(n, int) or n < 1 for n in e.nfe_sweep):
     raise UserError(f'config.eval.nfe_sweep={tuple(e.nfe_sweep)} must be a non-empty list of '
                     'network-evaluation counts of at least 1, e.g. (1, 2, 4, 10, 50).')
+  _check_fid(config)
+  if e.num_figure_images < 1:
+    raise UserError(f'config.eval.num_figure_images={e.num_figure_images} must be at least 1.')
+
+
+def _check_fid(config: ml_collections.ConfigDict) -> None:
+  e = config.eval
   if not 0 < e.crop_size <= config.data.high_res_size:
     raise UserError(f'config.eval.crop_size={e.crop_size} must be in [1, '
                     f'config.data.high_res_size={config.data.high_res_size}].')
   if e.num_crops < 1:
     raise UserError(f'config.eval.num_crops={e.num_crops} must be at least 1.')
-  if e.num_figure_images < 1:
-    raise UserError(f'config.eval.num_figure_images={e.num_figure_images} must be at least 1.')
   if e.inception_weights and not storage.path(e.inception_weights).exists():
     raise UserError(f'config.eval.inception_weights={e.inception_weights} does not exist; pass '
                     'the pt_inception-2015-12-05-6726825d.pth file of pytorch-fid (or a '

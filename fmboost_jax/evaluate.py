@@ -6,58 +6,32 @@
 Every checkpoint is a `--mode=train` workdir or an export (the EMA weights and the config they were
 trained with, see `trained_model.load`; `--config.first_stage.weights`, when set,
 replaces the recorded autoencoder path). The held-out images are those of
-`--config.data` (`input_pipeline.validation_images`, `config.data.num_val_images` of them). Each is
-downsized to `low_res_size` and upsampled back by bilinear interpolation and by every checkpoint
-(flows with `config.sample`'s solver and NFE, regression with its one step), and every output is
-compared with the ground truth:
-
-  PSNR, SSIM, MSE          per image, averaged (metrics.py);
-  FID, p-FID               Inception pool features of the full images and of `eval.num_crops`
-                           random `eval.crop_size` crops per image, the same boxes for the real and
-                           the generated images (reference 6.1); they need
-                           `--config.eval.inception_weights`, and say so in the table otherwise;
-  spectral distance, HF    the radially averaged power spectra against the ground truth's
-  energy                   (metrics.spectral_detail): blur and invented detail without weights.
+`--config.data` (`input_pipeline.validation_images`, `config.data.num_val_images` of them),
+upsampled by bilinear interpolation and by every checkpoint (flows with `config.sample`'s solver
+and NFE, regression with its one step) and scored by `held_out.Evaluator`, the evaluator of
+training's periodic validation (PSNR, SSIM, MSE, FID and p-FID with
+`--config.eval.inception_weights`, spectral distance and HF energy).
 
 Flows are also swept over `eval.nfe_sweep` network evaluations with Euler (Fig. 5). Written to
-WORKDIR/eval: results.md and results.json (Table 2 layout and the sweep), nfe_sweep.png and
-figure.png (matching crops of every method). The same config and checkpoints give the same numbers.
+WORKDIR/eval: results.md and results.json (`held_out.results`: Table 2 layout and the sweep),
+nfe_sweep.png and figure.png (matching crops of every method). The same config and checkpoints
+give the same numbers.
 """
 
-import functools
 import io
-import json
 import os
 import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from fmboost_jax import (
-  config_checks,
-  input_pipeline,
-  metrics,
-  sharding,
-  storage,
-  upsampling,
-  weights,
-)
+from fmboost_jax import config_checks, held_out, input_pipeline, metrics, sharding, storage
 from fmboost_jax import images as images_lib
 from fmboost_jax.errors import UserError
-from fmboost_jax.trained_model import TrainedModel, load, upsample_held_out
-
-FID_FLAG = '--config.eval.inception_weights'
-COLUMNS = (  # (key, header, format); FID columns first as in the paper's Table 2.
-    ('fid', 'FID', '{:.2f}'), ('pfid', 'p-FID', '{:.2f}'), ('ssim', 'SSIM', '{:.4f}'),
-    ('psnr', 'PSNR (dB)', '{:.2f}'), ('mse', 'MSE', '{:.5f}'),
-    ('spectral_distance', 'spectral dist.', '{:.3f}'), ('hf_energy_db', 'HF energy (dB)',
-                                                         '{:+.2f}'),
-    ('nfe', 'NFE', '{:.0f}'))
+from fmboost_jax.trained_model import TrainedModel, load
 
 
 def _label(stage: TrainedModel, taken: set[str]) -> str:
@@ -76,185 +50,7 @@ def _check_compatible(stage: TrainedModel, config: ml_collections.ConfigDict) ->
                       f'{config.data[field]}; evaluate it with the config it was trained with.')
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _inception_forward(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-  return nnx.merge(graphdef, state)(metrics.to_uint8(images).astype(jnp.float32))
-
-
-def inception_features(model, images: np.ndarray, chunk: int) -> np.ndarray:
-  """FID features [N, 2048] of images [N, H, W, 3] in [-1, 1] (quantised to uint8 values first),
-  in chunks of a fixed size (the last one padded), so that one compiled program serves them all."""
-  graphdef, state = nnx.split(model)
-  out = []
-  for i in range(0, len(images), chunk):
-    part = images[i:i + chunk]
-    padded = sharding.pad_batch(part, chunk)
-    out.append(np.asarray(_inception_forward(graphdef, state, padded))[:len(part)])
-  return np.concatenate(out)
-
-
-class _Accumulator:
-  """Streams per-image scores, Inception features and power spectra of one method's outputs."""
-
-  def __init__(self):
-    self.scores: dict[str, list[np.ndarray]] = {}
-    self.features: dict[str, list[np.ndarray]] = {}
-    self.spectrum_sum, self.count = 0.0, 0
-
-  def add(self, scores: dict[str, np.ndarray], features: dict[str, np.ndarray],
-          outputs: np.ndarray) -> None:
-    for k, v in scores.items():
-      self.scores.setdefault(k, []).append(np.asarray(v))
-    for k, v in features.items():
-      self.features.setdefault(k, []).append(np.asarray(v))
-    self.spectrum_sum = self.spectrum_sum + metrics.radial_power_spectrum(outputs) * len(outputs)
-    self.count += len(outputs)
-
-  def spectrum(self) -> np.ndarray:
-    return self.spectrum_sum / self.count
-
-  def mean_scores(self) -> dict[str, float]:
-    return {k: float(np.mean(np.concatenate(v))) for k, v in self.scores.items()}
-
-  def all_features(self, name: str) -> np.ndarray:
-    return np.concatenate(self.features[name])
-
-
-class Evaluator:
-  """Upsamples the held-out images with every method and accumulates their metrics."""
-
-  def __init__(self, config: ml_collections.ConfigDict, images: np.ndarray, mesh):
-    self.config = config
-    self.images = images
-    self.batch = sharding.batch_sharded(mesh)
-    self.replicated = sharding.replicated(mesh)
-    self.devices = mesh.devices.size
-    self.batch_size = sharding.round_up(max(config.sample.batch_size, 1), self.devices)
-    size = images.shape[1]
-    self.boxes = metrics.crop_boxes(config.eval.seed, len(images), size, size,
-                                    config.eval.crop_size, config.eval.num_crops)
-    self.inception = (weights.inception_from_weights(config.eval.inception_weights)
-                      if config.eval.inception_weights else None)
-    self._measure = jax.jit(lambda pred, target: {
-        'psnr': metrics.psnr(pred, target), 'ssim': metrics.ssim(pred, target),
-        'mse': metrics.mse(pred, target)})
-
-  def _batches(self):
-    """(start, n, padded global batch) over the held-out images, padded to fill every device."""
-    for start in range(0, len(self.images), self.batch_size):
-      chunk = self.images[start:start + self.batch_size]
-      n = len(chunk)
-      padded = sharding.pad_batch(chunk, self.batch_size)
-      yield start, n, sharding.put(padded, self.batch)  # Each process places its share.
-
-  def features(self, images: np.ndarray, start: int) -> dict[str, np.ndarray]:
-    """Inception features of images [n, S, S, 3] (held-out indices start .. start + n) and of
-    their crop boxes; empty without Inception weights."""
-    if self.inception is None:
-      return {}
-    boxes = self.boxes[start:start + len(images)]
-    crops = metrics.crops(images, boxes, self.config.eval.crop_size)
-    return {'full': inception_features(self.inception, images, self.batch_size),
-            'crops': inception_features(self.inception, crops, self.batch_size)}
-
-  def run(self, stage: TrainedModel, sample: ml_collections.ConfigDict,
-          keep: int) -> tuple[_Accumulator, np.ndarray, list[bool]]:
-    """Upsamples every held-out image with `stage` under `sample` settings.
-
-    Returns the accumulated metrics, the first `keep` outputs and the solver's per-image ok flags.
-    """
-    fs_graphdef, fs_params = nnx.split(stage.first_stage)
-
-    def upsample(params, images, fs_params, key):
-      _, pred, solution = upsample_held_out(stage.graphdef, params,
-                                            nnx.merge(fs_graphdef, fs_params), stage.config,
-                                            sample, images, key)
-      return pred, solution.nfe, solution.ok
-
-    # The outputs stay split over the devices as the batch is; the host gathers them.
-    step_fn = jax.jit(upsample,
-                      in_shardings=(self.replicated, self.batch, self.replicated, self.replicated),
-                      out_shardings=(self.batch, self.replicated, self.replicated))
-    acc, kept, oks = _Accumulator(), [], []
-    key = jax.random.key(self.config.eval.seed)
-    for start, n, images in self._batches():
-      pred, nfe, ok = sharding.to_host(step_fn(stage.params, images, fs_params,
-                                               jax.random.fold_in(key, start)))
-      pred = pred[:n]
-      measured = jax.device_get(self._measure(pred, self.images[start:start + n]))
-      acc.add({**measured, 'nfe': np.full((n,), float(nfe))}, self.features(pred, start), pred)
-      oks.extend([bool(ok)] * n)
-      if sum(len(k) for k in kept) < keep:
-        kept.append(pred)
-    kept = np.concatenate(kept)[:keep] if kept else self.images[:0]
-    return acc, kept, oks
-
-  def low_res(self, images: np.ndarray, method: str) -> np.ndarray:
-    """The low-res inputs of held-out images, brought back to their size by `method`."""
-    low = upsampling.low_res_images(jnp.asarray(images), self.config.data.low_res_size)
-    return np.asarray(upsampling.resize(low, images.shape[1:3], method))
-
-  def references(self) -> tuple[_Accumulator, _Accumulator]:
-    """The ground truth's features and spectrum, and the bilinear baseline's metrics."""
-    truth, bilinear = _Accumulator(), _Accumulator()
-    for start in range(0, len(self.images), self.batch_size):
-      target = self.images[start:start + self.batch_size]
-      truth.add({}, self.features(target, start), target)
-      pred = self.low_res(target, 'linear')
-      bilinear.add(jax.device_get(self._measure(pred, target)), self.features(pred, start), pred)
-    return truth, bilinear
-
-  def summarise(self, acc: _Accumulator, truth: _Accumulator) -> dict[str, float]:
-    row = acc.mean_scores()
-    row.update(metrics.spectral_detail(acc.spectrum(), truth.spectrum(),
-                                       self.config.data.low_res_size))
-    if self.inception is not None:
-      row['fid'] = metrics.fid(truth.all_features('full'), acc.all_features('full'))
-      row['pfid'] = metrics.fid(truth.all_features('crops'), acc.all_features('crops'))
-    return row
-
-
 # ----------------------------------------------------------------------------- outputs
-
-
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-  if key in ('fid', 'pfid') and key not in row:
-    return f'needs `{FID_FLAG}`'
-  if key not in row:
-    return '–'
-  return fmt.format(row[key])
-
-
-def markdown(results: dict[str, Any]) -> str:
-  r = results
-  lines = [
-      f"Held-out images: {r['num_images']} of {r['image_size']} px from {r['low_res_size']} px "
-      f"({r['data']}); flows sampled with {r['solver']} ({r['sample_setting']}), "
-      'regression with its one step; checkpoints: ' +
-      ', '.join(f"{x['method']} = {x['checkpoint']} (step {x['step']})"
-                for x in r['rows'] if x['checkpoint']) + '.',
-      '',
-      '| method | ' + ' | '.join(h for _, h, _ in COLUMNS) + ' |',
-      '|---|' + '---:|' * len(COLUMNS),
-  ]
-  for row in r['rows']:
-    lines.append(f"| {row['method']} | " +
-                 ' | '.join(_cell(row, k, f) for k, _, f in COLUMNS) + ' |')
-  lines += ['', 'SSIM, PSNR: higher is better; FID, p-FID, MSE, spectral distance: lower is '
-            'better; '
-            'HF energy: power above the low-res Nyquist frequency relative to the ground truth '
-            '(negative = blurrier, positive = more high-frequency detail than the ground truth).']
-  if r['nfe_sweep']:
-    nfes = r['nfe_sweep_nfe']
-    lines += ['', f'NFE sweep (Euler, {r["num_images"]} images):', '',
-              '| method | metric | ' + ' | '.join(str(n) for n in nfes) + ' |',
-              '|---|---|' + '---:|' * len(nfes)]
-    for method, sweep in r['nfe_sweep'].items():
-      for key, header, fmt in COLUMNS[:-1]:
-        if key in sweep[0]:
-          lines.append(f'| {method} | {header} | ' +
-                       ' | '.join(fmt.format(s[key]) for s in sweep) + ' |')
-  return '\n'.join(lines) + '\n'
 
 
 def sweep_plot(results: dict[str, Any], path: str) -> None:
@@ -265,7 +61,7 @@ def sweep_plot(results: dict[str, Any], path: str) -> None:
 
   keys = [k for k in ('fid', 'pfid', 'psnr', 'ssim', 'spectral_distance')
           if k in results['rows'][0]]
-  headers = {k: h for k, h, _ in COLUMNS}
+  headers = {k: h for k, h, _ in held_out.COLUMNS}
   fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
   nfes = results['nfe_sweep_nfe']
   colors = iter(plt.rcParams['axes.prop_cycle'].by_key()['color'] * 4)
@@ -327,6 +123,15 @@ def crops_figure(columns: list[tuple[str, np.ndarray]], boxes: np.ndarray, crop_
 # ----------------------------------------------------------------------------- the mode
 
 
+def _run(evaluator: held_out.Evaluator, stage: TrainedModel, sample: ml_collections.ConfigDict,
+         keep: int) -> tuple[held_out.Accumulator, np.ndarray, list[bool]]:
+  """`evaluator.run` of `stage` sampled with `sample`'s settings, its parameters replicated."""
+  fs_graphdef, fs_params = nnx.split(stage.first_stage)
+  upsample = held_out.program(stage.graphdef, fs_graphdef, stage.config, sample, stage.mesh,
+                              params_sharding=sharding.replicated(stage.mesh))
+  return evaluator.run(upsample, stage.params, fs_params, keep)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the models of `config.eval.checkpoints` (default: `workdir`) on the held-out
   images; writes WORKDIR/eval/{results.md, results.json, nfe_sweep.png, figure.png}."""
@@ -347,12 +152,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_config = ml_collections.ConfigDict(stages[0].config.to_dict())
   data_config.data = ml_collections.ConfigDict(config.data.to_dict())
   images = input_pipeline.validation_images(data_config)
-  evaluator = Evaluator(config, images, mesh)
+  evaluator = held_out.Evaluator(config, images, mesh, config.sample.batch_size)
   keep = min(config.eval.num_figure_images, len(images))
 
-  truth, bilinear = evaluator.references()
-  rows = [{'method': 'bilinear', 'checkpoint': '', 'step': None,
-           **evaluator.summarise(bilinear, truth)}]
+  rows = [evaluator.bilinear_row]
   figure_columns = [('low-res', evaluator.low_res(images[:keep], 'nearest')),
                     ('bilinear', evaluator.low_res(images[:keep], 'linear'))]
   taken: set[str] = set()
@@ -361,10 +164,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     label = _label(stage, taken)
     if writer:
       print(f'evaluating {label} ({stage.path}, step {stage.step})', file=sys.stderr, flush=True)
-    acc, kept, oks = evaluator.run(stage, stage.sample, keep)
+    acc, kept, oks = _run(evaluator, stage, stage.sample, keep)
     failed += oks.count(False)
     row = {'method': label, 'checkpoint': stage.path, 'step': stage.step,
-           **evaluator.summarise(acc, truth)}
+           **evaluator.summarise(acc)}
     rows.append(row)
     figure_columns.append((label, kept))
     if stage.objective.is_flow:
@@ -375,32 +178,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           continue
         sample = ml_collections.ConfigDict(stage.sample.to_dict())
         sample.solver, sample.nfe = 'euler', nfe
-        swept, _, oks = evaluator.run(stage, sample, 0)
+        swept, _, oks = _run(evaluator, stage, sample, 0)
         failed += oks.count(False)
-        sweep.append(evaluator.summarise(swept, truth))
+        sweep.append(evaluator.summarise(swept))
       sweeps[label] = sweep
   figure_columns.append(('ground truth', images[:keep]))
 
-  sample = config.sample
-  results = {
-      'num_images': len(images), 'image_size': images.shape[1],
-      'low_res_size': config.data.low_res_size,
-      'data': config.data.source + (f' {config.data.path}' if config.data.path else ''),
-      'solver': sample.solver,
-      'sample_setting': (f'rtol={sample.rtol}, atol={sample.atol}' if sample.solver == 'dopri5'
-                         else f'{sample.nfe} NFE'),
-      'seed': config.eval.seed, 'crop_size': config.eval.crop_size,
-      'num_crops': config.eval.num_crops,
-      'inception_weights': config.eval.inception_weights or None,
-      'rows': rows,
-      'nfe_sweep_nfe': list(config.eval.nfe_sweep), 'nfe_sweep': sweeps,
-  }
+  results = held_out.results(config, images, rows, sweeps)
   if not writer:
     return results
-  storage.path(outdir).mkdir(parents=True, exist_ok=True)
-  storage.path(storage.join(outdir, 'results.json')).write_text(json.dumps(results, indent=2))
-  table = markdown(results)
-  storage.path(storage.join(outdir, 'results.md')).write_text(table)
+  table = held_out.write(results, outdir)
   if sweeps:
     sweep_plot(results, storage.join(outdir, 'nfe_sweep.png'))
   crops_figure(figure_columns, evaluator.boxes, config.eval.crop_size,

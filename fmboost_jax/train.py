@@ -5,7 +5,6 @@ sampling.py, upsampling.py and models/.
 """
 
 import dataclasses
-import json
 import signal
 import time
 from typing import Any
@@ -18,7 +17,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from fmboost_jax import (
   accelerators,
@@ -27,6 +25,7 @@ from fmboost_jax import (
   costs,
   first_stages,
   flow,
+  held_out,
   input_pipeline,
   metrics,
   sharding,
@@ -132,26 +131,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], first_stage_param
   return new_state, measurements
 
 
-def eval_step(params, images: jax.Array, first_stage_params: nnx.State, key: jax.Array, *,
-              graphdef: nnx.GraphDef, first_stage_graphdef: nnx.GraphDef,
-              config: ml_collections.ConfigDict):
-  """Upsamples held-out images [B, S, S, 3] from their low-res version, with the model and with
-  bilinear interpolation; returns per-image PSNR/SSIM of both and the images."""
-  first_stage = nnx.merge(first_stage_graphdef, first_stage_params)
-  low_res, model_out, solution = trained_model.upsample_held_out(
-      graphdef, params, first_stage, config, config.sample, images, key)
-  bilinear = upsampling.resize(low_res, images.shape[1:3], 'linear')
-  scores = {
-      'nfe': jnp.broadcast_to(solution.nfe.astype(jnp.float32), images.shape[:1]),
-      'psnr_bilinear': metrics.psnr(bilinear, images),
-      'psnr_model': metrics.psnr(model_out, images),
-      'ssim_bilinear': metrics.ssim(bilinear, images),
-      'ssim_model': metrics.ssim(model_out, images),
-  }
-  outputs = {'low_res': low_res, 'bilinear': bilinear, 'model': model_out}
-  return scores, outputs
-
-
 # ----------------------------------------------------------------------------- the programs
 
 
@@ -166,7 +145,7 @@ class StepPrograms:
   """
   init: Any  # key -> TrainState, on the mesh.
   train: Any  # (state, batch, first_stage_params) -> (state, measurements); the state donated.
-  evaluate: Any  # (params, images, first_stage_params, key) -> (scores, outputs).
+  evaluate: Any  # held_out.program: (params, images, first_stage_params, key) -> per image.
   state: TrainState  # ShapeDtypeStructs with shardings, as are the two below.
   batch: dict[str, jax.ShapeDtypeStruct]
   first_stage_params: Any
@@ -206,35 +185,20 @@ def step_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                  first_stage_graphdef=first_stage_graphdef, tx=tx, config=config),
       in_shardings=(state_sharding, {k: batch_sharding for k in batch}, first_stage_sharding),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  evaluate = jax.jit(
-      lambda p, x, f, k: eval_step(p, x, f, k, graphdef=graphdef,
-                                   first_stage_graphdef=first_stage_graphdef, config=config),
-      in_shardings=(None, batch_sharding, first_stage_sharding, replicated),
-      # Per-image scores and images stay split over the devices as the batch is (replicated, a
-      # batch of 1024 px outputs would sit whole on every device); the host gathers them.
-      out_shardings=batch_sharding)
+  evaluate = held_out.program(graphdef, first_stage_graphdef, config, config.sample, mesh)
   return StepPrograms(
       init=jax.jit(make_state, out_shardings=state_sharding), train=train, evaluate=evaluate,
       state=jax.tree.map(with_sharding, abstract_state, state_sharding), batch=batch,
       first_stage_params=jax.tree.map(with_sharding, first_stage_params, first_stage_sharding))
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the loop's pieces
 
 
 def image_grid(columns: list[np.ndarray]) -> np.ndarray:
   """Rows of images side by side: columns of [N, H, W, 3] in [-1, 1] -> uint8 [N*H, len*W, 3]."""
   rows = np.concatenate([np.asarray(metrics.to_uint8(c)) for c in columns], axis=2)
   return rows.reshape(-1, *rows.shape[2:])
-
-
-def results_table(scores: dict[str, float]) -> str:
-  return '\n'.join([
-      '| method | PSNR (dB) | SSIM |',
-      '|---|---|---|',
-      f"| bilinear | {scores['psnr_bilinear']:.2f} | {scores['ssim_bilinear']:.4f} |",
-      f"| model | {scores['psnr_model']:.2f} | {scores['ssim_model']:.4f} |",
-  ])
 
 
 class _StopFlag:
@@ -282,13 +246,179 @@ def throughput_meter(config: ml_collections.ConfigDict,
                               peak_flops=peak, devices=jax.local_devices())
 
 
+def compile_train_step(programs: StepPrograms, config: ml_collections.ConfigDict):
+  """(lowered, compiled) train step, ahead of the loop; logs whether the persistent compilation
+  cache held it, and waits until every process has compiled it."""
+  t0 = time.perf_counter()
+  cache_hits = []
+  count_hits = lambda event, **_: cache_hits.append(1) if event == _CACHE_HIT_EVENT else None
+  jax.monitoring.register_event_listener(count_hits)
+  try:
+    lowered = programs.lower_train()
+    compiled = lowered.compile(compiler_options=backends.compiler_options(
+        backends.platform(), config.train.cpu_compiler_options))
+  finally:
+    jax.monitoring.unregister_event_listener(count_hits)
+  logging.info('Compiled the train step in %.1f s%s.', time.perf_counter() - t0,
+               ' (from the persistent compilation cache)' if cache_hits else '')
+  # Processes compile at different speeds (one from a warm compilation cache, one not): the first
+  # step's collectives start only when all have compiled.
+  sharding.wait_for_all_processes('train step compiled', STARTUP_BARRIER_SECONDS)
+  return lowered, compiled
+
+
+class Saver:
+  """The run's checkpoints (checkpointing.Checkpointer in WORKDIR/checkpoints) and the last step
+  saved or restored."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, train_iter):
+    self.checkpointer = checkpointing.Checkpointer(storage.join(workdir, 'checkpoints'),
+                                                   keep=config.train.keep_checkpoints)
+    self.config, self.train_iter = config, train_iter
+    self.last_saved: int | None = None
+
+  def restore_or_init(self, programs: StepPrograms, init_key: jax.Array) -> TrainState:
+    """The latest checkpoint's state (and data position), else a new state."""
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return programs.init(init_key)
+    logging.info('Resuming from the checkpoint at step %d in %s.', latest,
+                 self.checkpointer.directory)
+    self.last_saved = latest
+    return self.checkpointer.restore(latest, programs.state, self.train_iter)
+
+  def due(self, step: int) -> bool:
+    return step % self.config.train.checkpoint_every == 0 or step == self.config.train.num_steps
+
+  def save(self, step: int, state: TrainState, buffer: 'MetricsBuffer') -> None:
+    buffer.flush(step)  # Never save a state whose steps were not all finite.
+    self.checkpointer.save(step, state, self.train_iter, self.config)
+    self.last_saved = step
+
+  def check(self) -> None:
+    """Raises the error of a save that failed in the background."""
+    self.checkpointer.check()
+
+  def close(self) -> None:
+    try:
+      self.checkpointer.wait()
+    finally:
+      self.checkpointer.close()
+
+
+class MetricsBuffer:
+  """The measurements of the steps since the last write, still on the devices: `flush` reads
+  them (waiting for the steps), stops loudly on NaN and writes their mean."""
+
+  def __init__(self, writer: summaries.SummaryWriter, throughput: summaries.Throughput,
+               saver: Saver):
+    self.writer, self.throughput, self.saver = writer, throughput, saver
+    self.pending: list[dict[str, jax.Array]] = []
+
+  def append(self, measurements: dict[str, jax.Array]) -> None:
+    self.pending.append(measurements)
+
+  def flush(self, step: int, with_throughput: bool = False) -> None:
+    """Writes the pending steps' mean at `step` (and the throughput since the last such write)."""
+    if not self.pending:
+      return
+    values = jax.device_get(self.pending)  # Waits for the steps to finish.
+    first = step - len(values) + 1
+    for i, m in enumerate(values):
+      if not all(np.isfinite(v) for v in m.values()):
+        raise TrainingDiverged(
+            f'training diverged at step {first + i}: {m}; the last good checkpoint '
+            f'(step {self.saver.last_saved}) in {self.saver.checkpointer.directory} is intact; '
+            'lower config.optim.learning_rate or set config.optim.grad_clip_norm.')
+    scalars = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+    throughput = self.throughput(step) if with_throughput else {}
+    self.writer.write_scalars(step, {**scalars, **throughput})
+    self.pending.clear()
+
+
+class Profiler:
+  """A profiler trace of `steps` steps (none if 0) into `logdir`, from `first_step` on."""
+
+  def __init__(self, steps: int, first_step: int, logdir: str):
+    self.steps, self.first_step, self.logdir = steps, first_step, logdir
+
+  def before(self, step: int) -> None:
+    """Called before the step that makes it step + 1."""
+    if self.steps > 0 and step == self.first_step:
+      jax.profiler.start_trace(self.logdir)
+
+  def after(self, step: int, state: TrainState) -> None:
+    if self.steps > 0 and step == self.first_step + self.steps:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      logging.info('Wrote a profiler trace of steps %d-%d to %s.', self.first_step + 1, step,
+                   self.logdir)
+
+
+class Validation:
+  """Training's held-out evaluation (held_out.Evaluator, with the loop's compiled program on the
+  training mesh), every config.train.eval_every steps and at the end: val/* scalars and the image
+  grid in TensorBoard, WORKDIR/samples/step_*.png, and WORKDIR/results.json and results.md in
+  --mode=evaluate's format (the bilinear row and the model's)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+               upsample, first_stage_params):
+    self.config, self.workdir = config, workdir
+    self.upsample, self.first_stage_params = upsample, first_stage_params
+    self.images = input_pipeline.validation_images(config)
+    self.evaluator = held_out.Evaluator(config, self.images, mesh, config.data.batch_size)
+
+  def due(self, step: int) -> bool:
+    return step % self.config.train.eval_every == 0 or step == self.config.train.num_steps
+
+  def __call__(self, step: int, state: TrainState,
+               writer: summaries.SummaryWriter) -> dict[str, Any]:
+    """Evaluates the state's sampling weights; returns the results (held_out.results)."""
+    config, n = self.config, self.config.train.num_grid_images
+    params = state.ema_params if config.ema.use_for_sampling else state.params
+    acc, kept, _ = self.evaluator.run(self.upsample, params, self.first_stage_params, n)
+    bilinear = self.evaluator.bilinear_row
+    model = {'method': flow.objective(config.flow).name.upper(), 'checkpoint': self.workdir,
+             'step': step, **self.evaluator.summarise(acc)}
+    results = held_out.results(config, self.images, [bilinear, model])
+    scalars = {f'val/{k}_bilinear': v for k, v in bilinear.items() if isinstance(v, float)}
+    scalars.update({'val/nfe' if k == 'nfe' else f'val/{k}_model': v for k, v in model.items()
+                    if isinstance(v, float)})
+    writer.write_scalars(step, scalars)
+    if sharding.is_writer():
+      targets = self.images[:n]
+      grid = image_grid([self.evaluator.low_res(targets, 'nearest'),
+                         self.evaluator.low_res(targets, 'linear'), kept, targets])
+      writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
+      storage.path(storage.join(self.workdir, 'samples')).mkdir(parents=True, exist_ok=True)
+      images_lib.write_png(storage.join(self.workdir, 'samples', f'step_{step:07d}.png'), grid)
+      held_out.write(results, self.workdir)
+    return results
+
+  def report(self, step: int, results: dict[str, Any]) -> None:
+    if sharding.is_writer():
+      table = held_out.markdown(results)
+      logging.info('Held-out results at step %d:\n%s', step, table)
+      print(f'\nHeld-out results at step {step} ({len(self.images)} images):\n{table}')
+
+
+def _log_parameter_overview(params) -> None:
+  # The parameter table at start-up is the only use of clu: imported here, so that the library
+  # imports without it.
+  from clu import parameter_overview  # noqa: PLC0415
+
+  if sharding.is_writer():
+    parameter_overview.log_parameter_overview(params)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, and checkpoints.
 
-  Returns the last evaluation's mean scores (none with config.train.eval_every=0).
+  Returns the last held-out evaluation's results (held_out.results; none with
+  config.train.eval_every=0).
   """
   config_checks.check(config, 'train')
   stop = _StopFlag()
@@ -301,175 +431,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        stop: _StopFlag) -> dict[str, float]:
-  # The parameter table at start-up is the only use of clu: imported here, so that the library
-  # imports without it.
-  from clu import parameter_overview  # noqa: PLC0415
-
-  is_main = jax.process_index() == 0
+                        stop: _StopFlag) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   logging.info('Device mesh %s.', dict(mesh.shape))
   first_stage = first_stages.first_stage_from_config(config)
   first_stages.record_fingerprint(config, workdir)
   first_stage_graphdef, first_stage_params = nnx.split(first_stage)
-  tx = make_optimizer(config.optim)
-  init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-
+  init_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 3)
   train_iter = input_pipeline.create_train_iterator(config)
-  evaluates = config.train.eval_every > 0
-  val_images = input_pipeline.validation_images(config) if evaluates else None
-
   programs = step_programs(config, mesh, first_stage_graphdef, first_stage_params,
-                           first_stage.channels, tx, init_key, train_key)
-  checkpointer = checkpointing.Checkpointer(storage.join(workdir, 'checkpoints'),
-                                            keep=config.train.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info('Resuming from the checkpoint at step %d in %s.', latest, checkpointer.directory)
-    state = checkpointer.restore(latest, programs.state, train_iter)
-  else:
-    state = programs.init(init_key)
+                           first_stage.channels, make_optimizer(config.optim), init_key, train_key)
+  saver = Saver(config, workdir, train_iter)
+  state = saver.restore_or_init(programs, init_key)
   step = int(jax.device_get(state.step))
-  if is_main:
-    parameter_overview.log_parameter_overview(state.params)
-
-  # One compiled step, ahead of the loop, with explicit shardings and the state donated.
-  first_stage_params = jax.device_put(first_stage_params,
-                                      jax.tree.map(lambda x: x.sharding,
-                                                   programs.first_stage_params))
-  batch_sharding = sharding.batch_sharded(mesh)
-  t0 = time.perf_counter()
-  cache_hits = []
-  count_hits = lambda event, **_: cache_hits.append(1) if event == _CACHE_HIT_EVENT else None
-  jax.monitoring.register_event_listener(count_hits)
-  try:
-    lowered_step = programs.lower_train()
-    compiled_step = lowered_step.compile(compiler_options=backends.compiler_options(
-        backends.platform(), config.train.cpu_compiler_options))
-  finally:
-    jax.monitoring.unregister_event_listener(count_hits)
-  logging.info('Compiled the train step in %.1f s%s.', time.perf_counter() - t0,
-               ' (from the persistent compilation cache)' if cache_hits else '')
-  # Processes compile at different speeds (one from a warm compilation cache, one not): the first
-  # step's collectives start only when all have compiled.
-  sharding.wait_for_all_processes('train step compiled', STARTUP_BARRIER_SECONDS)
-  jitted_eval = programs.evaluate
-
-  writer = summaries.SummaryWriter(workdir, enabled=is_main)
-  report_progress = summaries.Progress(writer, config.train.num_steps)
+  _log_parameter_overview(state.params)
+  first_stage_params = jax.device_put(
+      first_stage_params, jax.tree.map(lambda x: x.sharding, programs.first_stage_params))
+  validation = (Validation(config, workdir, mesh, programs.evaluate, first_stage_params)
+                if config.train.eval_every > 0 else None)
+  lowered_step, compiled_step = compile_train_step(programs, config)
+  writer = summaries.SummaryWriter(workdir, enabled=sharding.is_writer())
+  progress = summaries.Progress(writer, config.train.num_steps)
   throughput = throughput_meter(config, costs.flops(lowered_step))
-  pending: list[dict[str, jax.Array]] = []
-  last_saved = step if latest is not None else None
-  last_scores: dict[str, float] = {}
-
-  def flush_measurements(with_throughput: bool = False):
-    """Checks every pending step's measurements and writes their mean (and the throughput since
-    the last such write); stops loudly on NaN."""
-    if not pending:
-      return
-    values = jax.device_get(pending)  # Waits for the steps to finish.
-    first = step - len(values) + 1
-    for i, m in enumerate(values):
-      if not all(np.isfinite(v) for v in m.values()):
-        raise TrainingDiverged(
-            f'training diverged at step {first + i}: {m}; the last good checkpoint '
-            f'(step {last_saved}) in {checkpointer.directory} is intact; lower '
-            'config.optim.learning_rate or set config.optim.grad_clip_norm.')
-    scalars = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
-    writer.write_scalars(step, {**scalars, **(throughput(step) if with_throughput else {})})
-    pending.clear()
-
-  def evaluate():
-    params = state.ema_params if config.ema.use_for_sampling else state.params
-    per_image = {}
-    grid_columns = None
-    batch_size = config.data.batch_size
-    for i in range(0, len(val_images), batch_size):
-      chunk = val_images[i:i + batch_size]
-      images = jax.make_array_from_callback(chunk.shape, batch_sharding,
-                                            lambda idx, chunk=chunk: chunk[idx])
-      scores, outputs = jitted_eval(params, images, first_stage_params,
-                                    jax.random.fold_in(eval_key, i))
-      for k, v in multihost_utils.process_allgather(scores, tiled=True).items():
-        per_image.setdefault(k, []).append(v)
-      if grid_columns is None:
-        n = config.train.num_grid_images
-        outputs = multihost_utils.process_allgather(outputs, tiled=True)
-        low_res = np.asarray(upsampling.resize(outputs['low_res'][:n], chunk.shape[1:3],
-                                               'nearest'))
-        grid_columns = [low_res, outputs['bilinear'][:n], outputs['model'][:n], chunk[:n]]
-    scores = {k: float(np.mean(np.concatenate(v))) for k, v in per_image.items()}
-    writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
-    if is_main:
-      grid = image_grid(grid_columns)
-      writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
-      storage.path(storage.join(workdir, 'samples')).mkdir(parents=True, exist_ok=True)
-      images_lib.write_png(storage.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
-      storage.path(storage.join(workdir, 'results.json')).write_text(json.dumps(
-          {'step': step, 'num_images': len(val_images), **scores}, indent=2))
-      storage.path(storage.join(workdir, 'results.md')).write_text(
-          f'Held-out images: {len(val_images)}, step {step}, solver '
-          f'{config.sample.solver} with {config.sample.nfe} NFE, '
-          f"{'EMA' if config.ema.use_for_sampling else 'online'} weights.\n\n"
-          + results_table(scores) + '\n')
-    return scores
-
-  def save():
-    nonlocal last_saved
-    flush_measurements()  # Never save a state whose steps were not all finite.
-    checkpointer.save(step, state, train_iter, config)
-    last_saved = step
-
-  stopped = False
-  profile_start = step + 1  # The first step of a run may still wait for its inputs.
+  buffer = MetricsBuffer(writer, throughput, saver)
+  # The first step of a run may still wait for its inputs: the trace and the clock start after it.
+  profiler = Profiler(config.train.profile_steps, step + 1, storage.join(workdir, 'profile'))
+  results, stopped = {}, False
   try:
     while step < config.train.num_steps:
-      if step == profile_start and config.train.profile_steps > 0:
-        jax.profiler.start_trace(storage.join(workdir, 'profile'))
+      profiler.before(step)
       batch = sharding.global_batch(next(train_iter), mesh)  # The step's one host-to-device copy.
       # Inputs already on the devices: an implicit transfer (a hidden host sync) is an error.
       with jax.transfer_guard('disallow'):
         state, measurements = compiled_step(state, batch, first_stage_params)
       step += 1
-      if step == profile_start + config.train.profile_steps and config.train.profile_steps > 0:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        logging.info('Wrote a profiler trace of steps %d-%d to %s.', profile_start + 1, step,
-                     storage.join(workdir, 'profile'))
-      pending.append(measurements)
-      if step == profile_start:  # The throughput clock starts once the first step has run.
+      profiler.after(step, state)
+      buffer.append(measurements)
+      if step == profiler.first_step:  # The throughput clock starts once the first step has run.
         jax.block_until_ready(measurements)
         throughput(step)
-      report_progress(step)
-      checkpointer.check()  # A save that failed in the background stops training here.
+      progress(step)
+      saver.check()  # A save that failed in the background stops training here.
       if step % config.train.log_every == 0:
-        flush_measurements(with_throughput=True)
-      if evaluates and (step % config.train.eval_every == 0 or step == config.train.num_steps):
-        flush_measurements()
-        with report_progress.paused(), throughput.paused():
-          last_scores = evaluate()
-      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+        buffer.flush(step, with_throughput=True)
+      if validation and validation.due(step):
+        buffer.flush(step)
+        with progress.paused(), throughput.paused():
+          results = validation(step, state, writer)
+      if saver.due(step):
         with throughput.paused():
-          save()
+          saver.save(step, state, buffer)
       if stop.agreed(mesh):
         stopped = True
         logging.info('Received a stop signal (here or on another process): saving at step %d and '
                      'exiting.', step)
-        if last_saved != step:
-          save()
+        if saver.last_saved != step:
+          saver.save(step, state, buffer)
         break
-    flush_measurements()
-    if evaluates and not last_scores and not stopped:
-      last_scores = evaluate()
+    buffer.flush(step)
+    if validation and not results and not stopped:
+      results = validation(step, state, writer)
   finally:
     try:
-      checkpointer.wait()
+      saver.close()
     finally:
-      checkpointer.close()
       writer.close()
-  if last_scores and is_main:
-    table = results_table(last_scores)
-    logging.info('Held-out results at step %d:\n%s', step, table)
-    print(f'\nHeld-out results at step {step} ({len(val_images)} images):\n{table}')
-  return last_scores
+  if validation and results:
+    validation.report(step, results)
+  return results

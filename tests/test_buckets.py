@@ -138,7 +138,8 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
       *SIZES['train'], *SMALL, '--config.train.num_steps=2', '--config.train.eval_every=2',
       '--config.train.checkpoint_every=2'])
   scores = _json(emulator, 'workdirs/images/results.json')
-  assert scores['step'] == 2 and scores['num_images'] == 2 and np.isfinite(scores['psnr_model'])
+  (_, model) = scores['rows']
+  assert model['step'] == 2 and scores['num_images'] == 2 and np.isfinite(model['psnr'])
   grid = Image.open(emulator.object('runs', 'workdirs/images/samples/step_0000002.png'))
   assert grid.size == (4 * 128, 2 * 128)
   events = [n for n in os.listdir(emulator.object('runs', 'workdirs/images'))

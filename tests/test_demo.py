@@ -40,9 +40,10 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
-  assert results['step'] == 700 and results['num_images'] == 32
-  assert results['psnr_model'] > results['psnr_bilinear'] + 0.05
-  assert results['ssim_model'] > results['ssim_bilinear'] + 0.01
+  bilinear, model = results['rows']  # The layout of --mode=evaluate's results.
+  assert model['step'] == 700 and results['num_images'] == 32
+  assert model['psnr'] > bilinear['psnr'] + 0.05
+  assert model['ssim'] > bilinear['ssim'] + 0.01
   assert (tmp_path / 'samples' / 'step_0000700.png').exists()
   assert 'Held-out results at step 700 (32 images)' in proc.stdout
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from fmboost_jax import evaluate, input_pipeline, metrics, upsampling
+from fmboost_jax import evaluate, held_out, input_pipeline, metrics, upsampling
 from fmboost_jax.errors import UserError
 from tests import runs
 
@@ -73,7 +73,7 @@ def test_evaluate_writes_table_sweep_and_figure(checkpoints, tmp_path):
   assert json.loads((out / 'results.json').read_text()) == json.loads(json.dumps(results))
   table = (out / 'results.md').read_text()
   assert '| method | FID | p-FID | SSIM | PSNR (dB) |' in table
-  needs = f'needs `{evaluate.FID_FLAG}`'
+  needs = f'needs `{held_out.FID_FLAG}`'
   assert f"| CFM | {needs} | {needs} | {cfm['ssim']:.4f} |" in table
   assert 'NFE sweep (Euler, 12 images)' in table
   # Figure: 4 images x (full row + zoomed-crop row), 5 columns, 16 px enlarged 8x to 128 px,
@@ -150,7 +150,7 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   images = input_pipeline.validation_images(config)
   model = weights.inception_from_weights(path)
   up = upsampling.resize(upsampling.low_res_images(images, 8), (16, 16), 'linear')
-  features = lambda x: evaluate.inception_features(model, np.asarray(x), 8)  # noqa: E731
+  features = lambda x: held_out.inception_features(model, np.asarray(x), 8)  # noqa: E731
   np.testing.assert_allclose(bilinear['fid'], metrics.fid(features(images), features(up)),
                              rtol=1e-3)
   boxes = metrics.crop_boxes(0, 8, 16, 16, 8, 1)
@@ -160,3 +160,32 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   assert l2['fid'] > 0 and l2['pfid'] > 0
   table = (tmp_path / 'eval' / 'results.md').read_text()
   assert f"| L2 | {l2['fid']:.2f} | {l2['pfid']:.2f} |" in table
+
+
+def test_training_validation_is_the_same_evaluator_as_evaluate(tmp_path):
+  """Training's held-out evaluation at its last step and --mode=evaluate of that checkpoint are one
+  evaluator: the same rows (with the same batch size, the same numbers), results.md's table
+  layout, and the val/* scalars of its rows."""
+  from fmboost_jax import train  # noqa: PLC0415
+
+  config = demo.get_config('tiny')
+  config.train.num_steps = config.train.eval_every = 2
+  workdir = tmp_path / 'train'
+  trained = train.train_and_evaluate(config, str(workdir))
+  assert [r['method'] for r in trained['rows']] == ['bilinear', 'CFM']
+  assert trained['rows'][1]['step'] == 2 and trained['rows'][1]['checkpoint'] == str(workdir)
+  assert json.loads((workdir / 'results.json').read_text()) == json.loads(json.dumps(trained))
+  assert (workdir / 'samples' / 'step_0000002.png').exists()
+  bilinear, model = trained['rows']
+  for key in ('psnr', 'ssim', 'mse'):
+    assert runs.scalars(workdir, f'val/{key}_model')[2] == pytest.approx(model[key], rel=1e-6)
+    assert runs.scalars(workdir, f'val/{key}_bilinear')[2] == pytest.approx(bilinear[key],
+                                                                             rel=1e-6)
+  assert runs.scalars(workdir, 'val/nfe') == {2: config.sample.nfe}
+
+  config.eval.checkpoints = (str(workdir),)
+  config.sample.batch_size = config.data.batch_size
+  evaluated = evaluate.evaluate(config, str(tmp_path))
+  assert evaluated['rows'] == trained['rows']
+  table = lambda path: path.read_text().split('\n\n')[1]  # noqa: E731
+  assert table(workdir / 'results.md') == table(tmp_path / 'eval' / 'results.md')
