@@ -4,6 +4,7 @@ The loop knows a loss, a sampler and a first stage; what they compute lives in f
 sampling.py, upsampling.py and models/.
 """
 
+import concurrent.futures
 import dataclasses
 import signal
 import time
@@ -367,6 +368,10 @@ class Validation:
     self.upsample, self.first_stage_params = upsample, first_stage_params
     self.images = input_pipeline.validation_images(config)
     self.evaluator = held_out.Evaluator(config, self.images, mesh, config.data.batch_size)
+    # The full-size grid's PNG (8192x4096 px at the paper's size: seconds to encode) is written by
+    # a thread of its own while training goes on; the next evaluation and close() wait for it.
+    self._files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='samples')
+    self._written: concurrent.futures.Future | None = None
 
   def due(self, step: int) -> bool:
     return step % self.config.train.eval_every == 0 or step == self.config.train.num_steps
@@ -390,10 +395,26 @@ class Validation:
       grid = image_grid([self.evaluator.low_res(targets, 'nearest'),
                          self.evaluator.low_res(targets, 'linear'), kept, targets])
       writer.write_images(step, {'val/low_res|bilinear|model|target': grid[None]})
-      storage.path(storage.join(self.workdir, 'samples')).mkdir(parents=True, exist_ok=True)
-      images_lib.write_png(storage.join(self.workdir, 'samples', f'step_{step:07d}.png'), grid)
+      self.wait()
+      self._written = self._files.submit(self._write_grid, step, grid)
       held_out.write(results, self.workdir)
     return results
+
+  def _write_grid(self, step: int, grid: np.ndarray) -> None:
+    storage.path(storage.join(self.workdir, 'samples')).mkdir(parents=True, exist_ok=True)
+    images_lib.write_png(storage.join(self.workdir, 'samples', f'step_{step:07d}.png'), grid)
+
+  def wait(self) -> None:
+    """Waits for the grid being written; raises its error."""
+    written, self._written = self._written, None
+    if written is not None:
+      written.result()
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._files.shutdown()
 
   def report(self, step: int, results: dict[str, Any]) -> None:
     if sharding.is_writer():
@@ -496,7 +517,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
       saver.close()
     finally:
-      writer.close()
+      try:
+        writer.close()
+      finally:
+        if validation:
+          validation.close()
   if validation and results:
     validation.report(step, results)
   return results
