@@ -114,7 +114,8 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
       2, 128, 128, 3)
   # 3. Train from the bucket's latents into a bucket workdir; killed (SIGKILL) once its step-2
   # checkpoint is committed, then started again: it resumes.
-  line, _ = emulator.command(command(2))
+  four = '--config.train.num_steps=4'  # Killed after step 2's checkpoint.
+  line, _ = emulator.command(command(2, four))
   t0 = time.perf_counter()
   proc = subprocess.Popen(line, cwd=runs.ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
@@ -125,11 +126,11 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
     time.sleep(0.2)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
-  resumed = run('train', command(2))
+  resumed = run('train', command(2, four))
   times['train'] = round(time.perf_counter() - t0, 1)
   assert re.search(r'Resuming from the checkpoint at step [24] in gs://runs/workdirs/paper/',
                    resumed.stderr)
-  assert os.path.isfile(emulator.object('runs', 'workdirs/paper/checkpoints/6/commit_success.txt'))
+  assert os.path.isfile(emulator.object('runs', 'workdirs/paper/checkpoints/4/commit_success.txt'))
   # Training straight from the bucket's photographs, with the held-out evaluation at its end: the
   # sample grid, results and TensorBoard events land in the bucket.
   run('train from images', [
@@ -154,7 +155,7 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   # Export the workdir into the bucket (the second stage of the cascade below).
   run('export', _main('export', '--workdir=gs://runs/workdirs/paper', '--outdir=gs://runs/export'))
   info = _json(emulator, 'export/export.json')
-  assert info['step'] == 6 and info['source'] == 'gs://runs/workdirs/paper'
+  assert info['step'] == 4 and info['source'] == 'gs://runs/workdirs/paper'
   # 5. Sample the bucket's 64 px image and 8^2 latent to 128 px into the bucket.
   run('sample', command(4))
   for name in ('astronaut', 'latent'):
