@@ -210,3 +210,18 @@ def test_bad_bucket_paths_are_one_line(emulator):
       'and TENSORSTORE_GCS_HTTP_URL to its address).')
   # Nothing was left in the bucket (the emulator keeps empty folders of deleted objects on disk).
   assert not [f for _, _, files in os.walk(emulator.object('runs', 'missing')) for f in files]
+
+
+def test_a_compilation_cache_in_a_bucket(emulator):
+  # JAX's persistent compilation cache in a bucket (through epath): a tiny training run fills it.
+  line = [sys.executable, 'main.py', '--workdir=gs://runs/cached', '--config=configs/demo.py:tiny',
+          runs.NO_EVAL, '--config.train.num_steps=1',
+          '--config.train.compilation_cache_dir=gs://runs/cache']
+  env = emulator.env()
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  proc, found = emulator.run(line, env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not buckets.outside_loopback(found), found
+  cached = [f for _, _, files in os.walk(emulator.object('runs', 'cache')) for f in files]
+  assert len(cached) >= 2  # At least the initialisation and the train step.
+  assert os.path.isfile(emulator.object('runs', 'cached/checkpoints/1/commit_success.txt'))
