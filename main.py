@@ -160,7 +160,12 @@ def ensure_writable(directory: str) -> str | None:
 
   flag = '--outdir' if FLAGS.outdir and directory == FLAGS.outdir else '--workdir'
   if storage.is_remote(directory):
-    _check_writable_bucket_path(directory, flag)
+    import jax  # noqa: PLC0415
+
+    # Process 0 alone probes a bucket path: another process's probe object would be listed in
+    # the folder, or its parent check see a folder being written.
+    if jax.process_index() == 0:
+      _check_writable_bucket_path(directory, flag)
     return None  # A bucket's folders are implicit: nothing to remove.
   existing, created = os.path.abspath(directory), None
   while not os.path.exists(existing):

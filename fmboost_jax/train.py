@@ -21,7 +21,6 @@ from flax import nnx
 
 from fmboost_jax import (
   accelerators,
-  checkpointing,
   config_checks,
   costs,
   first_stages,
@@ -273,6 +272,9 @@ class Saver:
   saved or restored."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, train_iter):
+    # Imported here: checkpoints hold the grain iterator, and a train step runs without grain.
+    from fmboost_jax import checkpointing  # noqa: PLC0415
+
     self.checkpointer = checkpointing.Checkpointer(storage.join(workdir, 'checkpoints'),
                                                    keep=config.train.keep_checkpoints)
     self.config, self.train_iter = config, train_iter
