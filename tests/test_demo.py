@@ -75,4 +75,5 @@ def test_demo_beats_bilinear_on_held_out_psnr_and_ssim(tmp_path):
   # export.json.
   listed = set(os.listdir(exported))
   assert {'config', 'export.json', 'params'} <= listed
-  assert listed - {'config', 'export.json', 'params'} <= {'_CHECKPOINT_METADATA', 'commit_success.txt'}
+  assert listed - {'config', 'export.json', 'params'} <= {'_CHECKPOINT_METADATA',
+                                                        'commit_success.txt'}
