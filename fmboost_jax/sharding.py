@@ -147,12 +147,16 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def _digest(text: str) -> np.ndarray:
+  """sha256 of `text` as 8 uint32s: what processes gather to compare what they hold."""
+  return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+
+
 def same_in_all_processes(text: str) -> bool:
   """Whether every process holds the same `text` (True in one process): one gather of a digest."""
   if jax.process_count() == 1:
     return True
-  mine = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
-  gathered = multihost_utils.process_allgather(mine)  # [processes, 8]
+  gathered = multihost_utils.process_allgather(_digest(text))  # [processes, 8]
   return bool((gathered == gathered[:1]).all())
 
 
@@ -162,9 +166,8 @@ def check_same_in_all_processes(values: dict[str, object], what: str) -> None:
   (the others raise `ReportedElsewhere`). A no-op in one process."""
   if jax.process_count() == 1:
     return
-  digest = lambda text: np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
   keys = sorted(values)
-  mine = np.stack([digest(repr(keys)), digest(repr([(k, values[k]) for k in keys]))])
+  mine = np.stack([_digest(repr(keys)), _digest(repr([(k, values[k]) for k in keys]))])
   gathered = multihost_utils.process_allgather(mine)  # [processes, 2, 8]
   if (gathered == gathered[:1]).all():
     return
@@ -172,7 +175,7 @@ def check_same_in_all_processes(values: dict[str, object], what: str) -> None:
   differing = 'its fields'
   if same_keys:
     per_field = multihost_utils.process_allgather(
-        np.stack([digest(repr(values[k])) for k in keys]))  # [processes, fields, 8]
+        np.stack([_digest(repr(values[k])) for k in keys]))  # [processes, fields, 8]
     names = [k for i, k in enumerate(keys) if not (per_field[:, i] == per_field[0, i]).all()]
     differing = ', '.join(names)
   processes = [p for p in range(len(gathered)) if not (gathered[p] == gathered[0]).all()]

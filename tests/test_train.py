@@ -327,17 +327,23 @@ def test_an_output_path_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path,
   assert blocker.read_text() == 'not a directory'
 
 
+def _small_disk(tmp_path, size: str):
+  """A tmpfs of `size` mounted at tmp_path/disk (the test unmounts it), or a skip."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip('mounting a small tmpfs is not permitted on this machine')
+  return disk
+
+
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
   """Checkpoints of about 11 MB every step on a 30 MB tmpfs: the save that fails in the background
   stops training with one line (no traceback), its temporary directory is removed and the earlier
   checkpoints restore."""
-  disk = tmp_path / 'disk'
-  disk.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=30m', 'tmpfs', str(disk)],
-                           capture_output=True)
-  if mounted.returncode:
-    pytest.skip('mounting a small tmpfs is not permitted on this machine')
+  disk = _small_disk(tmp_path, '30m')
   try:
     proc = runs.run_main(disk / 'w', '--config.train.checkpoint_every=1',
                          '--config.train.keep_checkpoints=0', runs.NO_EVAL, timeout=300)
@@ -372,12 +378,7 @@ def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_r
 
   from fmboost_jax import checkpointing, model_files  # noqa: PLC0415
 
-  disk = tmp_path / 'disk'
-  disk.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(disk)],
-                           capture_output=True)
-  if mounted.returncode:
-    pytest.skip('mounting a small tmpfs is not permitted on this machine')
+  disk = _small_disk(tmp_path, '4m')
   reports = []
   monkeypatch.setattr(sys, 'unraisablehook', reports.append)
   caplog.set_level(logging.ERROR, logger='absl')
