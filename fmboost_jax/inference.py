@@ -29,6 +29,7 @@ import numpy as np
 
 from fmboost_jax import (
   config_checks,
+  conversions,
   images,
   metrics,
   sampling,
@@ -114,7 +115,8 @@ def _latents(path: str, first_stage, scaled: bool) -> list[tuple[str, str, np.nd
   out = []
   for key, array in _latent_arrays(path):
     where = f'{path}[{key}]' if key else path
-    array = trained_model.latent_array(array, first_stage, scaled, where)
+    array = conversions.latent_array(array, first_stage.channels, first_stage.scale_factor,
+                                     scaled, where)
     for i, latent in enumerate(array):
       suffix = (f'_{key}' if key else '') + (f'_{i}' if len(array) > 1 else '')
       out.append((suffix, f'{where}[{i}]' if len(array) > 1 else where, latent))

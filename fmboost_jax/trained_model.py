@@ -19,6 +19,10 @@ over the local devices, each input shape compiled once. Inputs whose size the ne
 are padded at the bottom and right by edge replication and the outputs cropped back, so every
 output is exactly the input size times the models' factors. `upsample_held_out` is the same lift
 for held-out images inside jit (training's validation and `--mode=evaluate`).
+
+The model layer takes and returns float32 NHWC arrays; `boost` is the user's entry, and
+`conversions` turns what users hold (PIL images, uint8 arrays, NCHW latents) into those arrays and
+back.
 """
 
 import dataclasses
@@ -33,13 +37,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from fmboost_jax import (
+  conversions,
   first_stages,
   flow,
-  images,
-  metrics,
   model_files,
   sampling,
   sharding,
@@ -50,7 +52,6 @@ from fmboost_jax.errors import UserError
 from fmboost_jax.models import layers, unet
 
 WEIGHTS_FLAG = '--config.first_stage.weights'
-OUTPUT_TYPES = ('pil', 'np', 'latent')
 
 
 def velocity_fn(graphdef: nnx.GraphDef, params) -> sampling.VelocityFn:
@@ -358,46 +359,6 @@ class Cascade:
                           jax.random.fold_in(key, b), save_trajectory=save_trajectory)
 
 
-def latent_array(array: np.ndarray, first_stage, scaled: bool, where: str) -> np.ndarray:
-  """First-stage latents [N,] C, h, w (NCHW, as diffusers returns them) or [N,] h, w, C ->
-  float32 [N, h, w, C] times the scale factor (unless `scaled`: already multiplied)."""
-  c = first_stage.channels
-  array = np.asarray(array)
-  if not np.issubdtype(array.dtype, np.number) or array.ndim not in (3, 4):
-    raise UserError(f'{where} holds a {array.dtype} array of shape {array.shape}; expected '
-                    f'latents of shape [N,] {c}, h, w or [N,] h, w, {c}.')
-  array = array[None] if array.ndim == 3 else array
-  if array.shape[1] == c and array.shape[-1] != c:
-    array = array.transpose(0, 2, 3, 1)
-  elif array.shape[-1] != c:
-    raise UserError(f'{where} holds latents of shape {array.shape} without the {c} channels of '
-                    f"this model's first stage; expected [N,] {c}, h, w or [N,] h, w, {c}.")
-  return array.astype(np.float32) * np.float32(1.0 if scaled else first_stage.scale_factor)
-
-
-def image_array(image: Any, where: str) -> np.ndarray:
-  """A PIL image, uint8 [h, w, 3] or float [h, w, 3] in [0, 1] -> float32 [h, w, 3] in [-1, 1]."""
-  if isinstance(image, Image.Image):
-    return images.normalize(images.pil_to_rgb_uint8(image))
-  image = np.asarray(image)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise UserError(f'{where} has shape {image.shape}; pass RGB images [h, w, 3] (or PIL images).')
-  if image.dtype == np.uint8:
-    return images.normalize(image)
-  if np.issubdtype(image.dtype, np.floating):
-    return np.asarray(image, np.float32) * 2 - 1
-  raise UserError(f'{where} is a {image.dtype} array; pass uint8 in [0, 255] or float in [0, 1].')
-
-
-def _as_list(x, batched_ndim: int) -> list:
-  if isinstance(x, (list, tuple)):
-    return list(x)
-  if isinstance(x, Image.Image):
-    return [x]
-  x = np.asarray(x)
-  return list(x) if x.ndim == batched_ndim else [x]
-
-
 def boost(models: TrainedModel | Sequence[TrainedModel], image=None, *, latents=None,
           output_type: str = 'pil', seed: int = 0, batch_size: int = 8,
           latents_scaled: bool = True):
@@ -424,24 +385,17 @@ def boost(models: TrainedModel | Sequence[TrainedModel], image=None, *, latents=
   if key not in models[0].cascades:
     models[0].cascades[key] = Cascade(models)
   cascade = models[0].cascades[key]
-  if output_type not in OUTPUT_TYPES:
-    raise UserError(f'output_type={output_type!r} is unknown; use one of {OUTPUT_TYPES}.')
+  conversions.check_output_type(output_type)
   if (image is None) == (latents is None):
     raise UserError('pass either images or latents to boost.')
   if image is not None:
-    inputs = [('image', image_array(x, f'image {i}')) for i, x in enumerate(_as_list(image, 4))]
+    inputs = [('image', x) for x in conversions.images_in(image)]
   else:
-    inputs = [('latent', z) for i, x in enumerate(_as_list(latents, 4))
-              for z in latent_array(x, cascade.first_stage, latents_scaled, f'latent {i}')]
-  outputs: list[Any] = [None] * len(inputs)
+    fs = cascade.first_stage
+    inputs = [('latent', z) for z in conversions.latents_in(latents, fs.channels, fs.scale_factor,
+                                                            latents_scaled)]
+  results: list[Any] = [None] * len(inputs)
   for ids, batch in cascade.batches(inputs, batch_size, seed):
     for j, i in enumerate(ids):
-      if output_type == 'latent':
-        outputs[i] = batch.latents[j].transpose(2, 0, 1)
-      elif output_type == 'np':
-        outputs[i] = np.clip((batch.images[j] + 1) / 2, 0.0, 1.0)
-      else:
-        outputs[i] = Image.fromarray(np.asarray(metrics.to_uint8(batch.images[j])))
-  if output_type == 'pil':
-    return outputs
-  return np.stack(outputs) if len({x.shape for x in outputs}) == 1 else outputs
+      results[i] = conversions.output(batch.images[j], batch.latents[j], output_type)
+  return conversions.outputs(results, output_type)
