@@ -489,10 +489,11 @@ def _open_tfds(config: ml_collections.ConfigDict, split: str) -> _TfdsImages:
                   else '')
     raise DataError(
         f'TFDS dataset {data.tfds_name!r} (split {split!r}) could not be opened from '
-        f'{where} ({type(e).__name__}: {reason}); {check_name}prepare it offline with `tfds build '
-        f'{data.tfds_name} --file_format=array_record --data_dir=DIR` and set '
-        'config.data.tfds_data_dir=DIR (nothing is downloaded here), or name another split in '
-        'config.data.tfds_split / tfds_val_split.') from None
+        f'{where} ({type(e).__name__}: {reason}); {check_name}prepare it offline with its '
+        f"builder, `tfds.builder('{data.tfds_name}', data_dir=DIR, file_format='array_record')"
+        '.download_and_prepare()` (a builder of your own: docs/training.md, "A tfds dataset of '
+        'your own"), and set config.data.tfds_data_dir=DIR (nothing is downloaded here), or name '
+        'another split in config.data.tfds_split / tfds_val_split.') from None
   features = getattr(getattr(source, 'dataset_info', None), 'features', None)
   if features is not None and 'image' not in features:
     raise DataError(

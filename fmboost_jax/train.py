@@ -5,6 +5,7 @@ sampling.py, upsampling.py and models/.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import signal
 import time
@@ -149,6 +150,10 @@ class StepPrograms:
   state: TrainState  # ShapeDtypeStructs with shardings, as are the two below.
   batch: dict[str, jax.ShapeDtypeStruct]
   first_stage_params: Any
+
+  def place_first_stage(self, params) -> Any:
+    """The first stage's parameters on the mesh, as the programs take them."""
+    return jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.first_stage_params))
 
   def lower_train(self) -> jax.stages.Lowered:
     return self.train.lower(self.state, self.batch, self.first_stage_params)
@@ -298,6 +303,13 @@ class Saver:
     self.checkpointer.save(step, state, self.train_iter, self.config)
     self.last_saved = step
 
+  def save_at_stop(self, step: int, state: TrainState, buffer: 'MetricsBuffer') -> None:
+    """Saves `step` (unless just saved) when the processes agreed to stop."""
+    logging.info('Received a stop signal (here or on another process): saving at step %d and '
+                 'exiting.', step)
+    if self.last_saved != step:
+      self.save(step, state, buffer)
+
   def check(self) -> None:
     """Raises the error of a save that failed in the background."""
     self.checkpointer.check()
@@ -311,15 +323,24 @@ class Saver:
 
 class MetricsBuffer:
   """The measurements of the steps since the last write, still on the devices: `flush` reads
-  them (waiting for the steps), stops loudly on NaN and writes their mean."""
+  them (waiting for the steps), stops loudly on NaN and writes their mean; every
+  config.train.log_every steps with the throughput since the last such write."""
 
-  def __init__(self, writer: summaries.SummaryWriter, throughput: summaries.Throughput,
-               saver: Saver):
+  def __init__(self, config: ml_collections.ConfigDict, writer: summaries.SummaryWriter,
+               throughput: summaries.Throughput, saver: Saver, first_step: int):
     self.writer, self.throughput, self.saver = writer, throughput, saver
+    self.log_every, self.first_step = config.train.log_every, first_step
     self.pending: list[dict[str, jax.Array]] = []
 
-  def append(self, measurements: dict[str, jax.Array]) -> None:
+  def append(self, step: int, measurements: dict[str, jax.Array]) -> None:
+    """The measurements of the step that made `step`."""
     self.pending.append(measurements)
+    # The first step of a run may still wait for its inputs: the throughput clock starts after it.
+    if step == self.first_step:
+      jax.block_until_ready(measurements)
+      self.throughput(step)
+    if step % self.log_every == 0:
+      self.flush(step, with_throughput=True)
 
   def flush(self, step: int, with_throughput: bool = False) -> None:
     """Writes the pending steps' mean at `step` (and the throughput since the last such write)."""
@@ -465,23 +486,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_iter = input_pipeline.create_train_iterator(config)
   programs = step_programs(config, mesh, first_stage_graphdef, first_stage_params,
                            first_stage.channels, make_optimizer(config.optim), init_key, train_key)
-  saver = Saver(config, workdir, train_iter)
-  state = saver.restore_or_init(programs, init_key)
-  step = int(jax.device_get(state.step))
-  _log_parameter_overview(state.params)
-  first_stage_params = jax.device_put(
-      first_stage_params, jax.tree.map(lambda x: x.sharding, programs.first_stage_params))
-  validation = (Validation(config, workdir, mesh, programs.evaluate, first_stage_params)
-                if config.train.eval_every > 0 else None)
-  lowered_step, compiled_step = compile_train_step(programs, config)
-  writer = summaries.SummaryWriter(workdir, enabled=sharding.is_writer())
-  progress = summaries.Progress(writer, config.train.num_steps)
-  throughput = throughput_meter(config, costs.flops(lowered_step))
-  buffer = MetricsBuffer(writer, throughput, saver)
-  # The first step of a run may still wait for its inputs: the trace and the clock start after it.
-  profiler = Profiler(config.train.profile_steps, step + 1, storage.join(workdir, 'profile'))
+  first_stage_params = programs.place_first_stage(first_stage_params)
   results, stopped = {}, False
-  try:
+  with contextlib.ExitStack() as closing:  # Closed in reverse order, each even if one fails.
+    saver = Saver(config, workdir, train_iter)
+    closing.callback(saver.close)
+    state = saver.restore_or_init(programs, init_key)
+    step = int(jax.device_get(state.step))
+    _log_parameter_overview(state.params)
+    validation = (Validation(config, workdir, mesh, programs.evaluate, first_stage_params)
+                  if config.train.eval_every > 0 else None)
+    if validation:
+      closing.callback(validation.close)
+    lowered_step, compiled_step = compile_train_step(programs, config)
+    writer = summaries.SummaryWriter(workdir, enabled=sharding.is_writer())
+    closing.callback(writer.close)
+    progress = summaries.Progress(writer, config.train.num_steps)
+    throughput = throughput_meter(config, costs.flops(lowered_step))
+    buffer = MetricsBuffer(config, writer, throughput, saver, first_step=step + 1)
+    profiler = Profiler(config.train.profile_steps, step + 1, storage.join(workdir, 'profile'))
     while step < config.train.num_steps:
       profiler.before(step)
       batch = sharding.global_batch(next(train_iter), mesh)  # The step's one host-to-device copy.
@@ -490,14 +513,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, measurements = compiled_step(state, batch, first_stage_params)
       step += 1
       profiler.after(step, state)
-      buffer.append(measurements)
-      if step == profiler.first_step:  # The throughput clock starts once the first step has run.
-        jax.block_until_ready(measurements)
-        throughput(step)
+      buffer.append(step, measurements)
       progress(step)
       saver.check()  # A save that failed in the background stops training here.
-      if step % config.train.log_every == 0:
-        buffer.flush(step, with_throughput=True)
       if validation and validation.due(step):
         buffer.flush(step)
         with progress.paused(), throughput.paused():
@@ -505,25 +523,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if saver.due(step):
         with throughput.paused():
           saver.save(step, state, buffer)
-      if stop.agreed(mesh):
-        stopped = True
-        logging.info('Received a stop signal (here or on another process): saving at step %d and '
-                     'exiting.', step)
-        if saver.last_saved != step:
-          saver.save(step, state, buffer)
+      if stopped := stop.agreed(mesh):
+        saver.save_at_stop(step, state, buffer)
         break
     buffer.flush(step)
     if validation and not results and not stopped:
       results = validation(step, state, writer)
-  finally:
-    try:
-      saver.close()
-    finally:
-      try:
-        writer.close()
-      finally:
-        if validation:
-          validation.close()
   if validation and results:
     validation.report(step, results)
   return results

@@ -181,9 +181,14 @@ def autoencoder_flops(config, size: int) -> dict[str, float]:
 def readme_commands(name: str) -> list[list[str]]:
   """The commands of README's block between `<!-- NAME: begin -->` and `<!-- NAME: end -->`,
   continuation lines joined, comments left out."""
+  return docs_commands(name, 'README.md')
+
+
+def docs_commands(name: str, document: str) -> list[list[str]]:
+  """`readme_commands` of another document (a path from the repository's root)."""
   import shlex  # noqa: PLC0415
 
-  with open(os.path.join(ROOT, 'README.md')) as f:
+  with open(os.path.join(ROOT, document)) as f:
     text = f.read()
   block = text.split(f'<!-- {name}: begin -->')[1].split(f'<!-- {name}: end -->')[0]
   lines = [line for line in block.replace('\\\n', ' ').splitlines()

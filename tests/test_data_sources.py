@@ -3,17 +3,17 @@
 import json
 import logging
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from fmboost_jax import data_sources as ds
 from fmboost_jax import errors, images
 from fmboost_jax import input_pipeline as ip
-from tests import buckets
+from tests import buckets, runs
 from tests.data_helpers import coded_image, image_ids, make_config, to_uint8
 
 
@@ -436,39 +436,64 @@ def test_a_valid_header_with_corrupt_pixels_is_replaced_in_training_and_counted(
 
 
 # ----------------------------------------------------------------------------------------------
-# tfds source: a tiny ArrayRecord dataset built offline in tmp_path and loaded by name.
+# tfds source: a small ArrayRecord dataset of two splits, prepared by docs/training.md's builder
+# in a clean subprocess (python -I: nothing of the tests on its path) and opened here by name from
+# its data_dir alone (no builder registered in this process).
 
 _TFDS_SHAPES = [(40, 32), (20, 20), (36, 16), (64, 24)]  # The second one is too small for S=16.
 _TFDS_VALIDATION_SHAPES = [(16, 20), (12, 30), (24, 16)]  # Whole images; the second is too small.
 
 
-class FmboostTestPhotos(tfds.core.GeneratorBasedBuilder):
-  """Four coded images of different sizes."""
+def _docs_block(name: str) -> str:
+  with open(os.path.join(runs.ROOT, 'docs', 'training.md')) as f:
+    text = f.read()
+  block = text.split(f'<!-- {name}: begin -->')[1].split(f'<!-- {name}: end -->')[0]
+  return block.split('\n', 2)[2].rsplit('```', 1)[0]  # Inside the fence.
 
-  VERSION = tfds.core.Version('1.0.0')
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(None, None, 3))}),
-        disable_shuffling=True)  # Keep generation order, so validation tiles are predictable.
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(_TFDS_SHAPES),
-            'validation': self._generate_examples(_TFDS_VALIDATION_SHAPES, first=5)}
-
-  def _generate_examples(self, shapes, first=0):
+@pytest.fixture(scope='module')
+def tfds_photos(tmp_path_factory) -> str:
+  """The data_dir of `my_photos`: coded PNGs 0-3 (train) and 5-7 (validation), prepared by the
+  docs' builder and its command, with the project's install only."""
+  root = tmp_path_factory.mktemp('tfds')
+  splits = (('train', _TFDS_SHAPES, 0), ('validation', _TFDS_VALIDATION_SHAPES, 5))
+  for split, shapes, first in splits:
+    (root / 'photos' / split).mkdir(parents=True)
     for k, (height, width) in enumerate(shapes, start=first):
-      yield k, {'image': coded_image(k, height, width)}
+      Image.fromarray(coded_image(k, height, width)).save(root / 'photos' / split / f'{k}.png')
+  builder = _docs_block('tfds builder')
+  assert "PHOTOS = pathlib.Path('/data/photos')" in builder
+  (root / 'my_photos.py').write_text(builder.replace('/data/photos', str(root / 'photos')))
+  prepare = runs.docs_commands('tfds', 'docs/training.md')[0]
+  assert prepare == ['.venv/bin/python', 'my_photos.py', '/data/tfds']
+  env = {k: v for k, v in runs.env().items() if not k.startswith('PYTHON')}
+  proc = subprocess.run([sys.executable, '-I', 'my_photos.py', str(root / 'tfds')], cwd=root,
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The same photographs through tfds's store_as_tfds_dataset, whose builder lives in a package
+  # (tfds then needs importlib_resources, which requirements.txt pins).
+  store = f"""
+import pathlib
+import tensorflow_datasets as tfds
+photos = pathlib.Path({str(root / 'photos')!r})
+tfds.dataset_builders.store_as_tfds_dataset(
+    name='my_photos_adhoc', version='1.0.0', data_dir={str(root / 'tfds')!r},
+    features=tfds.features.FeaturesDict({{'image': tfds.features.Image(shape=(None, None, 3))}}),
+    split_datasets={{split: [(p.name, {{'image': str(p)}})
+                            for p in sorted((photos / split).iterdir())]
+                    for split in ('train', 'validation')}},
+    file_format='array_record', disable_shuffling=True)
+"""
+  proc = subprocess.run([sys.executable, '-I', '-c', store], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(root / 'tfds')
 
 
-def test_tfds_source(tmp_path):
-  data_dir = str(tmp_path / 'tfds')
-  FmboostTestPhotos(data_dir=data_dir, file_format='array_record').download_and_prepare()
+def test_tfds_source(tfds_photos):
   size = 16
   config = make_config('tfds', size=size, batch_size=4, num_val_images=4,
-                       tfds_name='fmboost_test_photos', tfds_data_dir=data_dir)
+                       tfds_name='my_photos', tfds_data_dir=tfds_photos)
   assert config.data.tfds_val_split == 'validation'
   # Held-out strips come from the training split: a held-out split is refused, not ignored.
   with pytest.raises(ds.DataError, match="tfds_val_split='validation' is not used with "
@@ -504,8 +529,18 @@ def test_tfds_source(tmp_path):
                                           coded_image(7, 24, 16)[4:20]])
   assert set(image_ids(next(ip.create_train_iterator(config))['image'])) <= {0, 1, 2, 3}
 
+  # store_as_tfds_dataset's copy holds the same records.
+  adhoc = make_config('tfds', size=size, tfds_name='my_photos_adhoc', tfds_data_dir=tfds_photos,
+                      holdout='images')
+  for split in ('train', 'validation'):
+    ours, theirs = ds.open_images(config, split), ds.open_images(adhoc, split)
+    assert len(ours) == len(theirs) == {'train': 4, 'validation': 3}[split]
+    for i in range(len(ours)):
+      a, b = ours[i], theirs[i]
+      assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
   config.data.tfds_split = 'test'
-  with pytest.raises(ds.DataError, match="split 'test'.*tfds build"):
+  with pytest.raises(ds.DataError, match=r"split 'test'.*tfds.builder\('my_photos', data_dir=DIR"):
     ip.create_train_iterator(config)
 
 
@@ -513,7 +548,9 @@ def test_tfds_unknown_or_unprepared(tmp_path):
   config = make_config('tfds', tfds_name='no_such_dataset_xyz', tfds_data_dir=str(tmp_path),
                        tfds_val_split='')
   with pytest.raises(ds.DataError, match="'no_such_dataset_xyz'.*could not be opened.*check "
-                     "config.data.tfds_name.*tfds build"):
+                     r"config.data.tfds_name.*tfds.builder\('no_such_dataset_xyz', data_dir=DIR, "
+                     r"file_format='array_record'\).download_and_prepare\(\)` \(a builder of your "
+                     'own: docs/training.md'):
     ip.create_train_iterator(config)
   config.data.tfds_name = 'mnist'  # Registered in tfds but not prepared in this data_dir.
   with pytest.raises(ds.DataError, match="'mnist'.*could not be opened"):
@@ -677,3 +714,25 @@ def test_images_above_max_pixels_are_skipped_and_never_decoded(tmp_path, monkeyp
   config.data.max_pixels = 100
   with pytest.raises(ds.DataError, match='max_pixels=100 is below one 16x16 crop'):
     ip.create_train_iterator(config)
+
+
+def test_training_from_the_docs_tfds_dataset_holds_out_its_validation_split(tfds_photos, tmp_path):
+  """docs/training.md's train command on the prepared dataset (shrunk to the tiny network, 2
+  steps): the held-out images are the validation split's centre crops, never a training image."""
+  train = runs.docs_commands('tfds', 'docs/training.md')[1]
+  assert train[:3] == ['.venv/bin/python', 'main.py', '--config=configs/demo.py']
+  args = [a.replace('/data/tfds', tfds_photos) for a in train[3:] if not a.startswith('--workdir')]
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/demo.py:tiny', f'--workdir={tmp_path / "w"}',
+       *args, '--config.data.batch_size=2', '--config.data.num_val_images=2',
+       '--config.train.num_grid_images=2', '--config.train.num_steps=2'],
+      cwd=runs.ROOT, env=runs.env(), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'w' / 'results.json') as f:
+    assert json.load(f)['num_images'] == 2
+  # The grid's rows: low-res (nearest) | bilinear | model | target, 16 px each. The targets are the
+  # centre 16 px squares of validation images 5 (16 x 20) and 7 (24 x 16; 6 is too small).
+  grid = np.asarray(Image.open(tmp_path / 'w' / 'samples' / 'step_0000002.png'))
+  assert grid.shape == (32, 64, 3)
+  np.testing.assert_array_equal(grid[:16, 48:], coded_image(5, 16, 20)[:, 2:18])
+  np.testing.assert_array_equal(grid[16:, 48:], coded_image(7, 24, 16)[4:20, :])

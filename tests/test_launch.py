@@ -126,11 +126,13 @@ def test_compilation_cache_and_profiler_trace(tmp_path):
   assert 'Compiled the train step in' in proc.stderr
 
 
-def test_the_readmes_dry_run_transcripts_are_what_the_scripts_print():
-  with open(os.path.join(runs.ROOT, 'README.md')) as f:
-    readme = f.read()
-  transcripts = re.findall(r'^\$ (launch/\S+ --dry-run .*)\n((?:[^$`\n].*\n)+)', readme, re.M)
-  assert len(transcripts) == 2
+def test_the_dry_run_transcripts_in_the_docs_are_what_the_scripts_print():
+  transcripts = []
+  for name in ('README.md', 'docs/scaling.md'):  # The TPU pod's, and the SLURM script's.
+    with open(os.path.join(runs.ROOT, name)) as f:
+      transcripts += re.findall(r'^\$ (launch/\S+ --dry-run .*)\n((?:[^$`\n].*\n)+)', f.read(),
+                                re.M)
+  assert sorted(c.split()[0] for c, _ in transcripts) == ['launch/slurm.sh', 'launch/tpu_pod.sh']
   for command, printed in transcripts:
     proc = _run(*command.split())
     assert proc.returncode == 0, proc.stderr
