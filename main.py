@@ -5,6 +5,7 @@
 """
 
 import os
+import shutil
 import sys
 import traceback
 
@@ -234,10 +235,15 @@ def check_paths(config, mode: str) -> None:
 
 def remove_if_empty(directory: str, created: str | None) -> None:
   """Removes the folders from `directory` up to `created` that a refused run made and left empty
-  (never a folder that holds anything)."""
+  or holding only the folder source's index of image sizes, which the run wrote while checking
+  its data (never a folder that holds anything else)."""
   if created is None:
     return
+  from fmboost_jax.data_sources import INDEX_FOLDER  # noqa: PLC0415
+
   path = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(path, INDEX_FOLDER)) and os.listdir(path) == [INDEX_FOLDER]:
+    shutil.rmtree(os.path.join(path, INDEX_FOLDER))
   while path.startswith(created):
     try:
       os.rmdir(path)  # Only ever removes an empty folder.
