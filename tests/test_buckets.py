@@ -4,8 +4,9 @@ README's paper-workflow commands run with each placeholder path replaced by a `g
 small shapes appended (128 px photographs, 64 px low-res, the slim SD-architecture autoencoder of
 tests/test_paper_workflow.py): convert an autoencoder read from a bucket -> precompute in 2
 processes from a bucket's image folder into a bucket -> train from the latents, killed and resumed
--> train straight from the bucket's images (with the held-out evaluation, its PNGs and TensorBoard
-events) -> evaluate -> export -> sample -> a cascade of the workdir and the export. The emulator
+(ending with the held-out evaluation: its PNGs, results and TensorBoard events) -> evaluate ->
+export -> sample with the export (the cascade, step 6, takes the same paths and runs in
+tests/test_paper_workflow.py). The emulator
 (fake-gcs-server) and every command run in a network namespace with only loopback
 (`tests/buckets.py`), each under strace: the test asserts that every connection went to 127.0.0.1
 and that the objects are in the emulator's storage (nothing was written to a local `gs:` folder).
@@ -113,9 +114,10 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   assert np.load(emulator.object('runs', 'latents/photos/validation_images.npy')).shape == (
       2, 128, 128, 3)
   # 3. Train from the bucket's latents into a bucket workdir; killed (SIGKILL) once its step-2
-  # checkpoint is committed, then started again: it resumes.
-  four = '--config.train.num_steps=4'  # Killed after step 2's checkpoint.
-  line, _ = emulator.command(command(2, four))
+  # checkpoint is committed, then started again: it resumes, and ends with the held-out evaluation,
+  # whose sample grid, results and TensorBoard events land in the bucket.
+  four = ('--config.train.num_steps=4', '--config.train.eval_every=4')
+  line, _ = emulator.command(command(2, *four))
   t0 = time.perf_counter()
   proc = subprocess.Popen(line, cwd=runs.ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
@@ -126,24 +128,17 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
     time.sleep(0.2)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
-  resumed = run('train', command(2, four))
+  resumed = run('train', command(2, *four))
   times['train'] = round(time.perf_counter() - t0, 1)
   assert re.search(r'Resuming from the checkpoint at step [24] in gs://runs/workdirs/paper/',
                    resumed.stderr)
   assert os.path.isfile(emulator.object('runs', 'workdirs/paper/checkpoints/4/commit_success.txt'))
-  # Training straight from the bucket's photographs, with the held-out evaluation at its end: the
-  # sample grid, results and TensorBoard events land in the bucket.
-  run('train from images', [
-      *_main('train', '--workdir=gs://runs/workdirs/images', '--config.data.path=gs://data/photos',
-             '--config.first_stage.weights=gs://runs/weights/sd_vae'),
-      *SIZES['train'], *SMALL, '--config.train.num_steps=2', '--config.train.eval_every=2',
-      '--config.train.checkpoint_every=2'])
-  scores = _json(emulator, 'workdirs/images/results.json')
+  scores = _json(emulator, 'workdirs/paper/results.json')
   (_, model) = scores['rows']
-  assert model['step'] == 2 and scores['num_images'] == 2 and np.isfinite(model['psnr'])
-  grid = Image.open(emulator.object('runs', 'workdirs/images/samples/step_0000002.png'))
+  assert model['step'] == 4 and scores['num_images'] == 2 and np.isfinite(model['psnr'])
+  grid = Image.open(emulator.object('runs', 'workdirs/paper/samples/step_0000004.png'))
   assert grid.size == (4 * 128, 2 * 128)
-  events = [n for n in os.listdir(emulator.object('runs', 'workdirs/images'))
+  events = [n for n in os.listdir(emulator.object('runs', 'workdirs/paper'))
             if n.startswith('events.out.tfevents')]
   assert events
   # 4. Evaluate the bucket workdir on the bucket's held-out latents.
@@ -152,20 +147,18 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   assert [r['method'] for r in results['rows']] == ['bilinear', 'CFM']
   assert results['num_images'] == 2 and results['image_size'] == 128
   assert os.path.isfile(emulator.object('runs', 'workdirs/paper/eval/figure.png'))
-  # Export the workdir into the bucket (the second stage of the cascade below).
+  # Export the workdir into the bucket.
   run('export', _main('export', '--workdir=gs://runs/workdirs/paper', '--outdir=gs://runs/export'))
   info = _json(emulator, 'export/export.json')
   assert info['step'] == 4 and info['source'] == 'gs://runs/workdirs/paper'
-  # 5. Sample the bucket's 64 px image and 8^2 latent to 128 px into the bucket.
-  run('sample', command(4))
+  # 5. Sample the bucket's 64 px image and 8^2 latent to 128 px into the bucket, with the export.
+  # (Step 6, the cascade, takes the same paths: tests/test_paper_workflow.py runs it.)
+  run('sample', [a.replace('gs://runs/workdirs/paper', 'gs://runs/export')
+                 if a.startswith('--workdir=') else a for a in command(4)])
   for name in ('astronaut', 'latent'):
     assert Image.open(emulator.object('runs', f'boosted/1024/{name}.png')).size == (128, 128)
-  # 6. The cascade of the workdir and the export: 64 -> 128 -> 256 px.
-  run('cascade', command(5))
-  summary = _json(emulator, 'boosted/2048/summary.json')
-  assert [s['workdir'] for s in summary['stages']] == ['gs://runs/workdirs/paper',
-                                                      'gs://runs/export']
-  assert Image.open(emulator.object('runs', 'boosted/2048/astronaut.png')).size == (256, 256)
+  summary = _json(emulator, 'boosted/1024/summary.json')
+  assert [s['workdir'] for s in summary['stages']] == ['gs://runs/export']
 
   # Every connection of every command went to the emulator (or a local socket).
   found = emulator.all_connections()

@@ -29,6 +29,8 @@ SHRINK = ('--config.data.high_res_size=128', '--config.data.low_res_size=64',
 # XLA's TPU compiler takes minutes over the autoencoder's programs (precompute's encoder, sample's
 # decode) even at 128 px: the TPU tests compile the train step, the GPU tests the rest.
 TRAIN_ONLY = "--config.compile.programs=('train',)"
+# The TPU tests' mesh: both axes, so that one compile shows data parallelism and fsdp.
+MESH = ('--config.mesh.data=2', '--config.mesh.fsdp=4', '--config.mesh.fsdp_min_size=4096')
 NAMESPACES = shutil.which('unshare') is not None and shutil.which('strace') is not None
 
 
@@ -103,77 +105,82 @@ def shrunk_config():
 
 
 @pytest.fixture(scope='module')
-def tpu_reports(tmp_path_factory):
-  """README's v5e:2x4 command (8 chips, 4 latents each), shrunk, as it is (mesh data=8) and with
-  fsdp=8; the first in a network namespace with only loopback, its connect() calls traced."""
+def tpu_report(tmp_path_factory):
+  """README's v5e:2x4 command (8 chips, 4 latents each), shrunk, on a mesh of both axes (data=2 x
+  fsdp=4: one compile of XLA's TPU compiler, minutes on 2 cores, shows both the data-parallel
+  reduction and fsdp's gathers), in a network namespace with only loopback, its connect() calls
+  traced."""
   trace = tmp_path_factory.mktemp('trace') / 'connects.txt' if NAMESPACES else None
-  data = run_readme_command(0, tmp_path_factory.mktemp('data'), TRAIN_ONLY, trace=trace)
-  data['connects'] = ([line for line in trace.read_text().splitlines() if 'connect(' in line]
-                      if trace else None)
-  fsdp = run_readme_command(0, tmp_path_factory.mktemp('fsdp'), TRAIN_ONLY, '--config.mesh.data=1',
-                            '--config.mesh.fsdp=8', '--config.mesh.fsdp_min_size=4096')
-  return {'data': data, 'fsdp': fsdp}
+  report = run_readme_command(0, tmp_path_factory.mktemp('data'), TRAIN_ONLY, *MESH, trace=trace)
+  report['connects'] = ([line for line in trace.read_text().splitlines() if 'connect(' in line]
+                        if trace else None)
+  return report
+
+
+
+def _split_by_fsdp(shapes) -> int:
+  """Parameters in the arrays fsdp=4 splits (`sharding.array_sharding`): at least 4096 elements
+  and a dimension divisible by 4."""
+  return sum(math.prod(s) for s in shapes if math.prod(s) >= 4096 and any(d % 4 == 0 for d in s))
 
 
 @pytest.mark.slow
-def test_tpu_state_memory_is_the_parameter_arithmetic(tpu_reports):
+def test_tpu_state_memory_is_the_parameter_arithmetic(tpu_report):
   shapes = parameter_shapes()
-  sizes = [math.prod(s) for s in shapes]
-  n = sum(sizes)
-  # Parameters, the two Adam moments and the EMA: 4 float32 copies of every parameter; fsdp=8
-  # splits the arrays of at least 4096 elements that have a dimension divisible by 8.
-  split = sum(s for s, shape in zip(sizes, shapes) if s >= 4096 and any(d % 8 == 0 for d in shape))
-  expected = {'data': 4 * 4 * n, 'fsdp': 4 * 4 * (n - split) + 4 * 4 * split // 8}
+  n = sum(math.prod(s) for s in shapes)
+  split = _split_by_fsdp(shapes)
   assert split > 0.9 * n  # The test means something: most of the network is split.
-  for name, report in tpu_reports.items():
-    (step,) = report['programs']
-    assert report['num_devices'] == 8 and report['device_kind'] == 'TPU v5 lite'
-    assert report['backend_settings']['compute_dtype'] == 'bfloat16'  # `auto` on TPUs.
-    assert step['state_bytes']['parameters'] == step['state_bytes']['ema']
-    # Adam's moments: 2 copies, plus the int32 step counts of Adam and of the learning-rate
-    # schedule.
-    assert step['state_bytes']['adam_moments'] == 2 * step['state_bytes']['parameters'] + 8
-    state = sum(step['state_bytes'].values())
-    assert state == expected[name] + 8, name
-    # XLA's own figure: the state, the batch (x1 and x_up: 32 latents of 16^2 x 4 float32 over 8
-    # chips) and the int32 step counter, within the padding of its tiles.
-    batch = 2 * 32 * 16 * 16 * 4 * 4 // 8
-    assert step['batch_bytes'] == batch
-    assert state + batch <= step['memory']['arguments'] <= 1.1 * (state + batch) + 2**16, name
-    assert step['memory']['fits'] and step['memory']['total'] < 16 * 2**30
+  # Parameters, the two Adam moments and the EMA: 4 float32 copies of every parameter, a quarter
+  # of the split ones per chip (the data axis replicates).
+  expected = 4 * 4 * (n - split) + 4 * 4 * split // 4
+  (step,) = tpu_report['programs']
+  assert tpu_report['num_devices'] == 8 and tpu_report['device_kind'] == 'TPU v5 lite'
+  assert tpu_report['backend_settings']['compute_dtype'] == 'bfloat16'  # `auto` on TPUs.
+  assert step['state_bytes']['parameters'] == step['state_bytes']['ema']
+  # Adam's moments: 2 copies, plus the int32 step counts of Adam and of the learning-rate schedule.
+  assert step['state_bytes']['adam_moments'] == 2 * step['state_bytes']['parameters'] + 8
+  state = sum(step['state_bytes'].values())
+  assert state == expected + 8
+  # XLA's own figure: the state, the batch (x1 and x_up: 32 latents of 16^2 x 4 float32 over 8
+  # chips) and the int32 step counter, within the padding of its tiles.
+  batch = 2 * 32 * 16 * 16 * 4 * 4 // 8
+  assert step['batch_bytes'] == batch
+  assert state + batch <= step['memory']['arguments'] <= 1.1 * (state + batch) + 2**16
+  assert step['memory']['fits'] and step['memory']['total'] < 16 * 2**30
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not NAMESPACES, reason='needs unshare and strace')
-def test_compiling_for_a_tpu_connects_nowhere_but_loopback(tpu_reports):
+def test_compiling_for_a_tpu_connects_nowhere_but_loopback(tpu_report):
   """In a network namespace with only loopback, every connect() of the compile (libtpu
   included) goes to 127.0.0.1 or a local socket, and the compile succeeds there."""
-  outside = [c for c in tpu_reports['data']['connects']
+  outside = [c for c in tpu_report['connects']
              if 'AF_INET' in c and '127.0.0.1' not in c or 'AF_INET6' in c and '::1' not in c]
   assert not outside, outside
 
 
 @pytest.mark.slow
-def test_tpu_collectives_follow_the_mesh(tpu_reports):
-  data = tpu_reports['data']['programs'][0]['collectives']
-  fsdp = tpu_reports['fsdp']['programs'][0]['collectives']
-  # Data parallelism reduces the gradients; fsdp gathers the split weights and scatters gradients.
-  assert set(data) == {'all-reduce'}, data
-  assert fsdp.get('all-gather', {}).get('count', 0) > 0, fsdp
-  # The gradient all-reduce carries at least a bfloat16 gradient per parameter (the compute
-  # dtype: XLA may reduce before converting to float32, and combine the measurements in).
-  n = tpu_reports['data']['programs'][0]['state_bytes']['parameters']  # 4 bytes per parameter.
-  assert data['all-reduce']['bytes'] >= n // 2, (data, n)
+def test_tpu_collectives_follow_the_mesh(tpu_report):
+  collectives = tpu_report['programs'][0]['collectives']
+  # fsdp gathers the split weights; the gradients are reduced over the data axis (and the
+  # replicated ones over all 8 chips): at least a bfloat16 gradient per parameter of this chip's
+  # share (XLA may reduce before converting to float32, combine the measurements in, and
+  # reduce-scatter the split ones).
+  assert collectives.get('all-gather', {}).get('count', 0) > 0, collectives
+  shapes = parameter_shapes()
+  n, split = sum(math.prod(s) for s in shapes), _split_by_fsdp(shapes)
+  reduced = sum(collectives.get(k, {}).get('bytes', 0) for k in ('all-reduce', 'reduce-scatter'))
+  assert reduced >= 2 * (n - split) + 2 * split // 4, (collectives, n, split)
 
 
 @pytest.mark.slow
-def test_tpu_flops_are_three_forward_passes(tpu_reports):
+def test_tpu_flops_are_three_forward_passes(tpu_report):
   """The train step's FLOPs per sample: forward, and a backward of about twice the forward,
   against the forward pass counted on its own."""
   config = shrunk_config()
   config.model.conv_impl = 'xla'  # As on TPUs (`auto` on CPUs counts im2col products).
   forward = runs.forward_flops(config, 16, channels=4)
-  step = tpu_reports['data']['programs'][0]
+  step = tpu_report['programs'][0]
   assert 2.7 * forward < step['flops_per_sample'] < 3.6 * forward, (step['flops_per_sample'],
                                                                       forward)
   assert step['flops_per_device'] == pytest.approx(32 * step['flops_per_sample'] / 8)
