@@ -40,13 +40,14 @@ def tiny_cfm_workdir(tmp_path_factory) -> str:
 
 
 # The heaviest test files, heaviest first (seconds per file in a whole-suite run with 2 workers,
-# 2026-12-02: 1069, 894, 546, 461, 389, 337, 228). They start first, so that no worker is left
-# with a ten-minute file while the other has finished (xdist's own order puts the files with the
-# most tests first, which started the demo and the paper rehearsal last).
-HEAVIEST_FIRST = ('test_demo.py', 'test_paper_workflow.py', 'test_buckets.py', 'test_train.py',
-                  'test_sample.py',
-                  'test_compile.py', 'test_multiprocess.py', 'test_latent_training.py',
-                  'test_evaluate.py')
+# 2026-12-05, after the changes of that day: about 400, 378, 371, 281, 275, 263, 190, 92, 84, 77,
+# 74). They start first, so that no worker is left with a six-minute file while the other has
+# finished (xdist's own order puts the files with the most tests first, which started the demo and
+# the paper rehearsal last).
+HEAVIEST_FIRST = ('test_compile.py', 'test_demo.py', 'test_paper_workflow.py', 'test_sample.py',
+                  'test_buckets.py', 'test_train.py', 'test_multiprocess.py', 'test_evaluate.py',
+                  'test_benchmark_scripts.py', 'test_latent_training.py',
+                  'test_multiprocess_modes.py', 'test_data_sources.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -9,10 +9,10 @@ replaced and only size overrides appended (a tiny UNet, a few steps, no held-out
 training: step 4 evaluates): convert -> precompute in 2 processes -> train from the latents, killed
 with SIGKILL once and resumed -> evaluate -> sample 512 px images and a 64^2 latent to 1024 px -> a
 two-stage cascade, run on the workdir after it was moved to another place together with the
-autoencoder (`--config.first_stage.weights`). The cascade lifts a 32^2 latent (256 px) through 512
-to 1024 px rather than a 64^2 one to 2048 px: the same commands and code at a quarter of the
+autoencoder (`--config.first_stage.weights`). The cascade lifts a 16^2 latent (128 px) through 256
+to 512 px rather than a 64^2 one to 2048 px: the same commands and code at a sixteenth of the
 pixels (at 2048 px the slim autoencoder's untiled encoding, with attention over 256^2 latent
-positions, and the tiled decoding took 102 of the step's 171 s on 2 cores).
+positions, and the tiled decoding took 102 of the step's 171 s on 2 cores; at 1024 px 76 s).
 """
 
 import json
@@ -184,12 +184,12 @@ def test_readme_paper_workflow_at_1024_px(tmp_path):
   assert Image.open(boosted / 'latent.png').size == (1024, 1024)
 
   # The workdir and the autoencoder moved elsewhere (another machine): one clear line, then the
-  # override. 6. The two-stage cascade (the 1024 px model twice) from a 32^2 latent to 1024 px, on
+  # override. 6. The two-stage cascade (the 1024 px model twice) from a 16^2 latent to 512 px, on
   # the moved workdir.
   shutil.move(tmp_path / 'weights', tmp_path / 'elsewhere_weights')
   shutil.move(tmp_path / 'workdirs', tmp_path / 'elsewhere')
   os.remove(tmp_path / 'lowres' / 'astronaut.png')
-  np.save(tmp_path / 'lowres' / 'latent.npy', rng.normal(size=(1, 4, 32, 32)).astype(np.float32))
+  np.save(tmp_path / 'lowres' / 'latent.npy', rng.normal(size=(1, 4, 16, 16)).astype(np.float32))
   where['workdirs/'] = f'{tmp_path}/elsewhere/'
   where['workdirs/paper_2048'] = str(tmp_path / 'elsewhere' / 'paper')
   command = [sys.executable, 'main.py', '--mode=sample', '--config=configs/default.py',
@@ -204,5 +204,5 @@ def test_readme_paper_workflow_at_1024_px(tmp_path):
   run(5, f'--config.first_stage.weights={tmp_path / "elsewhere_weights" / "sd_vae"}')
   summary = json.loads((tmp_path / 'boosted' / '2048' / 'summary.json').read_text())
   assert [s['scale'] for s in summary['stages']] == [2, 2]
-  assert Image.open(tmp_path / 'boosted' / '2048' / 'latent.png').size == (1024, 1024)
+  assert Image.open(tmp_path / 'boosted' / '2048' / 'latent.png').size == (512, 512)
   print('rehearsal seconds:', json.dumps({k: round(v, 1) for k, v in times.items()}))
