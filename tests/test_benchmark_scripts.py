@@ -43,13 +43,13 @@ def test_solver_benchmark_takes_the_samplers_config(tmp_path):
                     reason='needs the CUDA plugin (requirements-dev.txt)')
 def test_compile_targets_benchmark_tables_what_fits(tmp_path):
   """Two rows of a shrunken UNet (width 32, two levels) on one H100 (XLA's GPU compiler: seconds
-  where the TPU compiler takes a minute) at 32^2 latents: the second row's per-device batch is
+  where the TPU compiler takes a minute) at 16^2 latents: the second row's per-device batch is
   twice the first's, so the line through their totals gives the largest per-device batch; the
   table has a row for each."""
   shrink = ['--config.model.model_channels=32', '--config.model.channel_mult=(1,2)',
             '--config.model.attention_levels=(1,)', '--config.model.num_res_blocks=1',
-            '--config.model.head_dim=16', '--config.data.high_res_size=256',
-            '--config.data.low_res_size=128']
+            '--config.model.head_dim=16', '--config.data.high_res_size=128',
+            '--config.data.low_res_size=64']
   r = _run('compile_targets.py', '--rows', 'h100:1/4/1/none', 'h100:1/8/1/none',
            *[f'--override={o}' for o in shrink], tmp_path=tmp_path)
   first, second = (row['report']['programs'][0] for row in r['rows'])

@@ -4,7 +4,8 @@ README's paper-workflow commands run with each placeholder path replaced by a `g
 small shapes appended (128 px photographs, 64 px low-res, the slim SD-architecture autoencoder of
 tests/test_paper_workflow.py): convert an autoencoder read from a bucket -> precompute in 2
 processes from a bucket's image folder into a bucket -> train from the latents, killed and resumed
-(ending with the held-out evaluation: its PNGs, results and TensorBoard events) -> evaluate ->
+(JAX's compilation cache in the bucket; ending with the held-out evaluation: its PNGs, results and
+TensorBoard events) -> evaluate ->
 export -> sample with the export (the cascade, step 6, takes the same paths and runs in
 tests/test_paper_workflow.py). The emulator
 (fake-gcs-server) and every command run in a network namespace with only loopback
@@ -113,10 +114,12 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   assert meta['latent_shape'] == [16, 16, 4] and meta['source']['path'] == 'gs://data/photos'
   assert np.load(emulator.object('runs', 'latents/photos/validation_images.npy')).shape == (
       2, 128, 128, 3)
-  # 3. Train from the bucket's latents into a bucket workdir; killed (SIGKILL) once its step-2
-  # checkpoint is committed, then started again: it resumes, and ends with the held-out evaluation,
-  # whose sample grid, results and TensorBoard events land in the bucket.
-  four = ('--config.train.num_steps=4', '--config.train.eval_every=4')
+  # 3. Train from the bucket's latents into a bucket workdir, with JAX's persistent compilation
+  # cache in the bucket too; killed (SIGKILL) once its step-2 checkpoint is committed, then started
+  # again: it resumes, loads the step from the bucket's cache, and ends with the held-out
+  # evaluation, whose sample grid, results and TensorBoard events land in the bucket.
+  four = ('--config.train.num_steps=4', '--config.train.eval_every=4',
+          '--config.train.compilation_cache_dir=gs://runs/cache')
   line, _ = emulator.command(command(2, *four))
   t0 = time.perf_counter()
   proc = subprocess.Popen(line, cwd=runs.ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -132,6 +135,10 @@ def test_paper_workflow_with_every_path_in_a_bucket(emulator):
   times['train'] = round(time.perf_counter() - t0, 1)
   assert re.search(r'Resuming from the checkpoint at step [24] in gs://runs/workdirs/paper/',
                    resumed.stderr)
+  assert re.search(r'Compiled the train step in .* \(from the persistent compilation cache\)',
+                   resumed.stderr), resumed.stderr[-3000:]
+  cached = [f for _, _, files in os.walk(emulator.object('runs', 'cache')) for f in files]
+  assert len(cached) >= 2  # At least the initialisation and the train step.
   assert os.path.isfile(emulator.object('runs', 'workdirs/paper/checkpoints/4/commit_success.txt'))
   scores = _json(emulator, 'workdirs/paper/results.json')
   (_, model) = scores['rows']
@@ -203,18 +210,3 @@ def test_bad_bucket_paths_are_one_line(emulator):
       'and TENSORSTORE_GCS_HTTP_URL to its address).')
   # Nothing was left in the bucket (the emulator keeps empty folders of deleted objects on disk).
   assert not [f for _, _, files in os.walk(emulator.object('runs', 'missing')) for f in files]
-
-
-def test_a_compilation_cache_in_a_bucket(emulator):
-  # JAX's persistent compilation cache in a bucket (through epath): a tiny training run fills it.
-  line = [sys.executable, 'main.py', '--workdir=gs://runs/cached', '--config=configs/demo.py:tiny',
-          runs.NO_EVAL, '--config.train.num_steps=1',
-          '--config.train.compilation_cache_dir=gs://runs/cache']
-  env = emulator.env()
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  proc, found = emulator.run(line, env, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert not buckets.outside_loopback(found), found
-  cached = [f for _, _, files in os.walk(emulator.object('runs', 'cache')) for f in files]
-  assert len(cached) >= 2  # At least the initialisation and the train step.
-  assert os.path.isfile(emulator.object('runs', 'cached/checkpoints/1/commit_success.txt'))

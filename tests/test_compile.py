@@ -342,8 +342,8 @@ def test_a_sampling_batch_that_does_not_fit_is_one_line(tmp_path):
 @CUDA
 def test_max_batch_is_the_largest_per_device_batch_that_fits(tmp_path):
   """demo:tiny on 256 px images (attention over 128^2 positions) on one H100, from 4 images: the
-  search ends with a batch that fits next to one that does not; a separate run at one more image
-  is refused in one line."""
+  search ends with a batch that fits next to one that does not (`exact`: both compiled), within
+  its bound of compiles, and the report says so."""
   sizes = ('--config.data.high_res_size=256', '--config.data.low_res_size=128')
   result = compile_main(tmp_path / 'a', 'h100:1', *sizes, '--config.data.batch_size=4',
                         '--config.compile.max_batch=True')
@@ -351,6 +351,8 @@ def test_max_batch_is_the_largest_per_device_batch_that_fits(tmp_path):
   with open(tmp_path / 'a' / 'compile' / 'h100_1.json') as f:
     found = json.load(f)['max_batch']
   assert found['exact'] and 4 <= found['per_device_batch'] < 64, found
-  line = error_line(compile_main(tmp_path / 'b', 'h100:1', *sizes,
-                                 f"--config.data.batch_size={found['per_device_batch'] + 1}"))
-  assert 'but a NVIDIA H100 80GB HBM3 has 74.5 GiB' in line, line
+  from fmboost_jax import aot  # noqa: PLC0415
+
+  assert 2 <= found['compiles'] <= aot.MAX_BATCH_COMPILES, found
+  # The line through the totals at 4 and 8 images estimates the answer to within a few images.
+  assert abs(found['estimate'] - found['per_device_batch']) <= 4, found
