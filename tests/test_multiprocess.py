@@ -41,7 +41,7 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
   run's checkpoint and computes the second run's steps 4-6: one process continues what two did,
   from the same data position."""
   workdir = tmp_path / 'mp'
-  proc = _launch(workdir, '--config.train.num_steps=3')
+  proc = _launch(workdir, '--config.train.num_steps=3', runs.NO_EVAL)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # One runtime of 2 devices: each process logged the same global view.
   for p in (0, 1):
@@ -51,9 +51,8 @@ def test_two_processes_restart_from_a_warm_compilation_cache_and_resume_in_one(t
   assert runs.checkpoint_steps(workdir) == [3]
   saved = runs.saved_position(workdir, 3)
   assert saved['process_count'] == 2 and saved['position'] is not None
-  # Only process 0 writes logs and results.
+  # Only process 0 writes logs (and results: tests/test_multiprocess_modes.py).
   assert len(list(workdir.glob('events.out.tfevents.*'))) == 1
-  assert (workdir / 'results.json').exists()
 
   warm = tmp_path / 'mp_warm'
   proc = _launch(warm, '--config.train.num_steps=6', runs.NO_EVAL)

@@ -46,7 +46,7 @@ SIZES = {  # Appended to each README command, by mode.
     'convert': VAE,
     'precompute': [*VAE, *DATA, '--config.precompute.crops_per_image=1',
                    '--config.precompute.shard_size=2', '--config.precompute.batch_size=2'],
-    'train': [*VAE, *UNET, *DATA, '--config.train.num_steps=6', '--config.train.checkpoint_every=2',
+    'train': [*VAE, *UNET, *DATA, '--config.train.num_steps=4', '--config.train.checkpoint_every=2',
               '--config.train.log_every=1', runs.NO_EVAL,
               '--config.train.num_grid_images=2', '--config.optim.warmup_steps=2',
               '--config.ema.start_step=2', '--config.sample.nfe=2'],
@@ -169,8 +169,8 @@ def test_readme_paper_workflow_at_1024_px(tmp_path):
   resumed = run(2)
   times['3. train'] = time.perf_counter() - t0
   assert re.search(r'Resuming from the checkpoint at step [24]', resumed.stderr)
-  assert runs.checkpoint_steps(workdir)[-1] == 6
-  assert sorted(runs.scalars(workdir, 'loss'))[-1] == 6
+  assert runs.checkpoint_steps(workdir)[-1] == 4
+  assert sorted(runs.scalars(workdir, 'loss'))[-1] == 4
   # 4. Evaluate on the 2 held-out crops (the sweep's 2 NFE is the sampler's setting: one run).
   run(3)
   results = json.loads((workdir / 'eval' / 'results.json').read_text())
