@@ -144,16 +144,16 @@ def test_fid_columns_with_inception_weights(checkpoints, tmp_path):
   save_file(_random_state_dict(seed=1), str(path))
   config = _config([checkpoints['l2']], inception_weights=str(path), num_crops=1,
                    num_figure_images=1)
-  config.data.num_val_images = 8
+  config.data.num_val_images = 4
   results = evaluate.evaluate(config, str(tmp_path))
   bilinear, l2 = results['rows']
   images = input_pipeline.validation_images(config)
   model = weights.inception_from_weights(path)
   up = upsampling.resize(upsampling.low_res_images(images, 8), (16, 16), 'linear')
-  features = lambda x: held_out.inception_features(model, np.asarray(x), 8)  # noqa: E731
+  features = lambda x: held_out.inception_features(model, np.asarray(x), 4)  # noqa: E731
   np.testing.assert_allclose(bilinear['fid'], metrics.fid(features(images), features(up)),
                              rtol=1e-3)
-  boxes = metrics.crop_boxes(0, 8, 16, 16, 8, 1)
+  boxes = metrics.crop_boxes(0, 4, 16, 16, 8, 1)
   np.testing.assert_allclose(
       bilinear['pfid'], metrics.fid(features(metrics.crops(images, boxes, 8)),
                                     features(metrics.crops(np.asarray(up), boxes, 8))), rtol=1e-3)

@@ -85,7 +85,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   port = runs.free_port()
   procs = []
   for i in range(2):
-    env = runs.env(4)
+    env = runs.env(1)
     env['JAX_PLATFORMS'] = 'cpu'
     procs.append(subprocess.Popen(
         runs.command(workdir, '--config.train.num_steps=500',
