@@ -15,9 +15,9 @@ background (a full disk) is noticed without waiting, at the first `check` after 
 manager's `wait_until_finished` re-raises the background error), and becomes one
 `CheckpointSaveError` naming the directory and its free space; its temporary directory is removed
 and the earlier checkpoints stay as they are. Orbax's own log lines about it (and its progress
-lines, unless `--verbosity=1` asks for debug output) are kept short by `orbax_logs`, and the
-`Event loop is closed` reports of the writes still in flight are left out
-(`orbax_logs.hide_closed_loop_reports`).
+lines, unless `--verbosity=1` asks for debug output) are kept short by `orbax_logs`; the state's
+writes are committed together (`model_files.array_tree_handler`), so no write of the failed save
+is left in flight to report on its own.
 """
 
 import json
@@ -72,7 +72,7 @@ class Checkpointer:
     policy = ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                            enable_async_checkpointing=True)
-    handlers = {'state': ocp.StandardCheckpointHandler(),
+    handlers = {'state': model_files.array_tree_handler(),
                 'data': grain.checkpoint.CheckpointHandler(),
                 'position': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
     try:
@@ -83,7 +83,6 @@ class Checkpointer:
     self.directory = os.fspath(directory)
     self._path = directory
     self._pending: int | None = None  # The step of the save in flight, until checked.
-    orbax_logs.hide_closed_loop_reports()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -96,7 +95,7 @@ class Checkpointer:
     position = _position_record(data_iterator)
     self._pending = step
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         position=ocp.args.JsonSave(position),
         config=model_files.config_item(config)), force=True)
@@ -120,7 +119,7 @@ class Checkpointer:
           f'processes, so it cannot resume with {jax.process_count()}; resume with the same '
           'number of processes.')
     model_files.check_fits(self._manager.item_metadata(step)['state'].tree, abstract_state, what)
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    items = {'state': model_files.tree_restore(abstract_state)}
     if not other_count:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from fmboost_jax import errors, orbax_logs, sharding, storage, torch_files
+from fmboost_jax import errors, model_files, orbax_logs, sharding, storage, torch_files
 from fmboost_jax.errors import UserError
 from fmboost_jax.models import inception, layers
 
@@ -356,8 +356,8 @@ def save_flax_checkpoint(state: nnx.State, directory: str | os.PathLike,
   if directory.is_dir() and sharding.is_writer():
     directory.rmdir()  # Orbax writes the directory itself.
   sharding.wait_for_all_processes('convert: output ready', BARRIER_SECONDS)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory, params)
+  with ocp.Checkpointer(model_files.array_tree_handler()) as checkpointer:
+    checkpointer.save(directory, args=ocp.args.PyTreeSave(params))
   if source_fingerprint and sharding.is_writer():
     storage.write_text_atomically(directory / FINGERPRINT_FILE,
                                   json.dumps({'sha256': source_fingerprint}))

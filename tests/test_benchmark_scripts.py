@@ -2,6 +2,7 @@
 shapes here; benchmarks/run.py measures the real ones)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,15 @@ def test_folder_scan_benchmark_reads_no_header_at_a_warm_start(tmp_path):
       'cold': [40], 'warm': [0], 'one changed': [1]}
   assert all(row['seconds_median'] > 0 for row in r['rows'])
   assert [p.name for p in tmp_path.iterdir()] == ['folder_scan.py.json']  # Its files are gone.
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='mounts a tmpfs')
+def test_checkpoint_save_benchmark_counts_the_reports_of_a_failed_save(tmp_path):
+  """Both handlers save; on a 4 MB tmpfs, saves of 96 arrays of 16 KB (1.5 MB) fail at the third,
+  and the training checkpointer's handler leaves no `Event loop is closed` report behind."""
+  r = _run('checkpoint_save.py', '--megabytes=4', '--arrays=4', '--saves=1', '--full-disk=1',
+           tmp_path=tmp_path)
+  assert [row['handler'] for row in r['saves']] == ['orbax default', 'array_tree_handler']
+  assert all(row['saved_s_median'] > 0 for row in r['saves'])
+  assert [[row['failed_at_step'] for row in rows] for rows in r['full_disk'].values()] == [[3], [3]]
+  assert r['full_disk']['array_tree_handler'][0]['closed_loop_reports'] == 0

@@ -369,8 +369,10 @@ def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_r
     tmp_path, caplog, monkeypatch):
   """Checkpoints of 1.5 MB (incompressible) on a 4 MB tmpfs, in this process: the save that fails
   in the background raises one CheckpointSaveError (from the manager's own report of the failed
-  save), Orbax's records of the failure are one line each, the completion callbacks of the writes
-  still in flight report nothing, the temporary directory is gone and the earlier steps stay."""
+  save), Orbax's records of the failure are one line each, nothing reaches `sys.unraisablehook`
+  (no write of the failed save was left in flight to report `Event loop is closed`: Orbax's
+  default handler leaves 0 to 95 of them, benchmarks/checkpoint_save.py), the temporary directory
+  is gone and the earlier steps stay."""
   import time  # noqa: PLC0415
 
   import grain  # noqa: PLC0415
@@ -402,7 +404,7 @@ def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_r
                             f'{", ".join(str(s) for s in range(1, step))} are intact).')
     assert model_files.finished_steps(disk / 'c') == list(range(1, step))
     assert sorted(os.listdir(disk / 'c')) == sorted(str(s) for s in range(1, step))
-    assert [r for r in reports if 'Event loop is closed' in str(r.exc_value)] == []
+    assert reports == []
     orbax = [r for r in caplog.records if '/orbax/' in r.pathname]
     assert orbax and all(r.exc_info is None and '\n' not in r.getMessage() for r in orbax)
   finally:
