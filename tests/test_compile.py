@@ -338,21 +338,72 @@ def test_a_sampling_batch_that_does_not_fit_is_one_line(tmp_path):
   assert not os.path.exists(tmp_path / 'w')
 
 
-@pytest.mark.slow
-@CUDA
-def test_max_batch_is_the_largest_per_device_batch_that_fits(tmp_path):
-  """demo:tiny on 256 px images (attention over 128^2 positions) on one H100, from 4 images: the
-  search ends with a batch that fits next to one that does not (`exact`: both compiled), within
-  its bound of compiles, and the report says so."""
-  sizes = ('--config.data.high_res_size=256', '--config.data.low_res_size=128')
-  result = compile_main(tmp_path / 'a', 'h100:1', *sizes, '--config.data.batch_size=4',
-                        '--config.compile.max_batch=True')
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(tmp_path / 'a' / 'compile' / 'h100_1.json') as f:
-    found = json.load(f)['max_batch']
-  assert found['exact'] and 4 <= found['per_device_batch'] < 64, found
+def _max_batch_search(monkeypatch, total, *, refused_from=None, batch_size=4):
+  """`aot._max_batch` for one H100 (80 GB) from a per-device batch of `batch_size`, with the
+  compiler replaced by a model of its memory: `total(batch)` bytes per device, and XLA refusing
+  the program outright from `refused_from` images on. Returns the search's result and the batches
+  it compiled, in order."""
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  import ml_collections  # noqa: PLC0415
+
+  from fmboost_jax import accelerators, aot  # noqa: PLC0415
+
+  compiled = []
+
+  def fits(config, target, devices, per_device):
+    compiled.append(per_device)
+    if refused_from is not None and per_device >= refused_from:
+      return False, None
+    report = SimpleNamespace(memory=SimpleNamespace(total=total(per_device)))
+    return report.memory.total <= target.kind.hbm_bytes, report
+
+  monkeypatch.setattr(aot, '_fits', fits)
+  target = accelerators.parse_target('h100:1')
+  assert target.kind.hbm_bytes == 80e9
+  step = SimpleNamespace(memory=SimpleNamespace(total=total(batch_size)))
+  config = ml_collections.ConfigDict({'data': {'batch_size': batch_size}})
+  return aot._max_batch(config, target, None, step), compiled
+
+
+def test_max_batch_of_memory_linear_in_the_batch_is_the_estimate(monkeypatch):
+  """12 GB + 3 GB per image: 4 images take 24 GB, 8 take 36 GB; the line through them reaches
+  80 GB at 4 + 56 // 3 = 22 images (78 GB); 22 fits and 23 (81 GB) does not: 3 compiles."""
+  found, compiled = _max_batch_search(monkeypatch, lambda b: 12e9 + 3e9 * b)
+  assert compiled == [8, 22, 23]
+  assert found == {'per_device_batch': 22, 'exact': True, 'estimate': 22, 'compiles': 3,
+                   'bytes_per_sample': 3_000_000_000}
+
+
+def test_max_batch_bisects_where_the_memory_grows_faster_than_the_line(monkeypatch):
+  """12 GB + 0.1 GB x batch^2 (attention's scores grow with the square of the tokens, here of the
+  batch): 13.6 GB at 4, 18.4 GB at 8, a slope of 1.2 GB and an estimate of 4 + 66.4 // 1.2 = 59
+  (360 GB: too many); bisection between 8 and 59: 33 (121 GB) no, 20 (52 GB) fits, 26 (79.6 GB)
+  fits, 29 (96 GB) no, 27 (84.9 GB) no: 26 with 27 known not to fit, 7 compiles."""
+  found, compiled = _max_batch_search(monkeypatch, lambda b: 12e9 + 0.1e9 * b * b)
+  assert compiled == [8, 59, 33, 20, 26, 29, 27]
+  assert found == {'per_device_batch': 26, 'exact': True, 'estimate': 59, 'compiles': 7,
+                   'bytes_per_sample': 1_200_000_000}
+
+
+def test_max_batch_from_a_refused_double_and_at_its_bounds(monkeypatch):
+  """XLA refusing 8 images outright leaves the slope of the config's own batch alone (40 GB / 4
+  images = 10 GB each; estimate 4 + 40 // 10 = 8, known not to fit): 6 and 7 fit, 7 is exact.
+  Memory that hardly grows reaches the search's largest batch (4096) and is reported as not exact;
+  a search whose compiles run out stops at aot.MAX_BATCH_COMPILES."""
   from fmboost_jax import aot  # noqa: PLC0415
 
-  assert 2 <= found['compiles'] <= aot.MAX_BATCH_COMPILES, found
-  # The line through the totals at 4 and 8 images estimates the answer to within a few images.
-  assert abs(found['estimate'] - found['per_device_batch']) <= 4, found
+  found, compiled = _max_batch_search(monkeypatch, lambda b: 20e9 + 5e9 * b, refused_from=8)
+  assert compiled == [8, 6, 7]
+  assert found == {'per_device_batch': 7, 'exact': True, 'estimate': 8, 'compiles': 3,
+                   'bytes_per_sample': 10_000_000_000}
+  found, compiled = _max_batch_search(monkeypatch, lambda b: 1e9 + 1e6 * b)
+  assert compiled == [8, aot.MAX_PER_DEVICE_BATCH] and found['per_device_batch'] == 4096
+  assert not found['exact'] and found['compiles'] == 2
+  # 1 GB + 1 MB x batch^3 (42 images fit: 75.1 GB; 43 need 80.5): 1.064 GB at 4, 1.512 GB at 8,
+  # 112 MB per image and an estimate of 4 + 78.936 // 0.112 = 708; bisection from 708 down runs
+  # out of compiles at 40 (65 GB), with 51 known not to fit.
+  found, compiled = _max_batch_search(monkeypatch, lambda b: 1e9 + 1e6 * b**3)
+  assert compiled == [8, 708, 358, 183, 95, 51, 29, 40] and aot.MAX_BATCH_COMPILES == 8
+  assert found == {'per_device_batch': 40, 'exact': False, 'estimate': 708, 'compiles': 8,
+                   'bytes_per_sample': 112_000_000}

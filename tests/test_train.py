@@ -59,10 +59,12 @@ def _relative_error(state, reference, part):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mesh', [('data=8',), ('data=2', 'fsdp=4'), ('fsdp=8',)])
+@pytest.mark.parametrize('mesh', [('data=8',), ('data=2', 'fsdp=4')])
 def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run, mesh):
-  """Three steps on 8 devices with any data x fsdp mesh: same losses and parameters as one device
-  (relative 1e-5); fsdp_min_size=1000 makes the tiny model's large kernels really sharded."""
+  """Three steps on 8 devices with a data mesh and a data x fsdp mesh: same losses and parameters
+  as one device (relative 1e-5); fsdp_min_size=1000 makes the tiny model's large kernels really
+  sharded. A pure fsdp=8 mesh is left out for the suite's time: the data x fsdp mesh runs the
+  same fsdp code, split 4 ways."""
   workdir = tmp_path / 'eight'
   proc = runs.run_main(workdir, '--config.train.num_steps=3', '--config.mesh.fsdp_min_size=1000',
                        runs.NO_EVAL,
@@ -82,9 +84,9 @@ def test_every_mesh_of_eight_devices_matches_one_device(tmp_path, one_device_run
     assert _relative_error(state8, state1, part) < 1e-5, part
   assert int(state8["['step']"]) == int(state1["['step']"]) == 3
 
-  if mesh != ('fsdp=8',):
+  if 'fsdp=4' not in mesh:
     return
-  # The checkpoint of the fsdp=8 mesh restores on one device and training continues.
+  # The checkpoint of the data x fsdp mesh restores on one device and training continues.
   proc = runs.run_main(workdir, '--config.train.num_steps=4', runs.NO_EVAL, devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 3' in proc.stderr
