@@ -373,7 +373,7 @@ def test_a_save_that_fails_in_the_background_is_one_error_and_one_line_per_log_r
   in the background raises one CheckpointSaveError (from the manager's own report of the failed
   save), Orbax's records of the failure are one line each, nothing reaches `sys.unraisablehook`
   (no write of the failed save was left in flight to report `Event loop is closed`: Orbax's
-  default handler leaves 0 to 95 of them, benchmarks/checkpoint_save.py), the temporary directory
+  default handler leaves 0 to 89 of them, benchmarks/checkpoint_save.py), the temporary directory
   is gone and the earlier steps stay."""
   import time  # noqa: PLC0415
 
