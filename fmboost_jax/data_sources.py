@@ -517,6 +517,29 @@ def _split_name(split: str) -> str:
   return 'held-out' if split == 'validation' else 'training'
 
 
+def held_out_description(config: ml_collections.ConfigDict) -> str:
+  """Where the held-out images come from, in words (the evaluation results' `data`)."""
+  data = config.data
+  if data.source == 'latents':
+    return f'latents {data.path} (the held-out crops precompute saved)'
+  train = {'skimage': 'skimage', 'folder': f'folder {data.path}',
+           'tfds': f'tfds {data.tfds_name} split {data.tfds_split}'}[data.source]
+  if data.holdout == 'strips':
+    return f'{train}, the bottom strips'
+  if data.source == 'folder' and data.val_path:
+    return f'folder {data.val_path}'
+  if data.source == 'tfds':
+    return f'tfds {data.tfds_name} split {data.tfds_val_split}'
+  return f'{train}, val_fraction {data.val_fraction} by name'
+
+
+def held_out_names(images) -> list[str]:
+  """The held-out files of a folder source, relative to their folder ([] for other sources)."""
+  if not isinstance(images, _FolderImages):
+    return []
+  return [storage.relative(p, images.root) for p in images.paths]
+
+
 def open_images(config: ml_collections.ConfigDict,
                 split: str = 'train') -> Sequence[np.ndarray | None]:
   """Returns the images of one split as a random-access sequence of uint8 [H, W, 3] (or None).

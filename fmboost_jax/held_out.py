@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmboost_jax import metrics, sharding, storage, upsampling, weights
+from fmboost_jax import data_sources, metrics, sharding, storage, upsampling, weights
 from fmboost_jax.trained_model import upsample_held_out
 
 FID_FLAG = '--config.eval.inception_weights'
@@ -229,7 +229,7 @@ def results(config: ml_collections.ConfigDict, images: np.ndarray, rows: list[di
   return {
       'num_images': len(images), 'image_size': images.shape[1],
       'low_res_size': config.data.low_res_size,
-      'data': config.data.source + (f' {config.data.path}' if config.data.path else ''),
+      'data': data_sources.held_out_description(config),
       'solver': sample.solver,
       'sample_setting': (f'rtol={sample.rtol}, atol={sample.atol}' if sample.solver == 'dopri5'
                          else f'{sample.nfe} NFE'),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from fmboost_jax import storage
 from fmboost_jax.data_sources import (
@@ -34,6 +35,7 @@ from fmboost_jax.data_sources import (
   DataError,
   Geometry,
   _LatentRecords,
+  held_out_names,
   latents_metadata,
   load_npy,
   open_images,
@@ -283,6 +285,10 @@ def validation_images(config: ml_collections.ConfigDict) -> np.ndarray:
     return np.zeros((0, size, size, 3), np.float32)
   geometry = Geometry.from_config(config)
   images = open_images(config, 'validation')
+  names = held_out_names(images)
+  if names and not geometry.strips:
+    logging.info('Held out (never trained on): %d images of %s: %s%s', len(names), images.root,
+                 ', '.join(names[:10]), ', ...' if len(names) > 10 else '')
   # Round-robin over the images, one crop per image per round, so that the held-out set spans as
   # many images as possible; within an image, successive rounds spread over its width (strips).
   tiles, num_images, cache, exhausted = [], 0, {}, set()

@@ -100,13 +100,6 @@ def split_identity(config: ml_collections.ConfigDict, images) -> dict:
   return {'num_images': len(images), 'pixels_sha256': digest.hexdigest()}
 
 
-def held_out_names(images) -> list[str]:
-  """The held-out files, relative to their folder ([] for other sources)."""
-  if not hasattr(images, 'identity'):
-    return []
-  return [storage.relative(p, images.root) for p in images.paths]
-
-
 def manifest(config: ml_collections.ConfigDict, images, held_out=None,
              first_stage_sha256: str | None = None) -> dict:
   """What the latents depend on: the dataset (its root, and every training and held-out image's
@@ -273,10 +266,6 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.raise_once(error)
   images, held_out, validation, first_stage, wanted, action = prepared
   process, count = jax.process_index(), jax.process_count()
-  held_names = held_out_names(held_out)
-  if held_names:
-    logging.info('Held out (never trained on): %d images of %s: %s%s', len(held_names),
-                 held_out.root, ', '.join(held_names[:10]), ', ...' if len(held_names) > 10 else '')
   multihost_utils.sync_global_devices('precompute: output checked')
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -358,7 +347,7 @@ def precompute(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'data_root': wanted['data_root'],
       'source': {**wanted['source'], 'path': config.data.path},
       'held_out_root': getattr(held_out, 'root', ''),
-      'held_out_files': held_names,
+      'held_out_files': data_sources.held_out_names(held_out),
       'num_images': len(images),
       'num_validation_images': data_sources.npy_shape(
           workdir / data_sources.LATENTS_VALIDATION)[0],

@@ -596,6 +596,8 @@ def test_folder_holds_out_whole_images_by_a_hash_of_their_paths(tmp_path, caplog
 
   val = to_uint8(ip.validation_images(config))
   assert val.shape == (4, size, size, 3)
+  listed = ', '.join(name for name, _ in held[:10]) + (', ...' if len(held) > 10 else '')
+  assert f'Held out (never trained on): {len(held)} images of {tmp_path}: {listed}\n' in caplog.text
   for crop, (_, k) in zip(val, held[:4]):  # Centre crops, in path order.
     h, w = shapes[k]
     np.testing.assert_array_equal(crop, numbered_image(k, h, w)[(h - size) // 2:][:size,
@@ -633,6 +635,23 @@ def test_a_folder_with_no_held_out_image_is_told_about_val_fraction_first(tmp_pa
   with pytest.raises(ds.DataError, match=r'has no training image .*; lower '
                      r'config.data.val_fraction \(all 3 usable images are held out at 0.999\).$'):
     ds.open_images(config, 'train')
+
+
+def test_the_results_name_where_the_held_out_images_come_from():
+  config = make_config('folder', holdout='images', path='/data/photos', val_fraction=0.3)
+  assert ds.held_out_description(config) == 'folder /data/photos, val_fraction 0.3 by name'
+  config.data.val_path = '/data/val'
+  assert ds.held_out_description(config) == 'folder /data/val'
+  config.data.holdout = 'strips'
+  assert ds.held_out_description(config) == 'folder /data/photos, the bottom strips'
+  config = make_config('tfds', holdout='images', tfds_name='flowers', tfds_val_split='test')
+  assert ds.held_out_description(config) == 'tfds flowers split test'
+  config.data.holdout = 'strips'
+  assert ds.held_out_description(config) == 'tfds flowers split train, the bottom strips'
+  assert ds.held_out_description(make_config('skimage')) == 'skimage, the bottom strips'
+  config = make_config('latents', path='gs://b/latents')
+  assert ds.held_out_description(config) == (
+      'latents gs://b/latents (the held-out crops precompute saved)')
 
 
 def test_a_folder_of_exactly_high_res_size_images_trains(tmp_path):
@@ -729,7 +748,8 @@ def test_training_from_the_docs_tfds_dataset_holds_out_its_validation_split(tfds
       cwd=runs.ROOT, env=runs.env(), capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'w' / 'results.json') as f:
-    assert json.load(f)['num_images'] == 2
+    results = json.load(f)
+  assert results['num_images'] == 2 and results['data'] == 'tfds my_photos split validation'
   # The grid's rows: low-res (nearest) | bilinear | model | target, 16 px each. The targets are the
   # centre 16 px squares of validation images 5 (16 x 20) and 7 (24 x 16; 6 is too small).
   grid = np.asarray(Image.open(tmp_path / 'w' / 'samples' / 'step_0000002.png'))
