@@ -37,4 +37,3 @@ def quiet() -> None:
   """Installs the filter on absl's logger, where Orbax logs (once: the same filter is not added
   twice)."""
   logging.getLogger('absl').addFilter(_FILTER)
-
